@@ -1,0 +1,13 @@
+"""llmprune: post-training pruning of large language models."""
+
+__version__ = "0.1.0"
+
+from .api import calibration_ids, prune, prune_checkpoint  # noqa: E402
+from .calibrate import Report  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .masks import Sparsity  # noqa: E402
+from .recipe import PruneRecipe  # noqa: E402
+
+__all__ = ["PruneRecipe", "Report", "Sparsity", "UserError", "calibration_ids", "load_model",
+           "prune", "prune_checkpoint", "__version__"]

@@ -1,0 +1,156 @@
+"""The Python API. The CLI is a thin layer over these functions.
+
+    import llmprune
+    model, tok, _ = llmprune.load_model("smollm2-135m")
+    report = llmprune.prune(model, llmprune.PruneRecipe("sparsegpt", sparsity=0.5,
+                                                         nsamples=32, seqlen=512), tokenizer=tok)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calibrate import EngineOptions, Report, check_target, prune_layerwise, prune_without_data
+from .data import ids_sha256, load_text, tokenize, windows
+from .errors import UserError
+from .models import adapter_for
+from .output import atomic_dir, check_output
+from .recipe import PruneRecipe
+from .solvers import get_solver
+
+log = logging.getLogger(__name__)
+
+
+def calibration_ids(tokenizer, recipe: PruneRecipe) -> tuple[torch.Tensor, dict]:
+    """Token ids ``[nsamples, seqlen]`` for a recipe, and a description for reports."""
+    text = load_text(recipe.calib_data, "calib")
+    ids = windows(tokenize(tokenizer, text.text), recipe.nsamples, recipe.seqlen,
+                  recipe.calib_sampling, recipe.seed, text.source)
+    return ids, {"source": text.source, "text_sha256": text.sha256, "ids_sha256": ids_sha256(ids),
+                 "shape": list(ids.shape)}
+
+
+def _solver_options(recipe: PruneRecipe) -> dict:
+    if recipe.method == "sparsegpt":
+        return {"blocksize": recipe.blocksize, "percdamp": recipe.percdamp}
+    return {}
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was given but no CUDA device is available; use --device cpu")
+
+
+def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tokenizer=None,
+          keep_masks: bool = False, progress: bool = True) -> Report:
+    """Prune ``model`` in place as ``recipe`` says and return a :class:`Report`.
+
+    Calibration ids ``[nsamples, seqlen]`` are taken from ``calib_ids`` or, when None, built from
+    the recipe's data with ``tokenizer``. Solvers that need no data (magnitude) never read any.
+    """
+    _check_device(recipe.device)
+    adapter = adapter_for(model)
+    target = recipe.target
+    check_target(model, adapter, target)
+    solver = get_solver(recipe.method, **_solver_options(recipe))
+    torch.manual_seed(recipe.seed)
+    opts = EngineOptions(device=recipe.device, batch_size=recipe.batch_size,
+                         true_sequential=recipe.true_sequential,
+                         calib_dtype=recipe.torch_calib_dtype, keep_masks=keep_masks,
+                         progress=progress)
+    if not solver.needs_calibration:
+        return prune_without_data(model, adapter, solver, target, opts)
+    if calib_ids is None:
+        if tokenizer is None:
+            raise UserError(f"{recipe.method} needs calibration data: pass calib_ids or tokenizer")
+        calib_ids, _ = calibration_ids(tokenizer, recipe)
+    return prune_layerwise(model, adapter, solver, target, calib_ids, opts)
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"llmprune": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def write_checkpoint(model, tokenizer, out_dir: Path, meta: dict) -> None:
+    """Save a dense checkpoint (zeros in place) plus ``llmprune.json`` into ``out_dir``."""
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    (out_dir / "llmprune.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrite: bool = False,
+                     eval_ppl: str | None = None, eval_seqlen: int = 1024,
+                     eval_max_windows: int | None = 16, trust_remote_code: bool = False,
+                     progress: bool = True) -> dict:
+    """Load, (evaluate,) prune, save atomically, (evaluate). Returns the metadata written."""
+    from .evaluate import perplexity
+    from .loading import load_model, resolve
+
+    _check_device(recipe.device)
+    recipe.target  # validate before touching anything
+    out = check_output(output, overwrite)
+    resolved = resolve(model_name)
+    check_output(output, overwrite, sources=(resolved,))
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tokenizer, resolved = load_model(model_name, trust_remote_code=trust_remote_code)
+    timings["load"] = time.perf_counter() - t
+    adapter = adapter_for(model)
+    check_target(model, adapter, recipe.target)
+
+    calib_ids, calib_info = None, None
+    if get_solver(recipe.method, **_solver_options(recipe)).needs_calibration:
+        calib_ids, calib_info = calibration_ids(tokenizer, recipe)
+    eval_ids = None
+    results: dict[str, float] = {}
+    if eval_ppl:
+        eval_text = load_text(eval_ppl, "eval")
+        eval_ids = tokenize(tokenizer, eval_text.text)
+        t = time.perf_counter()
+        results["dense_perplexity"] = perplexity(model, eval_ids, eval_seqlen, eval_max_windows,
+                                                 device=recipe.device, progress=progress)
+        timings["eval_dense"] = time.perf_counter() - t
+        print(f"dense perplexity: {results['dense_perplexity']:.4f}", flush=True)
+
+    t = time.perf_counter()
+    report = prune(model, recipe, calib_ids=calib_ids, progress=progress)
+    timings["prune"] = time.perf_counter() - t
+    timings.update({f"prune_{k}": v for k, v in report.timings.items()})
+
+    if eval_ids is not None:
+        t = time.perf_counter()
+        results["pruned_perplexity"] = perplexity(model, eval_ids, eval_seqlen, eval_max_windows,
+                                                  device=recipe.device, progress=progress)
+        timings["eval_pruned"] = time.perf_counter() - t
+        print(f"pruned perplexity: {results['pruned_perplexity']:.4f}", flush=True)
+
+    meta = {
+        "format": "llmprune-dense/1",
+        "source_model": model_name,
+        "resolved_model": resolved,
+        "recipe": recipe.to_dict(),
+        "target": recipe.target.label,
+        "sparsity": report.sparsity,
+        "layers": {r.name: {"shape": list(r.shape), "sparsity": r.sparsity} for r in report.layers},
+        "calibration": calib_info,
+        "eval": ({"data": eval_ppl, "seqlen": eval_seqlen, "max_windows": eval_max_windows,
+                  **results} if eval_ppl else None),
+        "versions": _versions(),
+        "timings": timings,
+    }
+    t = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        write_checkpoint(model, tokenizer, tmp, meta)
+    meta["timings"]["save"] = time.perf_counter() - t
+    return meta

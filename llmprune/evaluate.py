@@ -1,0 +1,44 @@
+"""Perplexity, measured as the benchmark protocol states it.
+
+The text is tokenized once as a whole and cut into consecutive non-overlapping windows of
+``seqlen`` tokens starting at token 0; the first ``max_windows`` are used. Perplexity is
+exp(mean next-token negative log-likelihood) over all predicted tokens (``seqlen - 1`` per window).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import DataError
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise DataError(f"evaluation text has {ids.numel()} tokens, fewer than one window of "
+                        f"--seqlen {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seqlen: int = 1024, max_windows: int | None = 16,
+               batch_size: int = 1, device: str = "cpu", progress: bool = True) -> float:
+    """Perplexity of ``model`` on token ids ``[n_tokens]``."""
+    wins = eval_windows(ids, seqlen, max_windows)
+    nll = 0.0
+    count = 0
+    model.to(device)
+    for batch in tqdm(wins.split(batch_size), desc="perplexity", unit="batch",
+                      disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)

@@ -1,0 +1,54 @@
+"""Atomic output directories: write into a temporary sibling, rename at the end.
+
+A run that fails or is killed midway leaves at most a hidden ``.NAME.tmp-PID`` sibling, never a
+directory at the requested path that looks complete. A user's existing directory is replaced
+only with ``--overwrite``, and never before the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from .errors import OutputExistsError, UserError
+
+
+def check_output(output: str | Path, overwrite: bool, sources: tuple[str, ...] = ()) -> Path:
+    out = Path(output).expanduser().resolve()
+    for src in sources:
+        src_path = Path(src).expanduser()
+        if src_path.exists() and (out == src_path.resolve() or src_path.resolve() in out.parents):
+            raise UserError(f"--output {output} is the source checkpoint or inside it; "
+                            "choose another directory (the source is never modified)")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output directory {output} already exists; pass --overwrite to "
+                                "replace it or choose another --output")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--output {output} exists and is not a directory")
+    if not out.parent.exists():
+        raise UserError(f"parent directory of --output {output} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write into {out.parent}; choose another --output")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(output: Path):
+    """Yield a temporary directory; on success rename it to ``output`` (replacing an old one)."""
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if output.exists():
+        trash = output.parent / f".{output.name}.old-{os.getpid()}"
+        os.replace(output, trash)
+        os.replace(tmp, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, output)

@@ -1,0 +1,68 @@
+"""A pruning run, as one frozen, validated dataclass. The CLI builds one from its flags and writes
+it into every output's ``llmprune.json``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from .errors import UserError
+from .masks import Sparsity
+from .solvers import SOLVERS
+
+CALIB_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
+                "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PruneRecipe:
+    method: str
+    sparsity: float | None = None
+    pattern: str | None = None  # "N:M" or None for unstructured
+    nsamples: int = 128
+    seqlen: int = 2048
+    calib_data: str | None = None  # path or data set name; None = wikitext2
+    calib_sampling: str = "consecutive"
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 8
+    true_sequential: bool = False
+    calib_dtype: str = "auto"  # dtype of calibration forward passes; statistics are float32
+    blocksize: int = 128  # sparsegpt
+    percdamp: float = 0.01  # sparsegpt
+
+    def __post_init__(self) -> None:
+        if self.method not in SOLVERS:
+            raise UserError(f"unknown method {self.method!r}; choose one of "
+                            f"{', '.join(sorted(SOLVERS))}")
+        self.target  # validates sparsity and pattern
+        if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
+            raise UserError("--nsamples and --batch-size must be >= 1 and --seqlen >= 2")
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise UserError(f"--calib-dtype must be one of {', '.join(CALIB_DTYPES)}")
+        if self.calib_sampling not in ("consecutive", "random"):
+            raise UserError("--calib-sampling must be consecutive or random")
+        if not (0 < self.percdamp < 1) or self.blocksize < 1:
+            raise UserError("--percdamp must be in (0, 1) and --blocksize >= 1")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise UserError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def target(self) -> Sparsity:
+        return Sparsity.parse(self.sparsity, self.pattern)
+
+    @property
+    def torch_calib_dtype(self) -> torch.dtype | None:
+        return CALIB_DTYPES[self.calib_dtype]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PruneRecipe":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown recipe keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)

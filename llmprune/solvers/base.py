@@ -1,0 +1,57 @@
+"""The solver protocol and registry.
+
+A layer-wise solver turns calibration inputs of a group of linears (members of a group read the
+same input tensor) into pruned weights and explicit masks. Math lives in pure tensor functions in
+each solver's module; the calibration engine (``llmprune.calibrate``) does all orchestration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ..masks import Sparsity
+
+# Statistics are always accumulated in float32, whatever dtype the forward passes run in.
+STATS_DTYPE = torch.float32
+
+
+@dataclass
+class Solved:
+    weight: torch.Tensor  # [out, in] float32, zeros where mask is True
+    mask: torch.Tensor  # [out, in] bool, True = pruned
+
+
+class Stats(Protocol):
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate one batch of inputs ``x`` shaped ``[..., in_features]``."""
+
+
+class Solver(Protocol):
+    name: str
+    needs_calibration: bool
+
+    def new_stats(self, in_features: int, device: torch.device) -> Stats | None: ...
+
+    def solve_group(self, weights: list[torch.Tensor], stats: Any, target: Sparsity,
+                    names: list[str]) -> list[Solved]:
+        """Prune the float32 ``[out, in]`` weights of one input group (they share ``stats``)."""
+
+
+SOLVERS: dict[str, type] = {}
+
+
+def register(cls):
+    SOLVERS[cls.name] = cls
+    return cls
+
+
+def get_solver(name: str, **options) -> Solver:
+    from ..errors import UserError
+
+    try:
+        return SOLVERS[name](**options)
+    except KeyError:
+        raise UserError(f"unknown solver {name!r}; choose one of {', '.join(sorted(SOLVERS))}") from None

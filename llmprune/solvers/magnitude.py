@@ -1,0 +1,33 @@
+"""Magnitude pruning, the baseline (Han et al., 2015; the baseline of the SparseGPT and Wanda
+papers): score = |W|, compared over the whole matrix for unstructured targets (layer-wise
+magnitude, as in the Wanda paper's baseline) and within each group of M inputs for N:M.
+It needs no calibration data and runs no calibration pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masks import Sparsity, select_mask
+from .base import Solved, register
+
+
+def magnitude_prune(weight: torch.Tensor, target: Sparsity) -> Solved:
+    """Pure function: ``weight`` [out, in] float32 -> pruned copy and mask."""
+    mask = select_mask(weight.abs(), target, per_row=False)
+    return Solved(weight.masked_fill(mask, 0.0), mask)
+
+
+@register
+@dataclass
+class Magnitude:
+    name = "magnitude"
+    needs_calibration = False
+
+    def new_stats(self, in_features, device):
+        return None
+
+    def solve_group(self, weights, stats, target, names):
+        return [magnitude_prune(w, target) for w in weights]

@@ -1,0 +1,151 @@
+"""SparseGPT (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot"), Algorithm 1.
+
+For a linear layer with weight W [out, in] and calibration inputs X [tokens, in], the layer-wise
+objective is ||W X^T - W' X^T||^2 with Hessian H = X^T X (Sec. 3). Damping adds
+lambda = percdamp * mean(diag H) to the diagonal. Columns are processed left to right; pruning
+weight w_i (or keeping it) is followed by the Optimal Brain Surgeon update of the not yet
+processed columns of the same row (Eq. 3):
+
+    delta_{R} = -(w_i / [H_R^{-1}]_{ii}) * [H_R^{-1}]_{i, R},    R = {i, ..., in-1}
+
+All the [H_R^{-1}] rows are read off one upper Cholesky factor U of H^{-1}: row i of U equals
+[H_R^{-1}]_{i,R} / sqrt([H_R^{-1}]_{ii}) (Sec. 3.2, "Hessian synchronization"), so the update is
+err_i = (w_i - q_i) / U_ii and W_{:, i:} -= err_i U_{i, i:}. Updates are applied lazily in blocks of
+``blocksize`` columns (Sec. 3.3). The mask is chosen adaptively at the start of every block by the
+OBS saliency w^2 / U_ii^2 (Sec. 3.4, "adaptive mask selection"); for N:M it is chosen at the start of
+every group of M columns among those M (Sec. 3.5).
+
+Rows of several linears that read the same input (q/k/v) are swept together with one Hessian
+and one Cholesky factor; unstructured selection is still done per linear, so each linear gets
+exactly its own sparsity. This is the same computation as sweeping each linear on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..masks import Sparsity, lowest_k_mask, n_pruned
+from .base import STATS_DTYPE, Solved, register
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PERCDAMP = 0.01
+DEFAULT_BLOCKSIZE = 128
+MAX_DAMP_RETRIES = 6
+
+
+@dataclass
+class Hessian:
+    """Running sum X^T X over calibration tokens, float32, [in, in]."""
+
+    h: torch.Tensor
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if x.dtype != STATS_DTYPE:
+            x = x.to(STATS_DTYPE)
+        self.h.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+
+def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + lambda I)^{-1}, with lambda = percdamp * mean(diag H).
+
+    If the factorisation fails (H numerically singular), lambda is multiplied by 10 and retried;
+    each retry is logged. Returns (U, the damping fraction actually used).
+    """
+    diag_mean = torch.mean(torch.diag(h))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    frac = percdamp
+    for _ in range(MAX_DAMP_RETRIES):
+        chol, info = torch.linalg.cholesky_ex(h + (frac * diag_mean) * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper, frac
+        log.warning("Cholesky failed with damping %.3g of mean(diag H); retrying with %.3g",
+                    frac, frac * 10)
+        frac *= 10
+    raise RuntimeError(f"Hessian is not positive definite even with damping {frac / 10:g}")
+
+
+def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity,
+                    row_splits: list[int] | None = None, blocksize: int = DEFAULT_BLOCKSIZE,
+                    percdamp: float = DEFAULT_PERCDAMP) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Pure function. ``weight`` [out, in] float32 (rows of possibly several linears stacked,
+    ``row_splits`` giving each one's row count), ``h`` [in, in] float32 = sum of x x^T.
+
+    Returns (pruned weight, mask with True = pruned, damping fraction used).
+    """
+    w = weight.to(STATS_DTYPE).clone()
+    h = h.to(STATS_DTYPE).clone()
+    rows, cols = w.shape
+    row_splits = row_splits or [rows]
+    # Inputs that never fire carry no information: their weights can go for free (Sec. 3).
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    u, frac = inverse_hessian_factor(h, percdamp)
+
+    if target.kind == "nm":
+        # A group of M columns must not straddle two lazy blocks.
+        blocksize = max(target.m, (blocksize // target.m) * target.m)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()  # [rows, count]
+        u1 = u[i1:i2, i1:i2]  # [count, count]
+        d = torch.diag(u1)  # [count]
+        err1 = torch.zeros_like(w1)
+        if target.kind == "unstructured":
+            scores = w1.square() / d.square().unsqueeze(0)
+            mask1 = torch.cat([
+                lowest_k_mask(s.reshape(-1), n_pruned(s.numel(), target.ratio), dim=0).view_as(s)
+                for s in scores.split(row_splits, dim=0)
+            ])
+        else:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if target.kind == "nm" and i % target.m == 0:
+                seg = w1[:, i: i + target.m].square() / d[i: i + target.m].square().unsqueeze(0)
+                mask1[:, i: i + target.m] = lowest_k_mask(seg, target.m - target.n, dim=1)
+            col = w1[:, i]
+            q = col.masked_fill(mask1[:, i], 0.0)
+            e = (col - q) / d[i]
+            # OBS update of this block's remaining columns (Eq. 3, via the Cholesky row).
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
+            w1[:, i] = q  # exact zeros, not w - e*d rounded
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        mask[:, i1:i2] = mask1
+        # Lazy batch update of all later blocks (Sec. 3.3).
+        w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
+    mask |= dead.unsqueeze(0) & (weight != 0)
+    return w, mask, frac
+
+
+@register
+@dataclass
+class SparseGPT:
+    name = "sparsegpt"
+    needs_calibration = True
+    blocksize: int = DEFAULT_BLOCKSIZE
+    percdamp: float = DEFAULT_PERCDAMP
+
+    def new_stats(self, in_features, device):
+        return Hessian(torch.zeros(in_features, in_features, dtype=STATS_DTYPE, device=device))
+
+    def solve_group(self, weights, stats, target, names):
+        splits = [w.shape[0] for w in weights]
+        w, mask, frac = sparsegpt_prune(torch.cat(weights), stats.h, target, splits,
+                                        self.blocksize, self.percdamp)
+        if frac != self.percdamp:
+            log.warning("%s: solved with damping %.3g instead of %.3g", ",".join(names), frac,
+                        self.percdamp)
+        return [Solved(wi, mi) for wi, mi in zip(w.split(splits), mask.split(splits))]

@@ -1,0 +1,54 @@
+"""Wanda (Sun, Liu, Bair, Kolter, 2024, "A Simple and Effective Pruning Approach for Large
+Language Models"), Eq. (1): the importance of weight W_ij is
+
+    S_ij = |W_ij| * ||X_j||_2
+
+where X_j is input feature j over all calibration tokens. Weights are compared *within each
+output row* (Sec. 3, "comparison group"), and within each group of M inputs for N:M.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..masks import Sparsity, select_mask
+from .base import STATS_DTYPE, Solved, register
+
+
+@dataclass
+class ColumnSquares:
+    """Running sum over tokens of x_j^2, float32, shape [in]."""
+
+    sq: torch.Tensor
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        self.sq += torch.linalg.vector_norm(x, dim=0, dtype=STATS_DTYPE).square_()
+        self.tokens += x.shape[0]
+
+
+def wanda_scores(weight: torch.Tensor, col_sq: torch.Tensor) -> torch.Tensor:
+    """Eq. (1): |W| * ||X_j||_2, with ``col_sq`` = sum over tokens of x_j^2. [out, in]."""
+    return weight.abs() * col_sq.sqrt().unsqueeze(0)
+
+
+def wanda_prune(weight: torch.Tensor, col_sq: torch.Tensor, target: Sparsity) -> Solved:
+    mask = select_mask(wanda_scores(weight, col_sq), target, per_row=True)
+    return Solved(weight.masked_fill(mask, 0.0), mask)
+
+
+@register
+@dataclass
+class Wanda:
+    name = "wanda"
+    needs_calibration = True
+    options: dict = field(default_factory=dict)
+
+    def new_stats(self, in_features, device):
+        return ColumnSquares(torch.zeros(in_features, dtype=STATS_DTYPE, device=device))
+
+    def solve_group(self, weights, stats, target, names):
+        return [wanda_prune(w, stats.sq, target) for w in weights]
