@@ -101,12 +101,16 @@ def main() -> None:
         ignore=["re:.*lm_head"],
     )
 
-    # Record what the embedding actually receives (real tensors only, not fx proxies).
+    # Record what the embedding actually receives (real cpu tensors only; tracing
+    # feeds fx proxies / meta tensors).
     seen = []
-    hook = model.get_input_embeddings().register_forward_pre_hook(
-        lambda _m, a: seen.append(a[0].detach().clone())
-        if isinstance(a[0], torch.Tensor) else None
-    )
+
+    def record_ids(_module, inputs):
+        x = inputs[0]
+        if type(x) is torch.Tensor and x.device.type == "cpu":
+            seen.append(x.detach().clone())
+
+    hook = model.get_input_embeddings().register_forward_pre_hook(record_ids)
 
     t0 = time.perf_counter()
     llmcompressor.oneshot(
@@ -143,7 +147,7 @@ def main() -> None:
     ds_defaults = DatasetArguments()
     defaults = {
         "pipeline": f"{ds_defaults.pipeline} (-> sequential for pruning modifiers)",
-        "sequential_targets": infer_sequential_targets(model, None),
+        "sequential_targets": sorted(infer_sequential_targets(model, None)),
         "propagate_error": ds_defaults.propagate_error,
         "batch_size": ds_defaults.batch_size,
         "data_collator": ds_defaults.data_collator,

@@ -111,23 +111,37 @@ def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity,
             ])
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if target.kind == "nm" and i % target.m == 0:
-                seg = w1[:, i: i + target.m].square() / d[i: i + target.m].square().unsqueeze(0)
-                mask1[:, i: i + target.m] = lowest_k_mask(seg, target.m - target.n, dim=1)
-            col = w1[:, i]
-            q = col.masked_fill(mask1[:, i], 0.0)
-            e = (col - q) / d[i]
-            # OBS update of this block's remaining columns (Eq. 3, via the Cholesky row).
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
-            w1[:, i] = q  # exact zeros, not w - e*d rounded
-            err1[:, i] = e
+        _sweep_block(w1, u1, d, mask1, err1, target)
         w[:, i1:i2] = w1
         mask[:, i1:i2] = mask1
         # Lazy batch update of all later blocks (Sec. 3.3).
         w[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)
     mask |= dead.unsqueeze(0) & (weight != 0)
     return w, mask, frac
+
+
+def _sweep_block(w1, u1, d, mask1, err1, target: Sparsity) -> None:
+    """Process the columns of one block in order, in place (Algorithm 1, inner loop).
+
+    Works on the transposed block so that each column is a contiguous row in memory.
+    """
+    wt = w1.T.contiguous()  # [count, rows]
+    mt = mask1.T.contiguous()
+    et = torch.empty_like(wt)
+    for i in range(wt.shape[0]):
+        if target.kind == "nm" and i % target.m == 0:
+            seg = wt[i: i + target.m].square() / d[i: i + target.m].square().unsqueeze(1)
+            mt[i: i + target.m] = lowest_k_mask(seg, target.m - target.n, dim=0)
+        col = wt[i]
+        q = col.masked_fill(mt[i], 0.0)
+        e = et[i]
+        torch.sub(col, q, out=e).div_(d[i])
+        # OBS update of this block's remaining columns (Eq. 3, via the Cholesky row).
+        wt[i:].addr_(u1[i, i:], e, alpha=-1.0)
+        wt[i] = q  # exact zeros, not w - e*d rounded
+    w1.copy_(wt.T)
+    mask1.copy_(mt.T)
+    err1.copy_(et.T)
 
 
 @register

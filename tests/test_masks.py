@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from llmprune.errors import PatternError, UserError
+from llmprune.masks import Sparsity, check_divisible, nm_mask, nm_violations, unstructured_mask
+
+
+def test_parse_unstructured_and_nm():
+    assert Sparsity.parse(0.5, None) == Sparsity("unstructured", 0.5)
+    s = Sparsity.parse(None, "2:4")
+    assert (s.kind, s.n, s.m, s.ratio) == ("nm", 2, 4, 0.5)
+    assert Sparsity.parse(None, " 4 : 8 ").label == "4:8"
+    assert Sparsity.parse(0.5, "2:4").ratio == 0.5
+
+
+@pytest.mark.parametrize("pattern", ["2-4", "4:2", "0:4", "2:2", "a:b", "2:4:8", "2:"])
+def test_malformed_patterns(pattern):
+    with pytest.raises(PatternError, match="--pattern"):
+        Sparsity.parse(None, pattern)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_sparsity_out_of_range(ratio):
+    with pytest.raises(UserError, match=r"\[0, 1\)"):
+        Sparsity.parse(ratio, None)
+
+
+def test_contradicting_sparsity_and_pattern():
+    with pytest.raises(UserError, match="contradicts"):
+        Sparsity.parse(0.3, "2:4")
+
+
+def test_nm_mask_hand_case():
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 9.0, 8.0, 7.0]])
+    mask = nm_mask(scores, 2, 4)
+    assert mask.tolist() == [[False, True, False, True, True, False, False, True]]
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8)])
+def test_nm_mask_exact_per_group(n, m):
+    torch.manual_seed(0)
+    scores = torch.rand(17, 5 * m)
+    mask = nm_mask(scores, n, m)
+    kept = (~mask).view(17, 5, m).sum(-1)
+    assert (kept == n).all()
+    # The kept ones are the largest of each group.
+    g = scores.view(17, 5, m)
+    km = (~mask).view(17, 5, m)
+    assert (g[km].view(17, 5, n).min(-1).values >= g[~km].view(17, 5, m - n).max(-1).values).all()
+    assert nm_violations(scores.masked_fill(mask, 0), n, m) == 0
+    assert nm_violations(scores, n, m) == 17 * 5
+
+
+def test_unstructured_per_row_and_global():
+    scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
+    assert unstructured_mask(scores, 0.5, per_row=True).tolist() == [
+        [True, True, False, False], [True, True, False, False]]
+    assert unstructured_mask(scores, 0.5, per_row=False).tolist() == [
+        [True, True, True, True], [False, False, False, False]]
+    assert not unstructured_mask(scores, 0.0, per_row=True).any()
+
+
+def test_check_divisible():
+    check_divisible("x", 576, Sparsity.parse(None, "2:4"))
+    with pytest.raises(PatternError, match="does not divide the input width 576"):
+        check_divisible("x", 576, Sparsity.parse(None, "5:7"))
