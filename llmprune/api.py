@@ -104,10 +104,10 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
     check_output(output, overwrite, sources=(resolved,))
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    model, tokenizer, resolved = load_model(model_name, trust_remote_code=trust_remote_code)
+    model, tokenizer, resolved = load_model(
+        model_name, trust_remote_code=trust_remote_code,
+        check=lambda skel: check_target(skel, adapter_for(skel), recipe.target))
     timings["load"] = time.perf_counter() - t
-    adapter = adapter_for(model)
-    check_target(model, adapter, recipe.target)
 
     calib_ids, calib_info = None, None
     if get_solver(recipe.method, **_solver_options(recipe)).needs_calibration:

@@ -129,17 +129,29 @@ def load_config(model: str, trust_remote_code: bool = False):
         ) from None
 
 
-def load_model(model: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False):
+def skeleton(config, trust_remote_code: bool = False):
+    """The model built on the meta device: exact module shapes, no weights, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_model(model: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False,
+               check=None):
     """Resolve, check the architecture, and load ``(model, tokenizer, resolved_path)`` on the CPU.
 
     Weights stay on the CPU: the calibration engine moves one decoder layer at a time to the
-    compute device.
+    compute device. ``check(skeleton)`` runs on the weightless meta-device model before any
+    weight is read, so shape errors surface in a second even for a 70B checkpoint.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve(model)
     config = load_config(resolved, trust_remote_code)
     adapter_for_type(config.model_type)  # fail before reading any weights
+    if check is not None:
+        check(skeleton(config, trust_remote_code))
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             resolved, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
