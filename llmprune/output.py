@@ -27,16 +27,18 @@ def check_output(output: str | Path, overwrite: bool, sources: tuple[str, ...] =
                                 "replace it or choose another --output")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--output {output} exists and is not a directory")
-    if not out.parent.exists():
-        raise UserError(f"parent directory of --output {output} does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write into {out.parent}; choose another --output")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write into {parent}; choose another --output")
     return out
 
 
 @contextlib.contextmanager
 def atomic_dir(output: Path):
     """Yield a temporary directory; on success rename it to ``output`` (replacing an old one)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
