@@ -64,3 +64,19 @@ def test_check_divisible():
     check_divisible("x", 576, Sparsity.parse(None, "2:4"))
     with pytest.raises(PatternError, match="does not divide the input width 576"):
         check_divisible("x", 576, Sparsity.parse(None, "5:7"))
+
+
+def test_lowest_k_exact_with_ties():
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
+    from llmprune.masks import lowest_k_mask
+
+    mask = lowest_k_mask(scores, 3, dim=1)
+    assert mask.sum(1).tolist() == [3, 3]
+    assert mask[0, 4] and not mask[0, 5]
+    flat = lowest_k_mask(torch.zeros(10), 4, dim=0)
+    assert int(flat.sum()) == 4
+    torch.manual_seed(0)
+    s = torch.rand(50, 40)
+    ref = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(13, 1, largest=False).indices,
+                                                          True)
+    assert torch.equal(lowest_k_mask(s, 13, dim=1), ref)

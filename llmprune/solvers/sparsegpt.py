@@ -54,21 +54,22 @@ class Hessian:
 
 
 def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor U of (H + lambda I)^{-1}, with lambda = percdamp * mean(diag H).
+    """Upper Cholesky factor U of (H + lambda I)^{-1} (U^T U = (H + lambda I)^{-1}), with
+    lambda = percdamp * mean(diag H).
 
+    With J the reversal permutation and J H J = L L^T, U = J L^{-1} J: one Cholesky and one
+    triangular inverse instead of Cholesky, inverse and a second Cholesky.
     If the factorisation fails (H numerically singular), lambda is multiplied by 10 and retried;
     each retry is logged. Returns (U, the damping fraction actually used).
     """
     diag_mean = torch.mean(torch.diag(h))
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    reversed_h = h.flip(0, 1)
     frac = percdamp
     for _ in range(MAX_DAMP_RETRIES):
-        chol, info = torch.linalg.cholesky_ex(h + (frac * diag_mean) * eye)
+        chol, info = torch.linalg.cholesky_ex(reversed_h + (frac * diag_mean) * eye)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                return upper, frac
+            return torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1), frac
         log.warning("Cholesky failed with damping %.3g of mean(diag H); retrying with %.3g",
                     frac, frac * 10)
         frac *= 10
