@@ -54,7 +54,7 @@ def worker_ours(args) -> dict:
     sparsity, pattern = (None, args.pattern) if ":" in args.pattern else (float(args.pattern), None)
     recipe = llmprune.PruneRecipe(args.method, sparsity=sparsity, pattern=pattern,
                                   nsamples=ids.shape[0], seqlen=ids.shape[1],
-                                  calib_dtype=args.calib_dtype,
+                                  calib_dtype=args.calib_dtype, batch_size=args.batch_size,
                                   true_sequential=args.true_sequential)
     t = time.perf_counter()
     report = llmprune.prune(model, recipe, calib_ids=ids, progress=False)
@@ -67,7 +67,8 @@ def worker_ours(args) -> dict:
             "save_seconds": time.perf_counter() - t, "peak_rss_mib_after_prune": rss_prune,
             "peak_rss_mib": peak_rss_mib(), "sparsity": report.sparsity,
             "breakdown": report.timings, "torch_threads": torch.get_num_threads(),
-            "calib_dtype": args.calib_dtype, "true_sequential": args.true_sequential}
+            "calib_dtype": args.calib_dtype, "true_sequential": args.true_sequential,
+            "batch_size": args.batch_size}
 
 
 def worker_floor(args) -> dict:
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--skip-floor", action="store_true")
     ap.add_argument("--calib-dtype", default="auto", help="llmprune's --calib-dtype")
     ap.add_argument("--true-sequential", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=8, help="llmprune's --batch-size")
     ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_core.json"))
     # worker mode (internal)
     ap.add_argument("--worker", choices=["ours", "floor"])
@@ -176,7 +178,7 @@ def main() -> None:
             out_json = out.with_suffix(".json")
             cmd = base + ["--worker", "ours", "--method", method, "--pattern", pattern,
                           "--output", str(out), "--out-json", str(out_json),
-                          "--calib-dtype", args.calib_dtype]
+                          "--calib-dtype", args.calib_dtype, "--batch-size", str(args.batch_size)]
             if args.true_sequential:
                 cmd.append("--true-sequential")
             row["ours"] = run_worker(cmd, out_json)

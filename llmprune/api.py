@@ -48,6 +48,28 @@ def _check_device(device: str) -> None:
         raise UserError("--device cuda was given but no CUDA device is available; use --device cpu")
 
 
+def _bf16_is_fast(device: str) -> bool:
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    try:  # CPUs with avx512_bf16 / AMX run bf16 GEMMs natively through oneDNN
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_calib_dtype(recipe: PruneRecipe, solver, model) -> torch.dtype | None:
+    """The dtype of the calibration forward passes; None means the model's own dtype."""
+    if recipe.calib_dtype != "auto":
+        return recipe.torch_calib_dtype
+    wanted = solver.auto_calib_dtype
+    model_dtype = next(model.parameters()).dtype
+    if wanted is None or model_dtype != torch.float32:
+        return None
+    if wanted == torch.bfloat16 and not _bf16_is_fast(recipe.device):
+        return None
+    return wanted
+
+
 def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tokenizer=None,
           keep_masks: bool = False, progress: bool = True) -> Report:
     """Prune ``model`` in place as ``recipe`` says and return a :class:`Report`.
@@ -63,7 +85,8 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
     torch.manual_seed(recipe.seed)
     opts = EngineOptions(device=recipe.device, batch_size=recipe.batch_size,
                          true_sequential=recipe.true_sequential,
-                         calib_dtype=recipe.torch_calib_dtype, keep_masks=keep_masks,
+                         calib_dtype=resolve_calib_dtype(recipe, solver, model),
+                         keep_masks=keep_masks,
                          progress=progress)
     if not solver.needs_calibration:
         return prune_without_data(model, adapter, solver, target, opts)
@@ -71,7 +94,9 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
         if tokenizer is None:
             raise UserError(f"{recipe.method} needs calibration data: pass calib_ids or tokenizer")
         calib_ids, _ = calibration_ids(tokenizer, recipe)
-    return prune_layerwise(model, adapter, solver, target, calib_ids, opts)
+    report = prune_layerwise(model, adapter, solver, target, calib_ids, opts)
+    report.calib_dtype = str(opts.calib_dtype or next(model.parameters()).dtype)
+    return report
 
 
 def _versions() -> dict:
@@ -143,7 +168,8 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
         "target": recipe.target.label,
         "sparsity": report.sparsity,
         "layers": {r.name: {"shape": list(r.shape), "sparsity": r.sparsity} for r in report.layers},
-        "calibration": calib_info,
+        "calibration": (dict(calib_info, forward_dtype=report.calib_dtype)
+                        if calib_info else None),
         "eval": ({"data": eval_ppl, "seqlen": eval_seqlen, "max_windows": eval_max_windows,
                   **results} if eval_ppl else None),
         "versions": _versions(),

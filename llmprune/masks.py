@@ -101,6 +101,9 @@ def lowest_k_mask(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     if k >= scores.shape[dim]:
         return torch.ones_like(scores, dtype=torch.bool)
     thr = torch.kthvalue(scores, k, dim=dim, keepdim=True).values
+    mask = scores <= thr
+    if bool((mask.sum(dim=dim) == k).all()):  # no ties at the threshold: the usual case
+        return mask
     mask = scores < thr
     deficit = k - mask.sum(dim=dim, keepdim=True)  # ties at the threshold still to take
     tie = scores == thr

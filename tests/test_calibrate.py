@@ -93,7 +93,8 @@ def test_batching_does_not_change_statistics(calib_ids):
     """Batches must not see each other (no leaked KV cache): batch size 1 and 8 agree."""
     a, b = tiny_model("llama"), tiny_model("llama")
     for model, bs in ((a, 1), (b, 8)):
-        llmprune.prune(model, PruneRecipe("sparsegpt", sparsity=0.5, batch_size=bs),
+        llmprune.prune(model, PruneRecipe("sparsegpt", sparsity=0.5, batch_size=bs,
+                                          calib_dtype="fp32"),
                        calib_ids=calib_ids, progress=False)
     for (n, la), (_, lb) in zip(_linears(a), _linears(b)):
         assert torch.equal(la.weight == 0, lb.weight == 0), n
@@ -146,3 +147,18 @@ def test_unsupported_architecture():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, opt, qwen2"):
         llmprune.prune(model, PruneRecipe("magnitude", sparsity=0.5))
+
+
+def test_auto_calib_dtype_policy(calib_ids):
+    from llmprune.api import _bf16_is_fast, resolve_calib_dtype
+    from llmprune.solvers import get_solver
+
+    model = tiny_model("llama")
+    sg = PruneRecipe("sparsegpt", sparsity=0.5)
+    expected = torch.bfloat16 if _bf16_is_fast("cpu") else None
+    assert resolve_calib_dtype(sg, get_solver("sparsegpt"), model) == expected
+    assert resolve_calib_dtype(PruneRecipe("wanda", sparsity=0.5), get_solver("wanda"),
+                               model) is None
+    assert resolve_calib_dtype(PruneRecipe("sparsegpt", sparsity=0.5, calib_dtype="fp32"),
+                               get_solver("sparsegpt"), model) == torch.float32
+    assert resolve_calib_dtype(sg, get_solver("sparsegpt"), model.to(torch.bfloat16)) is None

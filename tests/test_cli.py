@@ -17,8 +17,15 @@ def run_cli(*args, cwd=None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def _digest(path):
+    import hashlib
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.iterdir())}
+
+
 def test_prune_writes_loadable_checkpoint(tmp_path, checkpoint_dir, text_file):
     out = tmp_path / "pruned"
+    source_before = _digest(checkpoint_dir)
     rc, stdout, stderr = run_cli("sparsegpt", "--model", checkpoint_dir, "--sparsity", "0.5",
                                  "--nsamples", "4", "--seqlen", "32", "--calib-data", text_file,
                                  "--output", out, "--eval-ppl", text_file, "--eval-seqlen", "32",
@@ -38,6 +45,7 @@ def test_prune_writes_loadable_checkpoint(tmp_path, checkpoint_dir, text_file):
     assert {"llmprune", "torch", "transformers"} <= set(meta["versions"])
     assert meta["timings"]["prune"] > 0
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary directory left behind
+    assert _digest(checkpoint_dir) == source_before  # the source checkpoint is never touched
 
     rc, stdout, stderr = run_cli("eval", "--model", out, "--ppl", text_file, "--seqlen", "32",
                                  "--max-windows", "4")

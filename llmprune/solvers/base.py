@@ -32,6 +32,7 @@ class Stats(Protocol):
 class Solver(Protocol):
     name: str
     needs_calibration: bool
+    auto_calib_dtype: torch.dtype | None  # forward dtype for `--calib-dtype auto` (None: model's)
 
     def new_stats(self, in_features: int, device: torch.device) -> Stats | None: ...
 

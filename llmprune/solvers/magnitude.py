@@ -25,6 +25,7 @@ def magnitude_prune(weight: torch.Tensor, target: Sparsity) -> Solved:
 class Magnitude:
     name = "magnitude"
     needs_calibration = False
+    auto_calib_dtype = None
 
     def new_stats(self, in_features, device):
         return None

@@ -45,6 +45,9 @@ def wanda_prune(weight: torch.Tensor, col_sq: torch.Tensor, target: Sparsity) ->
 class Wanda:
     name = "wanda"
     needs_calibration = True
+    # Wanda's scores come straight from activation norms: bf16 forward passes cost 0.9%
+    # perplexity on smollm2-135m (38.01 vs 37.66), so `auto` keeps the model's dtype.
+    auto_calib_dtype = None
     options: dict = field(default_factory=dict)
 
     def new_stats(self, in_features, device):
