@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,7 +36,10 @@ EVAL_SEQLEN, EVAL_WINDOWS = 1024, 16
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries ru_maxrss across
+    fork+exec, so a worker started by this (large) driver would report the driver's peak."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024
 
 
 # ----------------------------------------------------------------------------- workers
@@ -114,7 +117,7 @@ def main() -> None:
     ap.add_argument("--skip-floor", action="store_true")
     ap.add_argument("--calib-dtype", default="auto", help="llmprune's --calib-dtype")
     ap.add_argument("--true-sequential", action="store_true")
-    ap.add_argument("--batch-size", type=int, default=8, help="llmprune's --batch-size")
+    ap.add_argument("--batch-size", type=int, default=4, help="llmprune's --batch-size")
     ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_core.json"))
     # worker mode (internal)
     ap.add_argument("--worker", choices=["ours", "floor"])

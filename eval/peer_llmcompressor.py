@@ -23,7 +23,6 @@ float32 checkpoint (zeros in place, no compressed-tensors config).
 
 import argparse
 import json
-import resource
 import time
 from importlib.metadata import version
 
@@ -42,7 +41,12 @@ from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries ru_maxrss across
+    fork+exec, so a run started by a large benchmark driver would report the driver's peak."""
+    import re
+
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1)) / 1024.0
 
 
 def layer_sparsity(model) -> tuple[int, int]:

@@ -93,8 +93,9 @@ def _add_solver(sub, name: str) -> None:
                        default="consecutive",
                        help="consecutive: the first nsamples non-overlapping windows (the "
                             "benchmark protocol); random: seeded random windows")
-        p.add_argument("--batch-size", type=_positive, default=8,
-                       help="calibration sequences per forward pass")
+        p.add_argument("--batch-size", type=_positive, default=4,
+                       help="calibration sequences per forward pass (smaller: less memory; on "
+                            "smollm2 4 is as fast as 8 and peaks 100 MiB lower)")
         p.add_argument("--true-sequential", action="store_true",
                        help="within a layer, calibrate and prune q/k/v, then o, then gate/up, "
                             "then down, each seeing the already pruned ones")

@@ -26,7 +26,7 @@ class PruneRecipe:
     calib_sampling: str = "consecutive"
     seed: int = 0
     device: str = "cpu"
-    batch_size: int = 8
+    batch_size: int = 4
     true_sequential: bool = False
     calib_dtype: str = "auto"  # dtype of calibration forward passes; statistics are float32
     blocksize: int = 128  # sparsegpt
