@@ -1,0 +1,133 @@
+"""Compact encodings: bit-exact round trips (hypothesis) and byte counts against the formulas."""
+
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from llmprune import compact
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor, so -0.0 != +0.0 and NaN == NaN in comparisons."""
+    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _keep_mask(kind, out, cols, ratio, n, m, gen):
+    if kind == "dense":
+        return torch.ones(out, cols, dtype=torch.bool)
+    if kind == "zero_rows":
+        keep = torch.rand(out, cols, generator=gen) >= 0.5
+        keep[:: 2] = False  # every other row fully pruned
+        return keep
+    if kind == "nm":
+        score = torch.rand(out, cols // m, m, generator=gen)
+        idx = score.topk(n, dim=-1).indices
+        keep = torch.zeros(out, cols // m, m, dtype=torch.bool).scatter_(-1, idx, True)
+        return keep.view(out, cols)
+    return torch.rand(out, cols, generator=gen) >= ratio
+
+
+@settings(max_examples=150, deadline=None)
+@given(out=st.integers(1, 40), groups=st.integers(1, 12), dtype=st.sampled_from(DTYPES),
+       kind=st.sampled_from(["unstructured", "nm", "dense", "zero_rows"]),
+       ratio=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.9, 0.99]),
+       nm=st.sampled_from([(2, 4), (4, 8), (1, 4), (3, 8)]), seed=st.integers(0, 2**16))
+def test_round_trip_is_bit_exact(out, groups, dtype, kind, ratio, nm, seed):
+    n, m = nm
+    cols = groups * m
+    gen = torch.Generator().manual_seed(seed)
+    keep = _keep_mask(kind, out, cols, ratio, n, m, gen)
+    weight = (torch.randn(out, cols, generator=gen) * 3).to(dtype).masked_fill(~keep, 0.0)
+    # Kept weights can be anything, including -0.0, +-inf and NaN: they must survive verbatim.
+    weight.view(-1)[0] = -0.0 if keep.view(-1)[0] else weight.view(-1)[0]
+
+    for enc in (compact.encode_bitmask(weight, keep),
+                compact.encode_nm(weight, keep, n, m) if compact.nm_fits(keep, n, m) else None,
+                compact.choose(weight, keep, (n, m))):
+        if enc is None:
+            continue
+        back = compact.decode(enc.encoding, enc.parts, enc.shape, enc.n, enc.m)
+        assert back.dtype == dtype and back.shape == weight.shape
+        assert torch.equal(_bits(back), _bits(weight)), enc.encoding
+
+
+def test_special_values_survive():
+    w = torch.tensor([[float("nan"), 0.0, 0.0, -0.0, float("inf"), 0.0, -float("inf"), 0.0]])
+    keep = torch.tensor([[True, False, False, True, True, False, True, False]])
+    for enc in (compact.encode_bitmask(w, keep), compact.encode_nm(w, keep, 2, 4)):
+        back = compact.decode(enc.encoding, enc.parts, enc.shape, enc.n, enc.m)
+        assert torch.equal(_bits(back), _bits(w))
+
+
+def test_nm_slots_hand_case():
+    # Groups of 4 keep {1,3} and {0} (the second padded with the first pruned position, 1).
+    w = torch.tensor([[0.0, 5.0, 0.0, 7.0, 9.0, 0.0, 0.0, 0.0]])
+    keep = w != 0
+    enc = compact.encode_nm(w, keep, 2, 4)
+    assert enc.parts["values"].tolist() == [[5.0, 7.0, 9.0, 0.0]]
+    # indices 1, 3, 0, 1 at 2 bits each, little-endian: 1 | 3<<2 | 0<<4 | 1<<6 = 77
+    assert enc.parts["indices"].tolist() == [[77]]
+
+
+def test_bitmask_hand_case():
+    w = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    enc = compact.encode_bitmask(w, w != 0)
+    assert enc.parts["values"].tolist() == [1.0, 2.0, 3.0]
+    assert enc.parts["bitmask"].tolist() == [[0b101], [0], [0b010]]
+    assert enc.parts["row_offsets"].tolist() == [0, 2, 2, 3]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sizes_meet_the_budget(dtype):
+    out, cols = 576, 1536
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out, cols, generator=gen).to(dtype)
+    dense = w.numel() * w.element_size()
+
+    # 2:4: values plus 2-bit indices = 0.5625 x dense, within 1%
+    keep = _keep_mask("nm", out, cols, None, 2, 4, gen)
+    enc = compact.choose(w * keep, keep, (2, 4))
+    assert enc.encoding == "nm"
+    assert enc.nbytes <= 0.5625 * dense * 1.01
+    assert enc.nbytes == compact.nm_nbytes((out, cols), 2, 4, w.element_size())
+
+    # 50% unstructured: values plus 1-bit mask = 0.5625 x dense, plus int32 row offsets
+    keep = torch.rand(out, cols, generator=gen) >= 0.5
+    keep[:, : cols // 2], keep[:, cols // 2:] = True, False  # exactly 50%
+    enc = compact.choose(w * keep, keep, None)
+    assert enc.encoding == "bitmask"
+    assert enc.nbytes <= 0.5625 * dense + (out + 1) * 4
+
+
+def test_too_dense_stays_plain():
+    w = torch.randn(64, 64, dtype=torch.bfloat16)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    keep[0, 0] = False
+    assert compact.choose(w, keep, None).encoding == "plain"
+    assert compact.choose(w, None, None).encoding == "plain"
+
+
+def test_nm_fits_rejects_an_overfull_group():
+    keep = torch.tensor([[True, True, True, False, True, False, False, False]])
+    assert not compact.nm_fits(keep, 2, 4)
+    assert compact.nm_fits(keep, 3, 4)
+    assert not compact.nm_fits(torch.ones(2, 6, dtype=torch.bool), 2, 4)  # 6 % 4 != 0
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16, 32])
+def test_index_bits(m):
+    b = compact.index_bits(m)
+    assert 2**b >= m and 8 % b == 0 and b >= math.ceil(math.log2(m))
+
+
+def test_large_m_uses_sort_path():
+    gen = torch.Generator().manual_seed(1)
+    keep = _keep_mask("nm", 8, 64, None, 5, 16, gen)
+    w = torch.randn(8, 64, generator=gen) * keep
+    enc = compact.encode_nm(w, keep, 5, 16)
+    assert torch.equal(compact.decode("nm", enc.parts, enc.shape, 5, 16), w)
