@@ -5,9 +5,11 @@ __version__ = "0.1.0"
 from .api import calibration_ids, prune, prune_checkpoint  # noqa: E402
 from .calibrate import Report  # noqa: E402
 from .errors import UserError  # noqa: E402
+from .export import export_checkpoint, load_pretrained  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .masks import Sparsity  # noqa: E402
 from .recipe import PruneRecipe  # noqa: E402
 
-__all__ = ["PruneRecipe", "Report", "Sparsity", "UserError", "calibration_ids", "load_model",
+__all__ = ["PruneRecipe", "Report", "Sparsity", "UserError", "calibration_ids", "export_checkpoint",
+           "load_model", "load_pretrained",
            "prune", "prune_checkpoint", "__version__"]

@@ -106,24 +106,45 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def write_checkpoint(model, tokenizer, out_dir: Path, meta: dict) -> None:
-    """Save a dense checkpoint (zeros in place) plus ``llmprune.json`` into ``out_dir``."""
-    model.save_pretrained(out_dir)
+def write_checkpoint(model, tokenizer, out_dir: Path, meta: dict, masks: dict | None = None,
+                     export: str = "dense", dtype: str = "auto", progress: bool = True) -> None:
+    """Save the pruned model into ``out_dir``: a dense checkpoint (zeros in place) with the pruning
+    masks and ``llmprune.json``, or a compact export (``export="compact"``)."""
+    from .export import model_source, write_masks
+    from .export import export as export_dir
+
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    if export == "compact" or dtype != "auto":
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out_dir)
+        export_dir(model_source(model, masks, meta), out_dir, export, dtype, progress=progress)
+        return
+    model.save_pretrained(out_dir)
+    if masks:
+        shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n in masks}
+        write_masks(out_dir, {f"{n}.weight": b for n, b in masks.items()},
+                    {f"{n}.weight": s for n, s in shapes.items()})
     (out_dir / "llmprune.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrite: bool = False,
                      eval_ppl: str | None = None, eval_seqlen: int = 1024,
                      eval_max_windows: int | None = 16, trust_remote_code: bool = False,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, export: str = "dense",
+                     export_dtype: str = "auto") -> dict:
     """Load, (evaluate,) prune, save atomically, (evaluate). Returns the metadata written."""
     from .evaluate import perplexity
     from .loading import load_model, resolve
 
+    from .export import DTYPES
+
     _check_device(recipe.device)
     recipe.target  # validate before touching anything
+    if export not in ("dense", "compact"):
+        raise UserError(f"--export must be dense or compact, got {export!r}")
+    if export_dtype != "auto" and export_dtype not in DTYPES:
+        raise UserError(f"--export-dtype must be auto, bf16, fp16 or fp32, got {export_dtype!r}")
     out = check_output(output, overwrite)
     resolved = resolve(model_name)
     check_output(output, overwrite, sources=(resolved,))
@@ -149,7 +170,7 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
         print(f"dense perplexity: {results['dense_perplexity']:.4f}", flush=True)
 
     t = time.perf_counter()
-    report = prune(model, recipe, calib_ids=calib_ids, progress=progress)
+    report = prune(model, recipe, calib_ids=calib_ids, keep_masks=True, progress=progress)
     timings["prune"] = time.perf_counter() - t
     timings.update({f"prune_{k}": v for k, v in report.timings.items()})
 
@@ -161,7 +182,8 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
         print(f"pruned perplexity: {results['pruned_perplexity']:.4f}", flush=True)
 
     meta = {
-        "format": "llmprune-dense/1",
+        "format": "llmprune-dense",
+        "format_version": 1,
         "source_model": model_name,
         "resolved_model": resolved,
         "recipe": recipe.to_dict(),
@@ -177,6 +199,7 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
     }
     t = time.perf_counter()
     with atomic_dir(out) as tmp:
-        write_checkpoint(model, tokenizer, tmp, meta)
+        write_checkpoint(model, tokenizer, tmp, meta, report.masks, export, export_dtype,
+                         progress)
     meta["timings"]["save"] = time.perf_counter() - t
     return meta

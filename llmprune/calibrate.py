@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .compact import pack_bits
 from .masks import Sparsity, check_divisible
 from .models import Adapter
 from .solvers.base import Solver
@@ -56,7 +57,9 @@ class LinearReport:
 class Report:
     layers: list[LinearReport] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    masks: dict[str, torch.Tensor] | None = None  # name -> bool [out, in], True = pruned
+    # module name -> the keep mask packed 1 bit per weight (compact.pack_bits: uint8
+    # [out, ceil(in/8)], bit set = kept); 1/8 of a bool mask, so a 7B model's masks take 0.8 GB
+    masks: dict[str, torch.Tensor] | None = None
     calib_dtype: str | None = None  # dtype the calibration forward passes ran in
 
     @property
@@ -189,7 +192,7 @@ def _solve_group(layer, fwd_layer, adapter, index, group, solver, stats, target,
         full = f"{adapter.layers_path}.{index}.{name}"
         report.layers.append(LinearReport(full, tuple(lin.weight.shape), int(res.mask.sum())))
         if report.masks is not None:
-            report.masks[full] = res.mask.cpu()
+            report.masks[full] = pack_bits(~res.mask.cpu())
 
 
 def _collect_stats(layer: nn.Module, groups: list[tuple[str, ...]], inputs: list, solver: Solver,

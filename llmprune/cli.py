@@ -4,6 +4,8 @@
     llmprune wanda --model opt-6.7b --pattern 2:4 --device cuda --output out/opt-wanda-24
     llmprune magnitude --model ./my-checkpoint --sparsity 0.5 --output out/mag50
     llmprune eval --model out/sg50 --ppl wikitext2
+    llmprune export out/sg50 --format compact --dtype bf16 --output out/sg50-compact
+    llmprune inspect out/sg50-compact
 
 Mistakes in the input end in one line on stderr and exit code 2, never a traceback.
 """
@@ -108,6 +110,12 @@ def _add_solver(sub, name: str) -> None:
                        help="columns per lazy-update block")
         p.add_argument("--percdamp", type=float, default=0.01,
                        help="damping added to diag(H), as a fraction of its mean")
+    p.add_argument("--export", choices=["dense", "compact"], default="dense",
+                   help="dense: a plain checkpoint with zeros in place (loads with "
+                        "from_pretrained); compact: only the kept weights plus bitmask / N:M "
+                        "indices (load with llmprune.load_pretrained), see 'llmprune export'")
+    p.add_argument("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="dtype of the saved weights; auto keeps the model's")
     p.add_argument("--eval-ppl", default=None, metavar="DATA",
                    help="also print dense and pruned perplexity on DATA (wikitext2 or a .txt "
                         "file)")
@@ -123,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Post-training pruning of large language models.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                metavar="{magnitude,wanda,sparsegpt,eval}")
+                                metavar="{magnitude,wanda,sparsegpt,eval,export,inspect}")
     for name in ("magnitude", "wanda", "sparsegpt"):
         _add_solver(sub, name)
     p = sub.add_parser("eval", help="perplexity of a model",
@@ -138,7 +146,62 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use at most this many non-overlapping windows from the start")
     p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward pass")
     p.set_defaults(func=_run_eval)
+
+    p = sub.add_parser(
+        "export", help="write a checkpoint as dense or compact safetensors",
+        description="Write checkpoint SRC to --output as 'dense' (a plain Hugging Face checkpoint, "
+                    "zeros in place) or 'compact' (pruned linears stored as their kept values "
+                    "plus a 1-bit mask per weight, or for N:M as values [out, in*N/M] plus packed "
+                    "2-bit (2:4) indices; tensors too dense to gain stay plain). The masks come "
+                    "from the pruning run's metadata (llmprune_masks.safetensors); for a "
+                    "checkpoint without it pass --pattern. Load compact output with "
+                    "llmprune.load_pretrained(DIR) or any llmprune command's --model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("src", help="checkpoint directory (an llmprune output, or any Hugging Face "
+                               "safetensors checkpoint together with --pattern)")
+    p.add_argument("--format", choices=["dense", "compact"], default="compact",
+                   help="output format")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="dtype of the stored floating-point tensors; auto keeps the source's")
+    p.add_argument("--pattern", default=None,
+                   help="for a checkpoint without llmprune metadata only: 'unstructured' or N:M; "
+                        "the decoder linears' zeros become the masks, verified against it first")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
+    p.add_argument("--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=_run_export)
+
+    p = sub.add_parser(
+        "inspect", help="per-tensor patterns, sparsity and bytes of a checkpoint",
+        description="Print a per-tensor table (shape, pattern, encoding, sparsity, bytes on "
+                    "disk) and whole-model totals against dense. Every tensor recorded as N:M is "
+                    "decoded and checked group by group; the exit code is 1 if one is not.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dir", help="a checkpoint directory (compact or dense)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_inspect)
     return parser
+
+
+def _run_export(args) -> int:
+    from .export import export_checkpoint
+
+    meta = export_checkpoint(args.src, args.output, args.format, args.dtype, args.pattern,
+                             args.max_shard_size, args.overwrite, progress=not args.quiet)
+    t = meta["totals"]
+    print(f"wrote {args.output}: {len(meta['shards'])} shard(s), {t['file_bytes'] / 2**20:.1f} "
+          f"MiB on disk; tensors {t['tensor_bytes'] / 2**20:.1f} MiB vs dense "
+          f"{t['dense_tensor_bytes'] / 2**20:.1f} MiB ({meta['export_seconds']:.1f} s)")
+    return 0
+
+
+def _run_inspect(args) -> int:
+    from .inspection import format_table, inspect_checkpoint, to_json
+
+    rows, totals = inspect_checkpoint(args.dir)
+    print(to_json(rows, totals) if args.json else format_table(rows, totals))
+    return 1 if totals["nm_violations"] else 0
 
 
 def _run_solver(args) -> int:
@@ -157,7 +220,8 @@ def _run_solver(args) -> int:
     meta = prune_checkpoint(args.model, recipe, args.output, overwrite=args.overwrite,
                             eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
                             eval_max_windows=args.max_windows,
-                            trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+                            trust_remote_code=args.trust_remote_code, progress=not args.quiet,
+                            export=args.export, export_dtype=args.export_dtype)
     print(f"pruned {len(meta['layers'])} linears to sparsity {meta['sparsity']:.4f} "
           f"in {meta['timings']['prune']:.1f} s; wrote {args.output}")
     return 0

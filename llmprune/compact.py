@@ -175,6 +175,14 @@ def choose(weight: torch.Tensor, keep: torch.Tensor | None, nm: tuple[int, int] 
 
 
 # ----------------------------------------------------------------------------- decode
+def nm_keep(indices: torch.Tensor, shape: tuple[int, int], n: int, m: int) -> torch.Tensor:
+    """The keep mask of an N:M encoding: bool ``[out, in]``, True at every stored slot."""
+    out, cols = shape
+    slots = _unpack_fields(indices, index_bits(m), cols // m * n).view(out, cols // m, n)
+    keep = torch.zeros(out, cols // m, m, dtype=torch.bool)
+    return keep.scatter_(-1, slots.long(), True).view(out, cols)
+
+
 def decode(encoding: str, parts: dict[str, torch.Tensor], shape: tuple[int, ...],
            n: int | None = None, m: int | None = None) -> torch.Tensor:
     """Inverse of the encoders: the dense tensor, bit-exact."""

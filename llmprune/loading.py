@@ -147,8 +147,17 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", trust_remote_code:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .export import is_compact, load_pretrained
+
     resolved = resolve(model)
     config = load_config(resolved, trust_remote_code)
+    if is_compact(resolved):  # a compact llmprune export: decode it (bit-exact)
+        adapter_for_type(config.model_type)
+        if check is not None:
+            check(skeleton(config, trust_remote_code))
+        lm = load_pretrained(resolved, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+        return lm, tokenizer, resolved
     adapter_for_type(config.model_type)  # fail before reading any weights
     if check is not None:
         check(skeleton(config, trust_remote_code))

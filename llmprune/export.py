@@ -1,0 +1,567 @@
+"""Exports (dense and compact), the compact loader, and the pruning masks file.
+
+Directory layouts
+-----------------
+**dense** -- a plain Hugging Face checkpoint: ``config.json``, ``model.safetensors`` (or
+``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``), tokenizer files, plus
+``llmprune_masks.safetensors`` (the keep masks of the pruning run, 1 bit per weight) and
+``llmprune.json``. ``AutoModelForCausalLM.from_pretrained`` loads it as it is.
+
+**compact** -- ``config.json`` (the model's own), tokenizer files,
+``llmprune-0000k-of-0000n.safetensors`` shards holding every tensor in the encoding of
+:mod:`llmprune.compact` chosen for it, and ``llmprune.json`` (format version, every tensor's
+encoding, pattern, shape, dtype and shard, the recipe, and each shard's sha256).
+Each shard's safetensors header repeats the format version and its tensors' encodings.
+It also holds a ``model.safetensors.index.json`` whose every entry points at a file named
+``LLMPRUNE-COMPACT-CHECKPOINT--load-it-with-llmprune.load_pretrained``, which does not exist: plain
+``from_pretrained`` then fails with that name in its error instead of loading garbage.
+:func:`load_pretrained` restores the dense pruned weights bit for bit.
+
+Exports stream: tensors are read from the source one at a time and written out a shard at a
+time, so peak memory is about one shard plus one tensor. Output goes to a temporary sibling
+directory that is renamed into place only after ``llmprune.json`` (written last) is complete.
+Nothing here uses pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import compact
+from .errors import UserError
+from .masks import Sparsity
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+COMPACT_FORMAT = "llmprune-compact"
+DENSE_FORMAT = "llmprune-dense"
+MASKS_FILE = "llmprune_masks.safetensors"
+META_FILE = "llmprune.json"
+SIGNPOST = "LLMPRUNE-COMPACT-CHECKPOINT--load-it-with-llmprune.load_pretrained"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_WEIGHT_FILE_RE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.index\.json)$")
+# Test hook for the kill test: pause this many seconds after each shard is written.
+_PAUSE_ENV = "LLMPRUNE_TEST_PAUSE_AFTER_SHARD"
+
+
+class CorruptCheckpointError(UserError):
+    pass
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not match:
+        raise UserError(f"--max-shard-size must look like 5GB, 500MB or 2GiB, got {text!r}")
+    number, unit, suffix = match.groups()
+    base = 1024 if suffix == "IB" else 1000
+    return int(float(number) * base ** " KMGT".index(unit or " "))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- masks file
+def write_masks(out_dir: Path, masks: dict[str, torch.Tensor], shapes: dict[str, tuple]) -> None:
+    """``masks``: weight name -> packed keep bits (:func:`compact.pack_bits`)."""
+    meta = {"format": "pt", "llmprune_masks": "keep bits, little-endian, rows byte-padded",
+            "shapes": json.dumps({k: list(v) for k, v in shapes.items()})}
+    save_file({k: v.contiguous() for k, v in masks.items()}, str(out_dir / MASKS_FILE), meta)
+
+
+def read_masks(src: Path) -> dict[str, torch.Tensor] | None:
+    """Weight name -> packed keep bits, or None when ``src`` has no masks file."""
+    path = src / MASKS_FILE
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            json.loads(f.metadata()["shapes"])
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, KeyError, ValueError, OSError) as exc:
+        raise CorruptCheckpointError(f"cannot read {path}: {exc}; the masks file is damaged, "
+                                     "re-run the pruning") from None
+
+
+def read_meta(src: Path) -> dict | None:
+    path = src / META_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def is_compact(src: str | Path) -> bool:
+    meta = read_meta(Path(src)) if Path(src).is_dir() else None
+    return bool(meta) and meta.get("format") == COMPACT_FORMAT
+
+
+# ----------------------------------------------------------------------------- sources
+@dataclass
+class Source:
+    """Tensors to export, one at a time, with the pruning masks and metadata that go with them."""
+
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    config: dict
+    # weight name -> keep mask: bool [out, in], or packed 1 bit per weight (uint8, see
+    # compact.pack_bits) so that a 70B model's masks fit in memory
+    masks: dict[str, torch.Tensor] | None
+    meta: dict | None  # the pruning run's llmprune.json (recipe, layers, ...)
+    copy_files: list[Path] = field(default_factory=list)  # tokenizer etc.
+    nm: tuple[int, int] | None = None
+
+
+def _checkpoint_files(src: Path) -> list[Path]:
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [src / f for f in dict.fromkeys(weight_map.values())]
+    single = src / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise UserError(f"{src} has no model.safetensors; llmprune export reads safetensors "
+                    "checkpoints only (never pickle): convert it with save_pretrained first")
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def _nm_of(meta: dict | None) -> tuple[int, int] | None:
+    if not meta:
+        return None
+    target = meta.get("target") or ""
+    if ":" in target:
+        n, m = target.split(":")
+        return int(n), int(m)
+    return None
+
+
+def dir_source(src: Path) -> Source:
+    """A checkpoint directory: dense (with or without llmprune metadata) or compact."""
+    meta = read_meta(src)
+    config = json.loads((src / "config.json").read_text())
+    copy_files = [p for p in sorted(src.iterdir()) if p.is_file()
+                  and not _WEIGHT_FILE_RE.search(p.name)
+                  and p.name not in (META_FILE, MASKS_FILE, "config.json")]
+    if meta and meta.get("format") == COMPACT_FORMAT:
+        masks: dict[str, torch.Tensor] = {}
+
+        def tensors():
+            for name, dense, keep in iter_compact(src):
+                if keep is not None:
+                    masks[name] = keep
+                yield name, dense
+        # masks fill in as tensors are read; the exporter looks a tensor's mask up after reading
+        return Source(tensors(), config, masks, meta.get("source_meta"), copy_files,
+                      _nm_of(meta.get("source_meta")))
+    masks = read_masks(src)
+    if meta is not None and masks is None:
+        log.warning("%s has llmprune.json but no %s (made by an older llmprune?); pass --pattern "
+                    "to derive the masks from the zeros", src, MASKS_FILE)
+    return Source(_iter_safetensors(_checkpoint_files(src)), config, masks, meta, copy_files,
+                  _nm_of(meta))
+
+
+def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None,
+                 tokenizer_dir: Path | None = None) -> Source:
+    """An in-memory model (``--export compact`` straight after pruning). ``masks`` are packed
+    keep bits by module name, as :class:`llmprune.calibrate.Report` holds them."""
+    keep = None if masks is None else {f"{name}.weight": bits for name, bits in masks.items()}
+
+    def tensors():
+        seen: set[int] = set()
+        for name, t in model.state_dict().items():
+            if t.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) are saved once
+                continue
+            seen.add(t.data_ptr())
+            yield name, t.detach()
+    copy_files = []
+    if tokenizer_dir is not None:
+        copy_files = [p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()]
+    return Source(tensors(), model.config.to_dict(), keep, meta, copy_files, _nm_of(meta))
+
+
+def pattern_masks(src: Path, config: dict, pattern: str) -> tuple[dict, tuple[int, int] | None]:
+    """For a checkpoint without llmprune masks: keep masks from the nonzeros of every decoder
+    linear, verified against ``pattern`` (``unstructured`` or ``N:M``) before anything is written."""
+    from transformers import AutoConfig
+
+    from .loading import skeleton
+    from .models import adapter_for
+
+    target = Sparsity.parse(None if ":" in pattern else 0.0, pattern)
+    nm = (target.n, target.m) if target.kind == "nm" else None
+    skel = skeleton(AutoConfig.from_pretrained(src))
+    adapter = adapter_for(skel)
+    names = {f"{adapter.layers_path}.{i}.{lin}.weight"
+             for i, layer in enumerate(adapter.layers(skel)) for lin in adapter.linears(layer)}
+    masks = {}
+    for name, weight in _iter_safetensors(_checkpoint_files(src)):
+        if name not in names:
+            continue
+        keep = weight != 0
+        del weight
+        if nm and not compact.nm_fits(keep, *nm):
+            groups = keep.view(keep.shape[0], -1, nm[1]).sum(-1) if keep.shape[1] % nm[1] == 0 \
+                else None
+            where = "" if groups is None else " (row {}, group {} keeps {})".format(
+                *[int(v) for v in (groups > nm[0]).nonzero()[0]],
+                int(groups[tuple((groups > nm[0]).nonzero()[0])]))
+            raise UserError(f"{name} is not {pattern}{where}; the checkpoint does not have that "
+                            "pattern: pass the pattern it was pruned with, or 'unstructured'")
+        masks[name] = compact.pack_bits(keep)
+    if len(masks) != len(names):
+        raise UserError(f"{src} lacks {len(names) - len(masks)} decoder linear weights; is it a "
+                        "complete checkpoint?")
+    return masks, nm
+
+
+# ----------------------------------------------------------------------------- writer
+class _ShardWriter:
+    def __init__(self, out: Path, prefix: str, max_bytes: int, header: dict):
+        self.out, self.prefix, self.max_bytes, self.header = out, prefix, max_bytes, header
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_meta: dict[str, dict] = {}
+        self.pending_bytes = 0
+        self.files: list[Path] = []
+        self.where: dict[str, int] = {}  # stored tensor name -> shard number
+        self.tensor_shard: dict[str, int] = {}  # source tensor name -> shard number
+
+    def add(self, name: str, enc: compact.Encoded, info: dict) -> None:
+        if self.pending and self.pending_bytes + enc.nbytes > self.max_bytes:
+            self.flush()
+        for suffix, t in enc.parts.items():
+            key = f"{name}.{suffix}" if suffix else name
+            self.pending[key] = t.contiguous()
+            self.where[key] = len(self.files)
+        self.pending_meta[name] = info
+        self.tensor_shard[name] = len(self.files)
+        self.pending_bytes += enc.nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.out / f".shard-{len(self.files) + 1}.part"
+        meta = dict(self.header)
+        if self.pending_meta and self.header.get("llmprune_format"):
+            meta["llmprune_tensors"] = json.dumps(self.pending_meta, separators=(",", ":"))
+        save_file(self.pending, str(path), meta)
+        self.files.append(path)
+        self.pending, self.pending_meta, self.pending_bytes = {}, {}, 0
+        pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
+        if pause:
+            print(f"llmprune-test: wrote shard {len(self.files)}", flush=True)
+            time.sleep(pause)
+
+    def finish(self, single_name: str | None) -> list[str]:
+        """Rename the shards to their final ``prefix-0000k-of-0000n.safetensors`` names."""
+        self.flush()
+        n = len(self.files)
+        names = []
+        for k, path in enumerate(self.files, 1):
+            name = single_name if (n == 1 and single_name) else \
+                f"{self.prefix}-{k:05d}-of-{n:05d}.safetensors"
+            os.replace(path, self.out / name)
+            names.append(name)
+        return names
+
+
+def _config_with_dtype(config: dict, dtype: torch.dtype) -> dict:
+    config = dict(config)
+    name = _DTYPE_NAMES[dtype]
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = name
+    if "torch_dtype" not in config and "dtype" not in config:
+        config["dtype"] = name
+    config.pop("quantization_config", None)
+    return config
+
+
+def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "auto",
+           max_shard_size: str | int = "5GB", progress: bool = True) -> dict:
+    """Write ``source`` into ``out_dir`` (a fresh temporary directory the caller renames)."""
+    from tqdm.auto import tqdm
+
+    if fmt not in ("dense", "compact"):
+        raise UserError(f"--format must be dense or compact, got {fmt!r}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    want = DTYPES.get(dtype)
+    t0 = time.perf_counter()
+    header = {"format": "pt"}
+    if fmt == "compact":
+        header.update(llmprune_format=COMPACT_FORMAT, llmprune_format_version=str(FORMAT_VERSION))
+    writer = _ShardWriter(out_dir, "llmprune" if fmt == "compact" else "model",
+                          parse_size(max_shard_size), header)
+    masks = source.masks
+    tensors: dict[str, dict] = {}
+    out_masks: dict[str, torch.Tensor] = {}
+    mask_shapes: dict[str, tuple] = {}
+    stored_dtype = None
+    total = dense_total = 0
+    for name, t in tqdm(source.tensors, desc=f"export {fmt}", unit="tensor", disable=not progress):
+        if want is not None and t.is_floating_point():
+            t = t.to(want)
+        if t.is_floating_point():
+            stored_dtype = stored_dtype or t.dtype
+        keep = masks.get(name) if masks else None
+        if keep is not None and keep.dtype == torch.uint8:
+            keep = compact.unpack_bits(keep, t.shape[-1]).view(t.shape)
+        if keep is not None:
+            if tuple(keep.shape) != tuple(t.shape):
+                raise CorruptCheckpointError(f"mask of {name} has shape {tuple(keep.shape)} but "
+                                             f"the weight is {tuple(t.shape)}")
+            if bool(t.masked_select(~keep).any()):
+                raise UserError(f"{name} has nonzero weights where the pruning mask says pruned: "
+                                "the checkpoint was changed after pruning; re-prune it, or export "
+                                "with --pattern to take the masks from its zeros")
+        if fmt == "compact":
+            enc = compact.choose(t, keep, source.nm)
+        else:
+            enc = compact.Encoded("plain", {"": t.contiguous()}, tuple(t.shape))
+            if keep is not None:
+                out_masks[name], mask_shapes[name] = compact.pack_bits(keep), tuple(t.shape)
+        pattern = "dense" if keep is None else (
+            f"{source.nm[0]}:{source.nm[1]}" if source.nm and compact.nm_fits(keep, *source.nm)
+            else "unstructured")
+        info = {"encoding": enc.encoding, "pattern": pattern, "shape": list(t.shape),
+                "dtype": str(t.dtype).removeprefix("torch."), "bytes": enc.nbytes,
+                "dense_bytes": t.numel() * t.element_size()}
+        if keep is not None:
+            info["sparsity"] = 1.0 - int(keep.sum()) / max(keep.numel(), 1)
+        if enc.encoding == "nm":
+            info.update(n=enc.n, m=enc.m)
+        writer.add(name, enc, info)
+        tensors[name] = info
+        total += enc.nbytes
+        dense_total += info["dense_bytes"]
+        del t, keep, enc
+    shard_names = writer.finish("model.safetensors" if fmt == "dense" else None)
+    for name, info in tensors.items():
+        info["shard"] = shard_names[writer.tensor_shard[name]]
+
+    config = _config_with_dtype(source.config, stored_dtype or torch.float32)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for path in source.copy_files:
+        shutil.copy2(path, out_dir / path.name)
+    if fmt == "dense":
+        if len(shard_names) > 1:
+            weight_map = {k: shard_names[i] for k, i in writer.where.items()}
+            (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        if out_masks:
+            write_masks(out_dir, out_masks, mask_shapes)
+    else:
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"format": COMPACT_FORMAT, "note": "compact llmprune checkpoint: load it "
+                          "with llmprune.load_pretrained(DIR)"},
+             "weight_map": {name: SIGNPOST for name in tensors}}, indent=2) + "\n")
+
+    shards = {name: {"sha256": sha256_file(out_dir / name),
+                     "bytes": (out_dir / name).stat().st_size} for name in shard_names}
+    src_meta = source.meta or {}
+    meta = {
+        "format": COMPACT_FORMAT if fmt == "compact" else DENSE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": str(stored_dtype or torch.float32).removeprefix("torch."),
+        # the pruning run this came from (recipe, per-layer sparsity, calibration, versions)
+        "source_meta": src_meta.get("source_meta", src_meta) if fmt == "compact" else None,
+        "shards": shards,
+        "tensors": tensors,
+        "totals": {"tensor_bytes": total, "dense_tensor_bytes": dense_total,
+                   "file_bytes": sum(s["bytes"] for s in shards.values())},
+        "export_seconds": time.perf_counter() - t0,
+    }
+    if fmt == "dense":  # keep the pruning run's own fields at the top, as prune writes them
+        meta = {**{k: v for k, v in src_meta.items() if k not in meta}, **meta}
+        meta["format"] = DENSE_FORMAT
+        meta.pop("source_meta")
+    if src_meta.get("recipe"):
+        meta["recipe"] = src_meta["recipe"]
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks complete
+    return meta
+
+
+# ----------------------------------------------------------------------------- reading compact
+def verify_shards(src: Path, meta: dict) -> None:
+    for name, want in meta["shards"].items():
+        path = src / name
+        if not path.exists():
+            raise CorruptCheckpointError(f"{path} is missing; the compact checkpoint is incomplete")
+        if path.stat().st_size != want["bytes"]:
+            raise CorruptCheckpointError(
+                f"{path} is {path.stat().st_size} bytes, expected {want['bytes']}: the file is "
+                "truncated or was replaced; re-export the checkpoint")
+        if sha256_file(path) != want["sha256"]:
+            raise CorruptCheckpointError(
+                f"{path} fails its sha256 checksum: the file is corrupted; re-export the "
+                "checkpoint")
+
+
+def iter_compact(src: Path, verify: bool = True
+                 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Yield ``(name, dense tensor, keep mask or None)`` for every tensor of a compact export."""
+    meta = read_meta(src)
+    if not meta or meta.get("format") != COMPACT_FORMAT:
+        raise UserError(f"{src} is not a compact llmprune checkpoint (no {META_FILE} with format "
+                        f"{COMPACT_FORMAT})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{src} uses compact format version {meta['format_version']}; this "
+                        f"llmprune reads up to {FORMAT_VERSION}: upgrade llmprune")
+    if verify:
+        verify_shards(src, meta)
+    by_shard: dict[str, list[str]] = {}
+    for name, info in meta["tensors"].items():
+        by_shard.setdefault(info["shard"], []).append(name)
+    for shard, names in by_shard.items():
+        path = src / shard
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in names:
+                    info = meta["tensors"][name]
+                    suffixes = {"plain": [""], "bitmask": ["values", "bitmask", "row_offsets"],
+                                "nm": ["values", "indices"]}[info["encoding"]]
+                    parts = {s: f.get_tensor(f"{name}.{s}" if s else name) for s in suffixes}
+                    shape = tuple(info["shape"])
+                    dense = compact.decode(info["encoding"], parts, shape, info.get("n"),
+                                           info.get("m"))
+                    keep = None
+                    if info["encoding"] == "bitmask":
+                        keep = compact.unpack_bits(parts["bitmask"], shape[1])
+                    elif info["encoding"] == "nm":
+                        keep = compact.nm_keep(parts["indices"], shape, info["n"], info["m"])
+                    elif info["pattern"] != "dense":
+                        keep = dense != 0  # stored plain (too dense to compact): zeros = pruned
+                    yield name, dense, keep
+        except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"cannot decode {path}: {exc}; the file is damaged, "
+                                         "re-export the checkpoint") from None
+
+
+@contextlib.contextmanager
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights  # transformers 4
+        except ImportError:
+            no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        yield
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: bool = True,
+                    trust_remote_code: bool = False):
+    """Load an llmprune checkpoint as a standard transformers model.
+
+    For a compact export the weights are decoded bit for bit (every shard's sha256 is checked
+    first, unless ``verify=False``); a dense checkpoint is loaded with plain ``from_pretrained``.
+    ``dtype`` optionally casts the loaded model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = Path(path).expanduser()
+    if not (src / "config.json").exists():
+        raise UserError(f"{path} is not a checkpoint directory (no config.json)")
+    if not is_compact(src):
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto",
+                                                     trust_remote_code=trust_remote_code)
+        return model.eval()
+    meta = read_meta(src)
+    stored = getattr(torch, meta["dtype"])
+    config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    with _no_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=stored,
+                                                 trust_remote_code=trust_remote_code)
+    params = model.state_dict()
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for name, tensor, _ in iter_compact(src, verify=verify):
+            if name not in params:
+                raise CorruptCheckpointError(f"{src}: tensor {name} does not belong to a "
+                                             f"{config.model_type} model")
+            if tuple(params[name].shape) != tuple(tensor.shape):
+                raise CorruptCheckpointError(f"{src}: tensor {name} has shape "
+                                             f"{tuple(tensor.shape)}, the model wants "
+                                             f"{tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+            loaded.add(name)
+    model.tie_weights()
+    loaded_ptrs = {params[n].data_ptr() for n in loaded}
+    missing = [n for n, p in model.state_dict().items()
+               if n not in loaded and p.data_ptr() not in loaded_ptrs]
+    if missing:
+        raise CorruptCheckpointError(f"{src} lacks {len(missing)} tensors (e.g. {missing[0]}); "
+                                     "the export is incomplete")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- entry point
+def export_checkpoint(src: str, output: str, fmt: str = "compact", dtype: str = "auto",
+                      pattern: str | None = None, max_shard_size: str | int = "5GB",
+                      overwrite: bool = False, progress: bool = True) -> dict:
+    """``llmprune export``: checkpoint directory ``src`` -> ``output`` (written atomically)."""
+    from .loading import resolve
+    from .output import atomic_dir, check_output
+
+    if fmt not in ("dense", "compact"):
+        raise UserError(f"--format must be dense or compact, got {fmt!r}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    parse_size(max_shard_size)
+    out = check_output(output, overwrite)
+    resolved = resolve(src)
+    if not Path(resolved).is_dir():
+        raise UserError(f"llmprune export reads a local checkpoint directory; {src!r} is not one")
+    src_path = Path(resolved)
+    check_output(output, overwrite, sources=(str(src_path),))
+    source = dir_source(src_path)
+    if pattern is not None:
+        if source.masks is not None or is_compact(src_path):
+            recorded = (source.meta or {}).get("target")
+            raise UserError(f"{src} carries its pruning masks (pattern {recorded}); drop "
+                            "--pattern, which is only for checkpoints without llmprune metadata")
+        source.masks, source.nm = pattern_masks(src_path, source.config, pattern)
+    elif source.masks is None and fmt == "compact":
+        raise UserError(f"{src} has no llmprune pruning masks ({MASKS_FILE}); pass --pattern "
+                        "unstructured or --pattern N:M to take them from the checkpoint's zeros "
+                        "(they are verified first)")
+    with atomic_dir(out) as tmp:
+        meta = export(source, tmp, fmt, dtype, max_shard_size, progress)
+    return meta
