@@ -25,8 +25,10 @@ class ColumnSquares:
     tokens: int = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        self.sq += torch.linalg.vector_norm(x, dim=0, dtype=STATS_DTYPE).square_()
+        x = x.reshape(-1, x.shape[-1]).to(STATS_DTYPE)
+        # square-then-sum, not vector_norm(dim=0): on CPU vector_norm reduces across the
+        # strided axis slowly (12.5 ms vs 0.9 ms for 2048 x 1536, as long as the layer's matmul)
+        self.sq += x.square().sum(0)
         self.tokens += x.shape[0]
 
 
