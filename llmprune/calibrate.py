@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .compact import pack_bits
+from .compact import pack_bits, unpack_bits
 from .masks import Sparsity, check_divisible
 from .models import Adapter
 from .solvers.base import Solver
@@ -66,6 +66,11 @@ class Report:
     def sparsity(self) -> float:
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
         return sum(r.pruned for r in self.layers) / max(total, 1)
+
+    def pruned_mask(self, name: str) -> torch.Tensor:
+        """bool ``[out, in]``, True where linear ``name`` was pruned (needs ``keep_masks``)."""
+        shape = next(r.shape for r in self.layers if r.name == name)
+        return ~unpack_bits(self.masks[name], shape[1])
 
     def add_time(self, key: str, seconds: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + seconds

@@ -37,7 +37,7 @@ def test_exact_sparsity_every_family(family, method, sparsity, pattern, calib_id
         w = lin.weight.detach()
         out_f, in_f = w.shape
         zeros = (w == 0)
-        mask = report.masks[next(k for k in report.masks if k.endswith(name))]
+        mask = report.pruned_mask(next(k for k in report.masks if k.endswith(name)))
         assert torch.equal(zeros, mask), name  # the mask is exactly where the zeros are
         if pattern:
             n, m = map(int, pattern.split(":"))

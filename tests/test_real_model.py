@@ -54,7 +54,7 @@ def test_wanda_within_bound_and_better_than_magnitude(smol):
     report = llmprune.prune(wanda, PruneRecipe("wanda", sparsity=0.5), keep_masks=True,
                             calib_ids=calib[: 8 * 256].view(8, 256), progress=False)
     for name, w in linears(wanda):
-        mask = report.masks[name]
+        mask = report.pruned_mask(name)
         # Exact: half of every output row. (The GGUF weights hold a few exact zeros already,
         # so the mask, not `w == 0`, is what is counted.)
         assert ((mask.sum(1) == w.shape[1] // 2).all()), name
@@ -77,7 +77,7 @@ def test_sparsegpt_2of4_exact_on_real_model(smol):
                             calib_ids=calib[: 4 * 128].view(4, 128), progress=False)
     assert len(report.layers) == 30 * 7
     for name, w in linears(pruned):
-        mask = report.masks[name]
+        mask = report.pruned_mask(name)
         assert nm_violations(w, 2, 4) == 0, name
         assert int(mask.sum()) == w.numel() // 2 and (w[mask] == 0).all(), name
     # Embeddings and the tied lm_head stay dense.
