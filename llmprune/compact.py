@@ -34,6 +34,7 @@ Decoding is bit-exact: kept values are stored verbatim and pruned positions deco
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -54,8 +55,56 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(bits: torch.Tensor, width: int) -> torch.Tensor:
     """uint8 ``[out, ceil(width/8)]`` -> bool ``[out, width]``."""
-    return torch.from_numpy(
-        np.unpackbits(bits.cpu().numpy(), axis=-1, count=width, bitorder="little").astype(bool))
+    unpacked = np.unpackbits(bits.cpu().numpy(), axis=-1, count=width, bitorder="little")
+    return torch.from_numpy(unpacked.view(np.bool_))  # 0/1 bytes are valid bools
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def _row_popcount(bits: torch.Tensor) -> torch.Tensor:
+    """Set bits per row of a uint8 ``[out, bytes]`` tensor, as int64 ``[out]``."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return torch.from_numpy(np.bitwise_count(bits.numpy()).sum(1, dtype=np.int64))
+    return _POPCOUNT[bits.long()].sum(1)
+
+
+def count_true(mask: torch.Tensor) -> int:
+    """``mask.sum()`` for a bool CPU tensor, through numpy (20x faster than torch here)."""
+    return int(np.count_nonzero(mask.contiguous().numpy()))
+
+
+_INT_VIEW = {1: (torch.int8, np.int8), 2: (torch.int16, np.int16), 4: (torch.int32, np.int32),
+             8: (torch.int64, np.int64)}
+
+
+def select(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t[keep]`` in row-major order, bit-exact (also for bf16, which numpy lacks): numpy's
+    ``compress`` on an integer view of the same width is 5x faster than ``masked_select``."""
+    if t.device.type != "cpu" or t.element_size() not in _INT_VIEW:
+        return t.masked_select(keep)
+    tview, nview = _INT_VIEW[t.element_size()]
+    raw = t.contiguous().view(tview).numpy().ravel()
+    picked = np.compress(keep.contiguous().numpy().ravel(), raw)
+    return torch.from_numpy(picked).view(t.dtype)
+
+
+def _count_raw(t: torch.Tensor) -> int:
+    """Elements whose bits are not all zero (so -0.0 counts: it would not survive a round trip
+    through a pruned position, which decodes to +0.0)."""
+    if t.device.type == "cpu" and t.element_size() in _INT_VIEW:
+        return int(np.count_nonzero(t.contiguous().view(_INT_VIEW[t.element_size()][0]).numpy()))
+    return int(torch.count_nonzero(t.contiguous().view(_INT_VIEW[t.element_size()][0])))
+
+
+def pruned_are_zero(t: torch.Tensor, keep: torch.Tensor, enc: "Encoded | None" = None) -> bool:
+    """Whether every position of ``t`` outside ``keep`` holds +0.0, checked by counting: the kept
+    values (already gathered by ``enc`` when it is compact) hold every nonzero bit pattern."""
+    if enc is not None and enc.encoding in ("bitmask", "nm"):
+        kept = enc.parts["values"]  # N:M pads with pruned positions, which must be +0.0 anyway
+    else:
+        kept = select(t, keep)
+    return _count_raw(kept) == _count_raw(t)
 
 
 def index_bits(m: int) -> int:
@@ -121,13 +170,14 @@ def nm_fits(keep: torch.Tensor, n: int, m: int) -> bool:
 # ----------------------------------------------------------------------------- encode
 def encode_bitmask(weight: torch.Tensor, keep: torch.Tensor) -> Encoded:
     out, _ = weight.shape
-    values = weight.masked_select(keep)  # row-major order, [nnz]
-    counts = keep.sum(1, dtype=torch.int64)
+    values = select(weight, keep)  # row-major order, [nnz]
+    bits = pack_bits(keep)
+    counts = _row_popcount(bits)  # kept per row, from the packed mask (1/8 of the data)
     offsets = torch.zeros(out + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=offsets[1:])
     if values.numel() < 2**31:
         offsets = offsets.to(torch.int32)
-    return Encoded("bitmask", {"values": values, "bitmask": pack_bits(keep),
+    return Encoded("bitmask", {"values": values, "bitmask": bits,
                                "row_offsets": offsets}, tuple(weight.shape))
 
 
@@ -144,8 +194,94 @@ def _slot_table(n: int, m: int) -> torch.Tensor:
     return table
 
 
+# Group codes by multiplication: a bool group of 4 viewed as one little-endian int32 has its flags
+# at bits 0, 8, 16, 24; times 0x10204080 they land, without carries, at bits 28..31 (flag j at
+# 28 + j): code = sum_j keep_j << j. A group of 8 is two such halves.
+_MAGIC4 = 0x10204080
+
+
+def _group_codes(keep: np.ndarray, m: int) -> np.ndarray:
+    """bool ``[out, in]`` -> uint8 ``[out, in/m]`` codes (bit j = position j kept), m in (4, 8).
+    uint32 arithmetic wraps modulo 2**32, which keeps bits 28..31 exact."""
+    quads = keep.view(np.uint8).view("<u4")  # [out, in/4]
+    nib = ((quads * np.uint32(_MAGIC4)) >> np.uint32(28)).astype(np.uint8)
+    if m == 4:
+        return nib
+    return nib[:, 0::2] | (nib[:, 1::2] << np.uint8(4))
+
+
+def _popcount8(x: np.ndarray) -> np.ndarray:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(x)
+    return _POPCOUNT.numpy().astype(np.uint8)[x]
+
+
+@functools.lru_cache(maxsize=None)
+def _nm_tables(n: int, m: int):
+    """Per keep code (for groups keeping fewer than n): the padded slot code (exactly n bits)
+    and the slot mask as m bytes of 0/1 in one little-endian integer."""
+    padded = np.zeros(2**m, np.uint8)
+    for code in range(2**m):
+        kept = [j for j in range(m) if code >> j & 1]
+        if len(kept) <= n:
+            slots = kept + [j for j in range(m) if not code >> j & 1][: n - len(kept)]
+            padded[code] = sum(1 << j for j in slots)
+    expand = np.array([sum(((c >> j) & 1) << (8 * j) for j in range(m)) for c in range(2**m)],
+                      dtype="<u4" if m == 4 else "<u8")
+    return padded, expand
+
+
+def _encode_nm_fast(weight: torch.Tensor, keep: torch.Tensor, n: int, m: int) -> Encoded | None:
+    """The N:M encoder for M in (4, 8), vectorised over per-group bit codes (5x faster than the
+    general one). None when some group keeps more than n (the tensor is not N:M)."""
+    out, cols = weight.shape
+    b = index_bits(m)
+    word_bits = n * b
+    if word_bits not in (2, 4, 8, 16, 32) or (cols // m * word_bits) % 8:
+        return _encode_nm_general(weight, keep, n, m) if nm_fits(keep, n, m) else None
+    codes = _group_codes(keep.contiguous().numpy(), m)  # [out, G] uint8
+    count = _popcount8(codes)
+    if count.size and int(count.max()) > n:
+        return None
+    if count.size and int(count.min()) < n:  # pad short groups with pruned (zero) positions
+        padded, expand = _nm_tables(n, m)
+        codes = padded[codes]
+        slot_mask = torch.from_numpy(expand[codes].view(np.bool_).reshape(out, cols))
+    else:  # the usual case: every group keeps exactly n, the slots are the kept positions
+        slot_mask = keep
+    values = select(weight, slot_mask).view(out, cols // m * n)
+    # the n slot positions of every group, ascending: peel off the lowest set bit n times
+    wdtype = np.uint8 if word_bits <= 8 else (np.uint16 if word_bits <= 16 else np.uint32)
+    words = np.zeros(codes.shape, wdtype)
+    x = codes.copy()
+    one = np.uint8(1)
+    for k in range(n):
+        low = x & (~x + one)  # lowest set bit
+        words |= (_popcount8(low - one).astype(wdtype) << wdtype(b * k))  # its position
+        x &= x - one
+    if word_bits < 8:  # several groups per byte
+        per = 8 // word_bits
+        w8 = words.reshape(out, -1, per)
+        packed = w8[:, :, 0].copy()
+        for i in range(1, per):
+            packed |= w8[:, :, i] << np.uint8(word_bits * i)
+    else:  # whole bytes per group, little-endian
+        packed = words.astype(words.dtype.newbyteorder("<")).view(np.uint8)
+    indices = torch.from_numpy(np.ascontiguousarray(packed).reshape(out, -1))
+    return Encoded("nm", {"values": values, "indices": indices}, (out, cols), n, m)
+
+
 def encode_nm(weight: torch.Tensor, keep: torch.Tensor, n: int, m: int) -> Encoded:
     """Caller guarantees ``nm_fits(keep, n, m)``."""
+    if m in (4, 8) and weight.device.type == "cpu":
+        enc = _encode_nm_fast(weight, keep, n, m)
+        if enc is None:
+            raise ValueError(f"the mask is not {n}:{m}")
+        return enc
+    return _encode_nm_general(weight, keep, n, m)
+
+
+def _encode_nm_general(weight: torch.Tensor, keep: torch.Tensor, n: int, m: int) -> Encoded:
     out, cols = weight.shape
     groups = keep.view(out, cols // m, m)
     if m <= 12:  # lookup table of 2**m rows
@@ -167,9 +303,14 @@ def choose(weight: torch.Tensor, keep: torch.Tensor | None, nm: tuple[int, int] 
     esize = weight.element_size()
     budget = (1.0 - MIN_SAVING) * weight.numel() * esize
     shape = tuple(weight.shape)
-    if nm is not None and nm_fits(keep, *nm) and nm_nbytes(shape, *nm, esize) <= budget:
-        return encode_nm(weight, keep, *nm)
-    if bitmask_nbytes(shape, int(keep.sum()), esize) <= budget:
+    if nm is not None and shape[1] % nm[1] == 0 and nm_nbytes(shape, *nm, esize) <= budget:
+        if nm[1] in (4, 8) and weight.device.type == "cpu":
+            enc = _encode_nm_fast(weight, keep, *nm)  # None when the mask is not N:M
+            if enc is not None:
+                return enc
+        elif nm_fits(keep, *nm):
+            return _encode_nm_general(weight, keep, *nm)
+    if bitmask_nbytes(shape, count_true(keep), esize) <= budget:
         return encode_bitmask(weight, keep)
     return plain
 

@@ -10,7 +10,8 @@ Directory layouts
 **compact** -- ``config.json`` (the model's own), tokenizer files,
 ``llmprune-0000k-of-0000n.safetensors`` shards holding every tensor in the encoding of
 :mod:`llmprune.compact` chosen for it, and ``llmprune.json`` (format version, every tensor's
-encoding, pattern, shape, dtype and shard, the recipe, and each shard's sha256).
+encoding, pattern, shape, dtype and shard, the recipe, the sha256 of every stored tensor and of
+every shard's header, and every shard's size).
 Each shard's safetensors header repeats the format version and its tensors' encodings.
 It also holds a ``model.safetensors.index.json`` whose every entry points at a file named
 ``LLMPRUNE-COMPACT-CHECKPOINT--load-it-with-llmprune.load_pretrained``, which does not exist: plain
@@ -76,12 +77,21 @@ def parse_size(text: str | int) -> int:
     return int(float(number) * base ** " KMGT".index(unit or " "))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
+def sha256_tensor(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (no copy for contiguous CPU tensors)."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(raw)).hexdigest()
+
+
+def header_sha256(path: Path) -> tuple[str, int]:
+    """sha256 and length of a safetensors file's header (8-byte length + JSON)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptCheckpointError(f"{path} is truncated (no safetensors header)")
+        n = int.from_bytes(head, "little")
+        body = f.read(min(n, 1 << 30))
+    return hashlib.sha256(head + body).hexdigest(), n
 
 
 # ----------------------------------------------------------------------------- masks file
@@ -250,8 +260,16 @@ def pattern_masks(src: Path, config: dict, pattern: str) -> tuple[dict, tuple[in
 
 # ----------------------------------------------------------------------------- writer
 class _ShardWriter:
+    """Collects encoded tensors into shards. Every stored tensor's sha256 is computed on a second
+    thread while the main thread encodes the next one (hashlib releases the GIL), so checksums
+    cost no extra pass over the output and the loader can check each tensor as it reads it."""
+
     def __init__(self, out: Path, prefix: str, max_bytes: int, header: dict):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.out, self.prefix, self.max_bytes, self.header = out, prefix, max_bytes, header
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.hashes: dict[str, object] = {}  # stored tensor name -> Future[str]
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_meta: dict[str, dict] = {}
         self.pending_bytes = 0
@@ -266,6 +284,7 @@ class _ShardWriter:
             key = f"{name}.{suffix}" if suffix else name
             self.pending[key] = t.contiguous()
             self.where[key] = len(self.files)
+            self.hashes[key] = self.pool.submit(sha256_tensor, self.pending[key])
         self.pending_meta[name] = info
         self.tensor_shard[name] = len(self.files)
         self.pending_bytes += enc.nbytes
@@ -275,6 +294,8 @@ class _ShardWriter:
             return
         path = self.out / f".shard-{len(self.files) + 1}.part"
         meta = dict(self.header)
+        for key in self.pending:  # the tensors must stay alive until hashed
+            self.hashes[key] = self.hashes[key].result()
         if self.pending_meta and self.header.get("llmprune_format"):
             meta["llmprune_tensors"] = json.dumps(self.pending_meta, separators=(",", ":"))
         save_file(self.pending, str(path), meta)
@@ -288,6 +309,7 @@ class _ShardWriter:
     def finish(self, single_name: str | None) -> list[str]:
         """Rename the shards to their final ``prefix-0000k-of-0000n.safetensors`` names."""
         self.flush()
+        self.pool.shutdown()
         n = len(self.files)
         names = []
         for k, path in enumerate(self.files, 1):
@@ -344,24 +366,24 @@ def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "au
             if tuple(keep.shape) != tuple(t.shape):
                 raise CorruptCheckpointError(f"mask of {name} has shape {tuple(keep.shape)} but "
                                              f"the weight is {tuple(t.shape)}")
-            if bool(t.masked_select(~keep).any()):
-                raise UserError(f"{name} has nonzero weights where the pruning mask says pruned: "
-                                "the checkpoint was changed after pruning; re-prune it, or export "
-                                "with --pattern to take the masks from its zeros")
         if fmt == "compact":
             enc = compact.choose(t, keep, source.nm)
         else:
             enc = compact.Encoded("plain", {"": t.contiguous()}, tuple(t.shape))
-            if keep is not None:
-                out_masks[name], mask_shapes[name] = compact.pack_bits(keep), tuple(t.shape)
+        if keep is not None and not compact.pruned_are_zero(t, keep, enc):
+            raise UserError(f"{name} has nonzero weights where the pruning mask says pruned: "
+                            "the checkpoint was changed after pruning; re-prune it, or export "
+                            "with --pattern to take the masks from its zeros")
+        if keep is not None and fmt == "dense":
+            out_masks[name], mask_shapes[name] = compact.pack_bits(keep), tuple(t.shape)
         pattern = "dense" if keep is None else (
-            f"{source.nm[0]}:{source.nm[1]}" if source.nm and compact.nm_fits(keep, *source.nm)
-            else "unstructured")
+            f"{source.nm[0]}:{source.nm[1]}" if source.nm and (
+                enc.encoding == "nm" or compact.nm_fits(keep, *source.nm)) else "unstructured")
         info = {"encoding": enc.encoding, "pattern": pattern, "shape": list(t.shape),
                 "dtype": str(t.dtype).removeprefix("torch."), "bytes": enc.nbytes,
                 "dense_bytes": t.numel() * t.element_size()}
         if keep is not None:
-            info["sparsity"] = 1.0 - int(keep.sum()) / max(keep.numel(), 1)
+            info["sparsity"] = 1.0 - compact.count_true(keep) / max(keep.numel(), 1)
         if enc.encoding == "nm":
             info.update(n=enc.n, m=enc.m)
         writer.add(name, enc, info)
@@ -372,6 +394,8 @@ def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "au
     shard_names = writer.finish("model.safetensors" if fmt == "dense" else None)
     for name, info in tensors.items():
         info["shard"] = shard_names[writer.tensor_shard[name]]
+        info["sha256"] = {key.removeprefix(name).lstrip("."): writer.hashes[key]
+                          for key in _stored_keys(name, info["encoding"])}
 
     config = _config_with_dtype(source.config, stored_dtype or torch.float32)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -390,8 +414,11 @@ def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "au
                           "with llmprune.load_pretrained(DIR)"},
              "weight_map": {name: SIGNPOST for name in tensors}}, indent=2) + "\n")
 
-    shards = {name: {"sha256": sha256_file(out_dir / name),
-                     "bytes": (out_dir / name).stat().st_size} for name in shard_names}
+    shards = {}
+    for name in shard_names:
+        head_sha, head_len = header_sha256(out_dir / name)
+        shards[name] = {"bytes": (out_dir / name).stat().st_size, "header_bytes": head_len,
+                        "header_sha256": head_sha}
     src_meta = source.meta or {}
     meta = {
         "format": COMPACT_FORMAT if fmt == "compact" else DENSE_FORMAT,
@@ -416,7 +443,17 @@ def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "au
 
 
 # ----------------------------------------------------------------------------- reading compact
+_SUFFIXES = {"plain": [""], "bitmask": ["values", "bitmask", "row_offsets"],
+             "nm": ["values", "indices"]}
+
+
+def _stored_keys(name: str, encoding: str) -> list[str]:
+    return [f"{name}.{s}" if s else name for s in _SUFFIXES[encoding]]
+
+
 def verify_shards(src: Path, meta: dict) -> None:
+    """Cheap whole-file checks before decoding: every shard is there, has its recorded size and
+    an intact header. The data itself is checked tensor by tensor as it is read."""
     for name, want in meta["shards"].items():
         path = src / name
         if not path.exists():
@@ -425,9 +462,9 @@ def verify_shards(src: Path, meta: dict) -> None:
             raise CorruptCheckpointError(
                 f"{path} is {path.stat().st_size} bytes, expected {want['bytes']}: the file is "
                 "truncated or was replaced; re-export the checkpoint")
-        if sha256_file(path) != want["sha256"]:
+        if header_sha256(path)[0] != want["header_sha256"]:
             raise CorruptCheckpointError(
-                f"{path} fails its sha256 checksum: the file is corrupted; re-export the "
+                f"{path} fails its header sha256 checksum: the file is corrupted; re-export the "
                 "checkpoint")
 
 
@@ -452,9 +489,15 @@ def iter_compact(src: Path, verify: bool = True
             with safe_open(str(path), framework="pt") as f:
                 for name in names:
                     info = meta["tensors"][name]
-                    suffixes = {"plain": [""], "bitmask": ["values", "bitmask", "row_offsets"],
-                                "nm": ["values", "indices"]}[info["encoding"]]
-                    parts = {s: f.get_tensor(f"{name}.{s}" if s else name) for s in suffixes}
+                    parts = {s: f.get_tensor(f"{name}.{s}" if s else name)
+                             for s in _SUFFIXES[info["encoding"]]}
+                    if verify:
+                        for s_, t_ in parts.items():
+                            if sha256_tensor(t_) != info["sha256"][s_]:
+                                raise CorruptCheckpointError(
+                                    f"{path} fails the sha256 checksum of tensor "
+                                    f"{name}{'.' + s_ if s_ else ''}: the file is corrupted; "
+                                    "re-export the checkpoint")
                     shape = tuple(info["shape"])
                     dense = compact.decode(info["encoding"], parts, shape, info.get("n"),
                                            info.get("m"))
@@ -466,6 +509,8 @@ def iter_compact(src: Path, verify: bool = True
                     elif info["pattern"] != "dense":
                         keep = dense != 0  # stored plain (too dense to compact): zeros = pruned
                     yield name, dense, keep
+        except CorruptCheckpointError:
+            raise
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
             raise CorruptCheckpointError(f"cannot decode {path}: {exc}; the file is damaged, "
                                          "re-export the checkpoint") from None
@@ -488,8 +533,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
                     trust_remote_code: bool = False):
     """Load an llmprune checkpoint as a standard transformers model.
 
-    For a compact export the weights are decoded bit for bit (every shard's sha256 is checked
-    first, unless ``verify=False``); a dense checkpoint is loaded with plain ``from_pretrained``.
+    For a compact export the weights are decoded bit for bit (each shard's size and header
+    sha256 are checked first, and every tensor's sha256 as it is read, unless ``verify=False``); a dense checkpoint is loaded with plain ``from_pretrained``.
     ``dtype`` optionally casts the loaded model.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
