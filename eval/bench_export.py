@@ -9,10 +9,15 @@ the sizes, costs and exactness measured here do not depend on the solver), saves
 * **exactness**: loads the export with llmprune.load_pretrained and checks that every tensor and
   the logits on the perplexity windows equal the dense pruned model's loaded in the same dtype
   (bf16, and fp32 from an fp32 export), and that perplexity is unchanged;
-* **cost**: in fresh subprocesses, alternating, ``--repeats`` times each, times (a) a plain
-  ``save_pretrained`` of the pruned model in bf16 and (b) ``llmprune export --format compact
-  --dtype bf16`` from the dense pruned checkpoint on disk, with each process's peak RSS (VmHWM).
-  The ratio is of the medians.
+* **cost**: in fresh subprocesses, alternating, ``--repeats`` times each, with each process's
+  peak RSS (VmHWM) and its RSS before the operation:
+  - ``save``: plain ``save_pretrained`` of the pruned model loaded in bf16;
+  - ``export-mem``: the compact export of that same in-memory bf16 model (what ``--export
+    compact`` does after pruning);
+  - ``export-disk``: ``llmprune export --format compact --dtype bf16`` from the dense fp32
+    checkpoint on disk, with the default 5GB shards and with 20MB shards (peak RAM ~ one shard).
+  Each is timed until the call returns (data in the page cache) and until ``os.sync()`` has put
+  it on disk. Ratios are of the medians.
 
     .venv/bin/python eval/bench_export.py                 # about 5 minutes
     .venv/bin/python eval/bench_export.py --method wanda  # a calibrated solver instead
@@ -43,28 +48,44 @@ def peak_rss_mib() -> float:
 
 
 def worker(args) -> dict:
+    """One timed operation in a fresh process. ``returned``: until the call returns (data in the
+    page cache); ``durable``: until os.sync() has also written it to disk."""
+    import os
+
     import torch
 
-    if args.worker == "save":
+    from llmprune.export import export, export_checkpoint, model_source, read_masks, read_meta
+
+    model = None
+    if args.worker in ("save", "export-mem"):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.bfloat16)
-        t = time.perf_counter()
+        masks = {k.removesuffix(".weight"): v for k, v in read_masks(Path(args.src)).items()}
+        meta = read_meta(Path(args.src))
+    os.sync()
+    base_rss = peak_rss_mib()
+    t = time.perf_counter()
+    if args.worker == "save":  # plain dense save_pretrained of the same bf16 model
         model.save_pretrained(args.out)
-        seconds = time.perf_counter() - t
-    else:
-        from llmprune.export import export_checkpoint
+    elif args.worker == "export-mem":  # what `--export compact` does after pruning
+        Path(args.out).mkdir(parents=True)
+        export(model_source(model, masks, meta), Path(args.out), "compact", "auto",
+               progress=False)
+    else:  # `llmprune export SRC --format compact --dtype bf16` from the dense fp32 checkpoint
+        export_checkpoint(args.src, args.out, "compact", "bf16", max_shard_size=args.shard,
+                          progress=False)
+    returned = time.perf_counter() - t
+    os.sync()
+    durable = time.perf_counter() - t
+    return {"returned_seconds": returned, "durable_seconds": durable,
+            "peak_rss_mib": peak_rss_mib(), "rss_before_mib": base_rss}
 
-        t = time.perf_counter()
-        export_checkpoint(args.src, args.out, "compact", "bf16", progress=False)
-        seconds = time.perf_counter() - t
-    return {"seconds": seconds, "peak_rss_mib": peak_rss_mib()}
 
-
-def run_worker(kind: str, src: Path, out: Path) -> dict:
+def run_worker(kind: str, src: Path, out: Path, shard: str = "5GB") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--src", str(src),
-                           "--out", str(out)], capture_output=True, text=True)
+                           "--out", str(out), "--shard", shard], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -99,7 +120,8 @@ def main() -> None:
     ap.add_argument("--patterns", default="2:4,0.5")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_export.json"))
-    ap.add_argument("--worker", choices=["save", "export"])
+    ap.add_argument("--worker", choices=["save", "export-mem", "export-disk"])
+    ap.add_argument("--shard", default="5GB")
     ap.add_argument("--src")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -170,39 +192,57 @@ def main() -> None:
             del ref, got
         row["exactness"] = exact
 
-        # cost: alternate save_pretrained and export in fresh processes
-        saves, exports = [], []
+        # cost: alternate the three in fresh processes; medians
+        kinds = {"save": {}, "export-mem": {}, "export-disk": {}, "export-disk-20MB": {}}
+        runs: dict[str, list] = {k: [] for k in kinds}
         for _ in range(args.repeats):
-            saves.append(run_worker("save", dense_dir, work / "save-out"))
-            exports.append(run_worker("export", dense_dir, work / "export-out"))
-        s_med = statistics.median(r["seconds"] for r in saves)
-        e_med = statistics.median(r["seconds"] for r in exports)
-        row["cost"] = {"save_pretrained_bf16_seconds": [r["seconds"] for r in saves],
-                       "export_compact_bf16_seconds": [r["seconds"] for r in exports],
-                       "export_over_save": e_med / s_med,
-                       "save_peak_rss_mib": max(r["peak_rss_mib"] for r in saves),
-                       "export_peak_rss_mib": max(r["peak_rss_mib"] for r in exports)}
+            for kind in kinds:
+                runs[kind].append(run_worker(kind.removesuffix("-20MB"), dense_dir,
+                                             work / "cost-out",
+                                             "20MB" if kind.endswith("20MB") else "5GB"))
+        med = {k: {m: statistics.median(r[m] for r in v)
+                   for m in ("returned_seconds", "durable_seconds")} for k, v in runs.items()}
+        row["cost"] = {
+            "runs": runs, "medians": med,
+            "export_mem_over_save": med["export-mem"]["returned_seconds"]
+            / med["save"]["returned_seconds"],
+            "export_disk_over_save": med["export-disk"]["returned_seconds"]
+            / med["save"]["returned_seconds"],
+            "durable_export_mem_over_save": med["export-mem"]["durable_seconds"]
+            / med["save"]["durable_seconds"],
+            "durable_export_disk_over_save": med["export-disk"]["durable_seconds"]
+            / med["save"]["durable_seconds"],
+            "peak_rss_mib": {k: max(r["peak_rss_mib"] for r in v) for k, v in runs.items()},
+            "rss_before_mib": {k: max(r["rss_before_mib"] for r in v) for k, v in runs.items()},
+        }
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
     print()
     print("| pattern | compact MiB | dense bf16 MiB | compact/dense | files/ideal | linears/dense "
-          "| tensors equal | logits equal | ppl dense | ppl compact | export s | save s | "
-          "export/save | export RSS MiB | save RSS MiB |")
-    print("|" + "---|" * 15)
+          "| tensors+logits equal (bf16, fp32) | ppl dense | ppl compact |")
+    print("|" + "---|" * 9)
     for row in results["runs"]:
-        s, e, c = row["size"], row["exactness"]["bf16"], row["cost"]
+        s, e = row["size"], row["exactness"]
+        same = all(v["tensors_equal"] and v["logits_equal_window0"] for v in e.values())
         print(f"| {row['pattern']} | {s['compact_file_bytes'] / 2**20:.2f} | "
               f"{s['dense_bf16_tensor_bytes'] / 2**20:.2f} | {s['compact_over_dense']:.4f} | "
-              f"{s['files_over_ideal']:.5f} | {s['pruned_linears_over_dense']:.4f} | "
-              f"{e['tensors_equal'] and row['exactness']['fp32']['tensors_equal']} | "
-              f"{e['logits_equal_window0'] and row['exactness']['fp32']['logits_equal_window0']} | "
-              f"{e['perplexity_dense']:.4f} | {e['perplexity_compact']:.4f} | "
-              f"{statistics.median(c['export_compact_bf16_seconds']):.2f} | "
-              f"{statistics.median(c['save_pretrained_bf16_seconds']):.2f} | "
-              f"{c['export_over_save']:.2f} | {c['export_peak_rss_mib']:.0f} | "
-              f"{c['save_peak_rss_mib']:.0f} |")
+              f"{s['files_over_ideal']:.5f} | {s['pruned_linears_over_dense']:.4f} | {same} | "
+              f"{e['bf16']['perplexity_dense']:.4f} | {e['bf16']['perplexity_compact']:.4f} |")
+    print()
+    print("| pattern | operation | seconds (returned) | seconds (durable) | / save (returned) | "
+          "/ save (durable) | peak RSS MiB | RSS before MiB |")
+    print("|" + "---|" * 8)
+    for row in results["runs"]:
+        c = row["cost"]
+        for kind, m in c["medians"].items():
+            base = c["medians"]["save"]
+            print(f"| {row['pattern']} | {kind} | {m['returned_seconds']:.3f} | "
+                  f"{m['durable_seconds']:.3f} | "
+                  f"{m['returned_seconds'] / base['returned_seconds']:.2f} | "
+                  f"{m['durable_seconds'] / base['durable_seconds']:.2f} | "
+                  f"{c['peak_rss_mib'][kind]:.0f} | {c['rss_before_mib'][kind]:.0f} |")
     shutil.rmtree(work, ignore_errors=True)
     print(f"\nwrote {args.json}")
 

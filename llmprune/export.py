@@ -158,13 +158,33 @@ def _checkpoint_files(src: Path) -> list[Path]:
                     "checkpoints only (never pickle): convert it with save_pretrained first")
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of safetensors files one at a time, read with plain ``readinto`` rather than
+    mmap: a mapped source would count its every touched page in our resident memory, so
+    exporting a 70B checkpoint would look like (and, under pressure, act like) holding it all."""
+    import numpy as np
+
     for path in files:
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+                header.pop("__metadata__", None)
+                base = 8 + n
+                for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                    start, end = info["data_offsets"]
+                    dtype = _ST_DTYPES[info["dtype"]]
+                    buf = np.empty(end - start, np.uint8)
+                    f.seek(base + start)
+                    if f.readinto(memoryview(buf)) != end - start:
+                        raise OSError(f"tensor {key} is truncated")
+                    yield key, torch.from_numpy(buf).view(dtype).reshape(info["shape"])
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
 
 
