@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -88,15 +89,34 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
                          calib_dtype=resolve_calib_dtype(recipe, solver, model),
                          keep_masks=keep_masks,
                          progress=progress)
-    if not solver.needs_calibration:
+    if not needs_calibration(recipe):
         return prune_without_data(model, adapter, solver, target, opts)
     if calib_ids is None:
         if tokenizer is None:
             raise UserError(f"{recipe.method} needs calibration data: pass calib_ids or tokenizer")
         calib_ids, _ = calibration_ids(tokenizer, recipe)
-    report = prune_layerwise(model, adapter, solver, target, calib_ids, opts)
-    report.calib_dtype = str(opts.calib_dtype or next(model.parameters()).dtype)
+    allocation = None
+    if recipe.allocation == "owl":
+        from .allocation import owl_targets
+
+        t = time.perf_counter()
+        # activation norms from the dense model, in the model's dtype (like Wanda's statistics)
+        target, allocation = owl_targets(model, adapter, calib_ids, target, recipe.owl_lambda,
+                                         recipe.owl_m, replace(opts, calib_dtype=None))
+        allocation["seconds"] = time.perf_counter() - t
+    if solver.needs_calibration:
+        report = prune_layerwise(model, adapter, solver, target, calib_ids, opts)
+        report.calib_dtype = str(opts.calib_dtype or next(model.parameters()).dtype)
+    else:  # magnitude with OWL: the data set the allocation, the solver still reads none
+        report = prune_without_data(model, adapter, solver, target, opts)
+    report.allocation = allocation
     return report
+
+
+def needs_calibration(recipe: PruneRecipe) -> bool:
+    """Whether a run reads calibration data: calibrated solvers, and OWL for every solver."""
+    return get_solver(recipe.method, **_solver_options(recipe)).needs_calibration or \
+        recipe.allocation == "owl"
 
 
 def _versions() -> dict:
@@ -132,7 +152,7 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
                      eval_ppl: str | None = None, eval_seqlen: int = 1024,
                      eval_max_windows: int | None = 16, trust_remote_code: bool = False,
                      progress: bool = True, export: str = "dense",
-                     export_dtype: str = "auto") -> dict:
+                     export_dtype: str = "auto", recipe_yaml: str | None = None) -> dict:
     """Load, (evaluate,) prune, save atomically, (evaluate). Returns the metadata written."""
     from .evaluate import perplexity
     from .loading import load_model, resolve
@@ -156,7 +176,7 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
     timings["load"] = time.perf_counter() - t
 
     calib_ids, calib_info = None, None
-    if get_solver(recipe.method, **_solver_options(recipe)).needs_calibration:
+    if needs_calibration(recipe):
         calib_ids, calib_info = calibration_ids(tokenizer, recipe)
     eval_ids = None
     results: dict[str, float] = {}
@@ -189,6 +209,7 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
         "recipe": recipe.to_dict(),
         "target": recipe.target.label,
         "sparsity": report.sparsity,
+        "allocation": report.allocation,
         "layers": {r.name: {"shape": list(r.shape), "sparsity": r.sparsity} for r in report.layers},
         "calibration": (dict(calib_info, forward_dtype=report.calib_dtype)
                         if calib_info else None),
@@ -201,5 +222,15 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
     with atomic_dir(out) as tmp:
         write_checkpoint(model, tokenizer, tmp, meta, report.masks, export, export_dtype,
                          progress)
+        if recipe_yaml is None:
+            from .runner import dump
+
+            recipe_yaml = dump(
+                model_name, recipe,
+                {"format": export, "dtype": export_dtype}
+                if (export, export_dtype) != ("dense", "auto") else None,
+                {"ppl": eval_ppl, "seqlen": eval_seqlen, "max_windows": eval_max_windows}
+                if eval_ppl else None)
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
     meta["timings"]["save"] = time.perf_counter() - t
     return meta

@@ -61,6 +61,7 @@ class Report:
     # [out, ceil(in/8)], bit set = kept); 1/8 of a bool mask, so a 7B model's masks take 0.8 GB
     masks: dict[str, torch.Tensor] | None = None
     calib_dtype: str | None = None  # dtype the calibration forward passes ran in
+    allocation: dict | None = None  # per-layer sparsity allocation (OWL), when not uniform
 
     @property
     def sparsity(self) -> float:
@@ -164,11 +165,12 @@ def _release_free_heap() -> None:
         pass
 
 
-def check_target(model: nn.Module, adapter: Adapter, target: Sparsity) -> None:
+def check_target(model: nn.Module, adapter: Adapter, target) -> None:
     """Fail early, before any calibration work, if N:M cannot tile some prunable layer."""
     for i, layer in enumerate(adapter.layers(model)):
         for name, lin in adapter.linears(layer).items():
-            check_divisible(f"{adapter.layers_path}.{i}.{name}", lin.in_features, target)
+            check_divisible(f"{adapter.layers_path}.{i}.{name}", lin.in_features,
+                            layer_target(target, i))
 
 
 @torch.no_grad()
@@ -186,7 +188,13 @@ def prune_without_data(model: nn.Module, adapter: Adapter, solver: Solver, targe
     return report
 
 
+def layer_target(target: "Sparsity | list[Sparsity]", index: int) -> Sparsity:
+    """The target of decoder layer ``index``: one for all layers, or one per layer (OWL)."""
+    return target[index] if isinstance(target, (list, tuple)) else target
+
+
 def _solve_group(layer, fwd_layer, adapter, index, group, solver, stats, target, report):
+    target = layer_target(target, index)
     lins = [layer.get_submodule(n) for n in group]
     solved = solver.solve_group([lin.weight.detach().to(torch.float32) for lin in lins],
                                 stats, target, list(group))

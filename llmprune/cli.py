@@ -82,29 +82,38 @@ def _add_solver(sub, name: str) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output if it exists (only once the new one is complete)")
     p.add_argument("--seed", type=int, default=0, help="random seed (calibration sampling, ties)")
-    if name != "magnitude":
-        p.add_argument("--nsamples", type=_positive, default=128,
-                       help="number of calibration sequences")
-        p.add_argument("--seqlen", type=_positive, default=2048,
-                       help="tokens per calibration sequence")
-        p.add_argument("--calib-data", default=None,
-                       help="calibration text: a .txt/.jsonl file or wikitext2|c4|ptb "
-                            "(default: wikitext2 valid.txt from the local data directory, see "
-                            "README)")
-        p.add_argument("--calib-sampling", choices=["consecutive", "random"],
-                       default="consecutive",
-                       help="consecutive: the first nsamples non-overlapping windows (the "
-                            "benchmark protocol); random: seeded random windows")
-        p.add_argument("--batch-size", type=_positive, default=4,
-                       help="calibration sequences per forward pass (smaller: less memory; on "
-                            "smollm2 4 is as fast as 8 and peaks 100 MiB lower)")
-        p.add_argument("--true-sequential", action="store_true",
-                       help="within a layer, calibrate and prune q/k/v, then o, then gate/up, "
-                            "then down, each seeing the already pruned ones")
-        p.add_argument("--calib-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                       help="dtype of the calibration forward passes (statistics and the solve "
-                            "stay float32); auto = bf16 for sparsegpt on an fp32 model where bf16 "
-                            "is fast (measured: same perplexity, 1.5x faster), else the model's")
+    p.add_argument("--allocation", choices=["uniform", "owl"], default="uniform",
+                   help="per-layer sparsity: the same everywhere, or OWL (Yin et al. 2024): "
+                        "layers with more activation outliers pruned less, same global average "
+                        "(reads calibration data, also for magnitude)")
+    p.add_argument("--owl-lambda", type=float, default=0.08,
+                   help="OWL: layer sparsities stay within the target +- lambda")
+    p.add_argument("--owl-m", type=float, default=5.0,
+                   help="OWL: a weight is an outlier when its Wanda score exceeds M x the "
+                        "layer's mean")
+    # calibration (magnitude reads data only with --allocation owl)
+    p.add_argument("--nsamples", type=_positive, default=128,
+                   help="number of calibration sequences")
+    p.add_argument("--seqlen", type=_positive, default=2048,
+                   help="tokens per calibration sequence")
+    p.add_argument("--calib-data", default=None,
+                   help="calibration text: a .txt/.jsonl file or wikitext2|c4|ptb "
+                        "(default: wikitext2 valid.txt from the local data directory, see "
+                        "README)")
+    p.add_argument("--calib-sampling", choices=["consecutive", "random"],
+                   default="consecutive",
+                   help="consecutive: the first nsamples non-overlapping windows (the "
+                        "benchmark protocol); random: seeded random windows")
+    p.add_argument("--batch-size", type=_positive, default=4,
+                   help="calibration sequences per forward pass (smaller: less memory; on "
+                        "smollm2 4 is as fast as 8 and peaks 100 MiB lower)")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="within a layer, calibrate and prune q/k/v, then o, then gate/up, "
+                        "then down, each seeing the already pruned ones")
+    p.add_argument("--calib-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="dtype of the calibration forward passes (statistics and the solve "
+                        "stay float32); auto = bf16 for sparsegpt on an fp32 model where bf16 "
+                        "is fast (measured: same perplexity, 1.5x faster), else the model's")
     if name == "sparsegpt":
         p.add_argument("--blocksize", type=_positive, default=128,
                        help="columns per lazy-update block")
@@ -131,20 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Post-training pruning of large language models.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                metavar="{magnitude,wanda,sparsegpt,eval,export,inspect}")
+                                metavar="{magnitude,wanda,sparsegpt,eval,export,inspect,push,run,sweep}")
     for name in ("magnitude", "wanda", "sparsegpt"):
         _add_solver(sub, name)
-    p = sub.add_parser("eval", help="perplexity of a model",
-                       description="Print the perplexity of a model as 'perplexity: <value>'.",
+    p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a model",
+                       description="Print the perplexity of a model as 'perplexity: <value>' "
+                                   "and/or run lm-eval harness tasks on it (in memory: pruned, "
+                                   "compact and shrunk models alike).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--ppl", default="wikitext2",
-                   help="evaluation text: wikitext2 (test.txt of the local copy), c4, ptb, or a "
-                        "local .txt/.jsonl file")
-    p.add_argument("--seqlen", type=_positive, default=1024, help="tokens per window")
+    p.add_argument("--ppl", default=None,
+                   help="perplexity text: wikitext2 (test.txt of the local copy), c4, ptb, or a "
+                        "local .txt/.jsonl file; default wikitext2 unless --tasks is given")
+    p.add_argument("--seqlen", type=_positive, default=1024, help="tokens per perplexity window")
     p.add_argument("--max-windows", type=_positive, default=16,
                    help="use at most this many non-overlapping windows from the start")
-    p.add_argument("--batch-size", type=_positive, default=1, help="windows per forward pass")
+    p.add_argument("--batch-size", type=_positive, default=1,
+                   help="windows per forward pass, and lm-eval's batch size")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks, e.g. arc_easy,hellaswag (lm-eval "
+                        "0.4.13, run through simple_evaluate on the in-memory model)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="lm-eval: at most this many documents per task (or a fraction < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    p.add_argument("--include-path", default=None,
+                   help="lm-eval: a directory of extra task YAMLs (e.g. tasks on local files, "
+                        "for offline use)")
+    p.add_argument("--seed", type=int, default=0, help="lm-eval random seeds")
+    p.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                   help="also write the results as JSON (lm-eval's per-task 'results' "
+                        "dictionary unchanged)")
     p.set_defaults(func=_run_eval)
 
     p = sub.add_parser(
@@ -181,7 +206,112 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a checkpoint directory (compact or dense)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_run_inspect)
+
+    p = sub.add_parser(
+        "push", help="upload an output directory to the Hugging Face Hub with a model card",
+        description="Create the Hub repo (if needed) and upload every file of DIR plus a "
+                    "generated model card (README.md: base model, method, recipe, per-kind "
+                    "sparsity, size against dense, evaluations, how to load). DIR itself is "
+                    "never modified. The token comes from HF_TOKEN or `hf auth login`; "
+                    "HF_ENDPOINT selects another Hub.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dir", help="an llmprune output directory")
+    p.add_argument("--repo-id", required=True, help="user/name or org/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be uploaded, with sizes, and make no HTTP call")
+    p.add_argument("--license", default=None,
+                   help="license for the card (default: the base model's, when known)")
+    p.add_argument("--commit-message", default=None, help="commit message on the Hub")
+    p.set_defaults(func=_run_push)
+
+    p = sub.add_parser(
+        "run", help="run a YAML recipe (solver -> export -> eval)",
+        description="Run a recipe: a model and stages, e.g. 'sparsegpt: {pattern: \"2:4\"}', "
+                    "'export: {format: compact, dtype: bf16}', 'eval: {ppl: wikitext2}'. Every "
+                    "pruning output holds the recipe.yaml that reproduces it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("recipe", help="path to the recipe YAML (see recipes/)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a value, e.g. --set sparsegpt.nsamples=64 or --set model=DIR "
+                        "(repeatable)")
+    p.add_argument("--output", default=None, help="output directory (else the recipe's)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=_run_recipe)
+
+    p = sub.add_parser(
+        "sweep", help="perplexity over solvers x sparsities: table, JSON and PNG plot",
+        description="Prune a copy of the dense model for every solver x sparsity (x allocation) "
+                    "on the same calibration ids and evaluation windows, and write sweep.md, "
+                    "sweep.json, sweep.png (perplexity against sparsity) and, for OWL runs, "
+                    "owl_layers.png into --output. Holds two copies of the model in memory.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--solvers", default="magnitude,wanda,sparsegpt",
+                   help="comma-separated solvers")
+    p.add_argument("--sparsity", default="0.3,0.4,0.5,0.6,0.7",
+                   help="comma-separated sparsities in [0, 1)")
+    p.add_argument("--pattern", default=None, help="N:M instead of --sparsity (one point)")
+    p.add_argument("--allocation", default="uniform",
+                   help="comma-separated allocations: uniform, owl")
+    p.add_argument("--nsamples", type=_positive, default=128, help="calibration sequences")
+    p.add_argument("--seqlen", type=_positive, default=2048, help="tokens per sequence")
+    p.add_argument("--calib-data", default=None, help="calibration text (default wikitext2)")
+    p.add_argument("--batch-size", type=_positive, default=4,
+                   help="calibration sequences per forward pass")
+    p.add_argument("--eval-ppl", default="wikitext2", help="perplexity text")
+    p.add_argument("--eval-seqlen", type=_positive, default=1024, help="perplexity window")
+    p.add_argument("--max-windows", type=_positive, default=16, help="perplexity windows")
+    p.add_argument("--output", required=True, help="directory for the table, JSON and plots")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=_run_sweep)
     return parser
+
+
+def _run_sweep(args) -> int:
+    from .sweep import sweep
+
+    try:
+        sparsities = [_sparsity(v) for v in args.sparsity.split(",") if v.strip()]
+    except argparse.ArgumentTypeError as exc:
+        raise UserError(str(exc)) from None
+    result = sweep(args.model, [s.strip() for s in args.solvers.split(",") if s.strip()],
+                   sparsities, args.output, pattern=args.pattern,
+                   allocations=tuple(a.strip() for a in args.allocation.split(",")),
+                   nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data,
+                   eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
+                   max_windows=args.max_windows, batch_size=args.batch_size,
+                   device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"dense perplexity {result['dense_perplexity']:.4f}; {len(result['runs'])} runs; "
+          f"wrote {args.output}/sweep.md, sweep.json, sweep.png")
+    return 0
+
+
+def _run_recipe(args) -> int:
+    from .runner import load, run
+
+    meta = run(load(args.recipe, args.set), args.output, args.overwrite,
+               progress=not args.quiet)
+    print(f"pruned {len(meta['layers'])} linears to sparsity {meta['sparsity']:.4f}; wrote "
+          f"{args.output or 'the recipe output'}")
+    return 0
+
+
+def _run_push(args) -> int:
+    from .hub import push
+
+    files = push(args.dir, args.repo_id, private=args.private, dry_run=args.dry_run,
+                 license=args.license, commit_message=args.commit_message)
+    total = sum(f.size for f in files)
+    if args.dry_run:
+        print(f"dry run: would upload {len(files)} files ({total / 2**20:.2f} MiB) to "
+              f"{args.repo_id}:")
+        for f in files:
+            print(f"  {f.path_in_repo:<48} {f.size:>14,d} B"
+                  + ("  (generated model card)" if f.local is None else ""))
+    else:
+        print(f"pushed {len(files)} files ({total / 2**20:.2f} MiB) to {args.repo_id}")
+    return 0
 
 
 def _run_export(args) -> int:
@@ -209,11 +339,11 @@ def _run_solver(args) -> int:
     from .recipe import PruneRecipe
 
     fields = dict(method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-                  seed=args.seed, device=args.device)
-    if args.method != "magnitude":
-        fields.update(nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data,
-                      calib_sampling=args.calib_sampling, batch_size=args.batch_size,
-                      true_sequential=args.true_sequential, calib_dtype=args.calib_dtype)
+                  seed=args.seed, device=args.device, allocation=args.allocation,
+                  owl_lambda=args.owl_lambda, owl_m=args.owl_m,
+                  nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data,
+                  calib_sampling=args.calib_sampling, batch_size=args.batch_size,
+                  true_sequential=args.true_sequential, calib_dtype=args.calib_dtype)
     if args.method == "sparsegpt":
         fields.update(blocksize=args.blocksize, percdamp=args.percdamp)
     recipe = PruneRecipe(**fields)
@@ -228,20 +358,48 @@ def _run_solver(args) -> int:
 
 
 def _run_eval(args) -> int:
+    import json
+
     from .api import _check_device
     from .data import load_text, tokenize
-    from .evaluate import perplexity
+    from .evaluate import perplexity, record_eval
     from .loading import load_model
 
     _check_device(args.device)
-    text = load_text(args.ppl, "eval")  # fail on a bad path before loading the model
-    model, tokenizer, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    ids = tokenize(tokenizer, text.text)
-    ppl = perplexity(model, ids, args.seqlen, args.max_windows, args.batch_size, args.device,
-                     progress=not args.quiet)
-    print(f"protocol: {text.source}, {min(ids.numel() // args.seqlen, args.max_windows)} "
-          f"windows x {args.seqlen} tokens, exp(mean next-token NLL)")
-    print(f"perplexity: {ppl:.4f}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
+    ppl_data = args.ppl or (None if tasks else "wikitext2")
+    text = load_text(ppl_data, "eval") if ppl_data else None  # fail on a bad path first
+    if args.json_path:
+        from .output import check_file_output
+
+        check_file_output(args.json_path)
+    model, tokenizer, resolved = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    results: dict = {"model": args.model}
+    if text is not None:
+        ids = tokenize(tokenizer, text.text)
+        ppl = perplexity(model, ids, args.seqlen, args.max_windows, args.batch_size,
+                         args.device, progress=not args.quiet)
+        windows = min(ids.numel() // args.seqlen, args.max_windows)
+        protocol = (f"{text.source}, {windows} windows x {args.seqlen} tokens, "
+                    "exp(mean next-token NLL)")
+        results["perplexity"] = {"data": ppl_data, "value": ppl, "seqlen": args.seqlen,
+                                 "windows": windows, "protocol": protocol}
+        print(f"protocol: {protocol}")
+        print(f"perplexity: {ppl:.4f}")
+    if tasks:
+        from .lmeval import markdown_table, run_tasks
+
+        results["lm_eval"] = run_tasks(model, tokenizer, tasks, limit=args.limit,
+                                       num_fewshot=args.num_fewshot,
+                                       batch_size=args.batch_size,
+                                       include_path=args.include_path, device=args.device,
+                                       seed=args.seed)
+        print(markdown_table(results["lm_eval"]))
+    if args.json_path:
+        from .output import write_text_atomic
+
+        write_text_atomic(args.json_path, json.dumps(results, indent=2, default=str) + "\n")
+    record_eval(resolved, results)
     return 0
 
 

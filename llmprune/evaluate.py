@@ -42,3 +42,31 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 1024, max_windows: int | 
                                reduction="sum").item()
         count += batch[:, 1:].numel()
     return math.exp(nll / count)
+
+
+def record_eval(model_dir: str, results: dict) -> bool:
+    """Merge evaluation ``results`` into ``model_dir/llmprune.json`` (key ``evaluations``, one
+    entry per data set / task, newest wins) when the model is a local llmprune output."""
+    import json
+    from pathlib import Path
+
+    from .output import write_text_atomic
+
+    meta_path = Path(model_dir) / "llmprune.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    evals = meta.setdefault("evaluations", {})
+    if "perplexity" in results:
+        p = results["perplexity"]
+        evals[f"perplexity/{p['data']}/{p['seqlen']}x{p['windows']}"] = p
+    for task, res in results.get("lm_eval", {}).get("results", {}).items():
+        evals[f"lm_eval/{task}"] = {"results": res,
+                                    "n-shot": results["lm_eval"].get("n-shot", {}).get(task),
+                                    "limit": results["lm_eval"].get("limit"),
+                                    "lm_eval_version": results["lm_eval"].get("lm_eval_version")}
+    write_text_atomic(meta_path, json.dumps(meta, indent=2, default=str) + "\n")
+    return True

@@ -74,3 +74,25 @@ def atomic_dir(output: Path):
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, output)
+
+
+def check_file_output(path: str | Path) -> Path:
+    """A file we are about to write: its directory must exist (or be creatable) and be writable."""
+    out = Path(path).expanduser().resolve()
+    if out.is_dir():
+        raise UserError(f"{path} is a directory; give a file name for the JSON output")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {path}: {parent} is not writable")
+    return out
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small file through a temporary sibling and a rename: never half-written."""
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, out)

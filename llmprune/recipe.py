@@ -31,6 +31,9 @@ class PruneRecipe:
     calib_dtype: str = "auto"  # dtype of calibration forward passes; statistics are float32
     blocksize: int = 128  # sparsegpt
     percdamp: float = 0.01  # sparsegpt
+    allocation: str = "uniform"  # uniform | owl (per-layer sparsity from outlier ratios)
+    owl_lambda: float = 0.08  # OWL: layer sparsities stay within target +- lambda
+    owl_m: float = 5.0  # OWL: an outlier scores above M x the layer's mean Wanda score
 
     def __post_init__(self) -> None:
         if self.method not in SOLVERS:
@@ -45,6 +48,14 @@ class PruneRecipe:
             raise UserError("--calib-sampling must be consecutive or random")
         if not (0 < self.percdamp < 1) or self.blocksize < 1:
             raise UserError("--percdamp must be in (0, 1) and --blocksize >= 1")
+        if self.allocation not in ("uniform", "owl"):
+            raise UserError(f"--allocation must be uniform or owl, got {self.allocation!r}")
+        if self.allocation == "owl":
+            if self.target.kind != "unstructured":
+                raise UserError("--allocation owl sets a different unstructured sparsity per "
+                                "layer; it does not combine with an N:M --pattern")
+            if not (0 <= self.owl_lambda < 1) or self.owl_m <= 0:
+                raise UserError("--owl-lambda must be in [0, 1) and --owl-m > 0")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise UserError(f"--device must be cpu or cuda[:N], got {self.device!r}")
 

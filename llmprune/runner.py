@@ -1,0 +1,181 @@
+"""YAML recipes: a model and a list of stages, run by ``llmprune run RECIPE.yaml``.
+
+    model: smollm2-135m
+    stages:
+      - sparsegpt: {pattern: "2:4", nsamples: 32, seqlen: 512}
+      - export: {format: compact, dtype: bf16}
+      - eval: {ppl: wikitext2, seqlen: 1024, max_windows: 16}
+
+Stages, in this order: one solver (``magnitude``, ``wanda``, ``sparsegpt``; its keys are the
+fields of :class:`llmprune.PruneRecipe`, including ``allocation: owl``), then optionally
+``export`` and ``eval``. Unknown stages and keys are refused with the nearest valid name.
+``--set stage.key=value`` overrides a value (``--set sparsegpt.nsamples=64``, ``--set
+model=./ckpt``). Every pruning run, from the CLI or from a recipe, writes the recipe that
+reproduces it as ``recipe.yaml`` into its output.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .recipe import PruneRecipe
+from .solvers import SOLVERS
+
+EXPORT_KEYS = {"format": "dense", "dtype": "auto"}
+EVAL_KEYS = {"ppl": None, "seqlen": 1024, "max_windows": 16, "tasks": None, "limit": None,
+             "num_fewshot": None, "include_path": None, "batch_size": 1}
+TOP_KEYS = {"model", "stages", "output", "trust_remote_code"}
+
+
+def _nearest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, sorted(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(options))}"
+
+
+def _check_keys(where: str, given: dict, valid) -> None:
+    for key in given:
+        if key not in valid:
+            raise UserError(f"unknown key {key!r} in {where}{_nearest(key, valid)}")
+
+
+def validate(data: dict) -> dict:
+    """Check a recipe's structure and keys; return it normalised (``{stage: {args}}`` list)."""
+    if not isinstance(data, dict):
+        raise UserError("a recipe is a YAML mapping with 'model' and 'stages'")
+    _check_keys("the recipe", data, TOP_KEYS)
+    if "model" not in data or "stages" not in data:
+        raise UserError("a recipe needs 'model' and 'stages'")
+    stages = []
+    solver_keys = {f.name for f in fields(PruneRecipe)} - {"method"}
+    kinds = set(SOLVERS) | {"export", "eval"}
+    for i, stage in enumerate(data["stages"] or []):
+        if isinstance(stage, str):
+            stage = {stage: {}}
+        if not isinstance(stage, dict) or len(stage) != 1:
+            raise UserError(f"stage {i + 1} must be one mapping like 'sparsegpt: {{...}}'")
+        (kind, args), = stage.items()
+        args = dict(args or {})
+        if kind not in kinds:
+            raise UserError(f"unknown stage {kind!r}{_nearest(kind, kinds)}")
+        valid = solver_keys if kind in SOLVERS else (EXPORT_KEYS if kind == "export"
+                                                      else EVAL_KEYS)
+        _check_keys(f"stage {kind}", args, valid)
+        stages.append({kind: args})
+    order = [next(iter(s)) for s in stages]
+    solvers = [k for k in order if k in SOLVERS]
+    if len(solvers) != 1 or order[0] not in SOLVERS:
+        raise UserError("a recipe has exactly one solver stage, first (then export, eval)")
+    if len(set(order)) != len(order):
+        raise UserError("each stage may appear once")
+    return {**data, "stages": stages}
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text) if text != "" else None
+
+
+def apply_sets(data: dict, sets: list[str]) -> dict:
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"--set expects stage.key=value or key=value, got {item!r}")
+        path, value = item.split("=", 1)
+        value = _parse_value(value)
+        if "." not in path:
+            _check_keys("the recipe", {path: None}, TOP_KEYS - {"stages"})
+            data[path] = value
+            continue
+        stage_name, key = path.split(".", 1)
+        stage = next((s for s in data["stages"] if stage_name in s), None)
+        if stage is None:
+            names = [next(iter(s)) for s in data["stages"]]
+            raise UserError(f"--set {path}: the recipe has no stage {stage_name!r}"
+                            f"{_nearest(stage_name, names)}")
+        stage[stage_name][key] = value
+    return validate(data)
+
+
+def load(path: str, sets: list[str] | None = None) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"recipe {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"recipe {path} is not valid YAML: {first}") from None
+    return apply_sets(validate(data), sets or [])
+
+
+def dump(model: str, recipe: PruneRecipe, export: dict | None = None,
+         evaluation: dict | None = None) -> str:
+    """The recipe.yaml that reproduces a run (every solver field spelled out)."""
+    solver = {k: v for k, v in recipe.to_dict().items() if k != "method"}
+    stages = [{recipe.method: solver}]
+    if export:
+        stages.append({"export": export})
+    if evaluation:
+        stages.append({"eval": evaluation})
+    head = "# written by llmprune: `llmprune run recipe.yaml --output DIR` reproduces this run\n"
+    return head + yaml.safe_dump({"model": model, "stages": stages}, sort_keys=False)
+
+
+def run(data: dict, output: str | None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run a validated recipe; returns the pruning metadata (with evaluations, if any)."""
+    from .api import prune_checkpoint
+
+    out = output or data.get("output")
+    if not out:
+        raise UserError("no output directory: pass --output DIR or set 'output:' in the recipe")
+    stages = {next(iter(s)): next(iter(s.values())) for s in data["stages"]}
+    method = next(k for k in stages if k in SOLVERS)
+    recipe = PruneRecipe(method=method, **stages[method])
+    export = {**EXPORT_KEYS, **stages.get("export", {})}
+    evaluation = stages.get("eval")
+    if evaluation is not None:
+        evaluation = {**EVAL_KEYS, **evaluation}
+    meta = prune_checkpoint(str(data["model"]), recipe, out, overwrite=overwrite,
+                            trust_remote_code=bool(data.get("trust_remote_code")),
+                            progress=progress, export=export["format"],
+                            export_dtype=export["dtype"],
+                            recipe_yaml=dump(str(data["model"]), recipe,
+                                             stages.get("export"), stages.get("eval")))
+    if evaluation and (evaluation["ppl"] or evaluation["tasks"]):
+        meta["evaluations"] = evaluate_output(out, evaluation, recipe.device, progress)
+    return meta
+
+
+def evaluate_output(out: str, ev: dict, device: str, progress: bool) -> dict:
+    """The eval stage: loads the written output (so it also checks that it loads) and records
+    the results into its llmprune.json."""
+    from .data import load_text, tokenize
+    from .evaluate import perplexity, record_eval
+    from .loading import load_model
+
+    model, tokenizer, resolved = load_model(out)
+    results: dict = {"model": out}
+    if ev["ppl"]:
+        text = load_text(ev["ppl"], "eval")
+        ids = tokenize(tokenizer, text.text)
+        ppl = perplexity(model, ids, ev["seqlen"], ev["max_windows"], ev["batch_size"], device,
+                         progress=progress)
+        windows = min(ids.numel() // ev["seqlen"], ev["max_windows"])
+        results["perplexity"] = {"data": ev["ppl"], "value": ppl, "seqlen": ev["seqlen"],
+                                 "windows": windows,
+                                 "protocol": f"{text.source}, {windows} windows x "
+                                             f"{ev['seqlen']} tokens, exp(mean next-token NLL)"}
+        print(f"perplexity: {ppl:.4f}")
+    if ev["tasks"]:
+        from .lmeval import markdown_table, run_tasks
+
+        tasks = ev["tasks"] if isinstance(ev["tasks"], list) else str(ev["tasks"]).split(",")
+        results["lm_eval"] = run_tasks(model, tokenizer, [t.strip() for t in tasks],
+                                       limit=ev["limit"], num_fewshot=ev["num_fewshot"],
+                                       batch_size=ev["batch_size"],
+                                       include_path=ev["include_path"], device=device)
+        print(markdown_table(results["lm_eval"]))
+    record_eval(resolved, results)
+    return results
