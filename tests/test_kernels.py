@@ -45,6 +45,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 INT_VIEW = {4: torch.int32, 2: torch.int16}
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # interpreter: several tiles, ragged edges
+# kernel vs twin: both accumulate in float32 and round once, in different orders, so they may
+# differ by one unit in the last place of the output dtype (fp16: 2**-10, bf16: 2**-7 relative)
+RTOL = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -225,7 +228,8 @@ def test_triton_matmul_matches_ref(dtype, cols, bias):
         x = torch.randn(m, cols).to(dtype)
         y = K.matmul(x, values, indices, b, blocks=SMALL)
         assert y.shape == (m, 40) and y.dtype == dtype
-        torch.testing.assert_close(y, K.matmul_ref(x, values, indices, b), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(y, K.matmul_ref(x, values, indices, b), rtol=RTOL[dtype],
+                                   atol=1e-3)
 
 
 @interp
@@ -308,7 +312,7 @@ def test_sparse_linear_forced_triton_under_the_interpreter(dtype):
         y = sl(x)
         want = K.matmul_ref(x, sl.values, sl.indices, sl.bias)
     assert sl.backend_for(x) == "triton"
-    torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(y, want, rtol=RTOL[dtype], atol=1e-3)
 
 
 # ============================================================================ dispatch table
@@ -519,18 +523,18 @@ def test_interpreter_cases_in_a_subprocess():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_kernels_match_ref_and_dense(dtype):
-    for out, cols in ((256, 512), (320, 1000), (4096, 4096)):
+    for out, cols in ((256, 512), (320, 1000), (1024, 4096)):
         w = rand24(out, cols, dtype, seed=9, short_groups=True, device="cuda")
         values, indices = K.compress(w)
         ref_v, ref_i = K.compress_ref(w)
         assert same_bits(values, ref_v) and torch.equal(indices, ref_i)
         assert same_bits(K.decompress(values, indices, cols), w)
         b = torch.randn(out, device="cuda").to(dtype)
-        for m in (1, 7, 16, 33, 300, 2048):
+        for m in (1, 7, 33, 300, 2048):
             x = torch.randn(m, cols, device="cuda").to(dtype)
             y = K.matmul(x, values, indices, b)  # autotuned: small-M and large-M configs
-            torch.testing.assert_close(y, K.matmul_ref(x, values, indices, b), rtol=1e-3,
-                                       atol=2e-3 if dtype != torch.bfloat16 else 1.6e-2)
+            torch.testing.assert_close(y, K.matmul_ref(x, values, indices, b), rtol=RTOL[dtype],
+                                       atol=2e-3)
             tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}[dtype]
             torch.testing.assert_close(y.float(), F.linear(x, w, b).float(), rtol=tol,
                                        atol=tol * 4)
