@@ -550,13 +550,18 @@ def _no_init():
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: bool = True,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, kernels: str | None = None):
     """Load an llmprune checkpoint as a standard transformers model.
 
     For a compact export the weights are decoded bit for bit (each shard's size and header
     sha256 are checked first, and every tensor's sha256 as it is read, unless ``verify=False``); a dense checkpoint is loaded with plain ``from_pretrained``.
-    ``dtype`` optionally casts the loaded model.
+    ``dtype`` optionally casts the loaded model. ``kernels`` ("auto" | "dense" | "triton" |
+    "cusparselt") swaps every 2:4 linear for :class:`llmprune.sparse_linear.SparseLinear`, which
+    picks a sparse backend only where a measured dispatch table says it beats dense (on CPU,
+    "auto" stays dense); None or "dense" keeps plain ``nn.Linear``.
     """
+    if kernels not in (None, "auto", "dense", "triton", "cusparselt"):
+        raise UserError(f"kernels must be auto, dense, triton or cusparselt, got {kernels!r}")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     src = Path(path).expanduser()
@@ -565,7 +570,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
     if not is_compact(src):
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto",
                                                      trust_remote_code=trust_remote_code)
-        return model.eval()
+        return _with_kernels(model.eval(), src, kernels, verify)
     meta = read_meta(src)
     stored = getattr(torch, meta["dtype"])
     config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
@@ -594,7 +599,17 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
                                      "the export is incomplete")
     if dtype is not None:
         model = model.to(dtype)
-    return model.eval()
+    return _with_kernels(model.eval(), src, kernels, verify)
+
+
+def _with_kernels(model, src: Path, kernels: str | None, verify: bool):
+    if kernels is None or kernels == "dense":
+        return model
+    if kernels == "auto" and read_meta(src) is None:  # a plain checkpoint: nothing is 2:4
+        return model
+    from .sparse_linear import apply_kernels
+
+    return apply_kernels(model, src, kernels=kernels, verify=verify)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -279,3 +279,18 @@ def test_inspect_tables_and_nm_check(pruned, tmp_path, capsys):
     capsys.readouterr()
     assert main(["-q", "inspect", str(bad)]) == 1
     assert "NOT 2:4" in capsys.readouterr().out
+
+
+def test_load_pretrained_with_kernels(pruned, tmp_path):
+    from llmprune.sparse_linear import SparseLinear
+
+    out = tmp_path / "c"
+    assert main(["-q", "export", str(pruned["2:4"]), "--output", str(out)]) == 0
+    plain = llmprune.load_pretrained(out)
+    fast = llmprune.load_pretrained(out, kernels="auto")
+    assert any(isinstance(m, SparseLinear) for m in fast.modules())
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, fast(ids).logits)  # auto on CPU runs dense
+    with pytest.raises(llmprune.UserError, match="kernels must be"):
+        llmprune.load_pretrained(out, kernels="fast")
