@@ -361,8 +361,8 @@ def _run_eval(args) -> int:
     import json
 
     from .api import _check_device
-    from .data import load_text, tokenize
-    from .evaluate import perplexity, record_eval
+    from .data import load_text
+    from .evaluate import evaluate_loaded, record_eval
     from .loading import load_model
 
     _check_device(args.device)
@@ -374,27 +374,11 @@ def _run_eval(args) -> int:
 
         check_file_output(args.json_path)
     model, tokenizer, resolved = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    results: dict = {"model": args.model}
-    if text is not None:
-        ids = tokenize(tokenizer, text.text)
-        ppl = perplexity(model, ids, args.seqlen, args.max_windows, args.batch_size,
-                         args.device, progress=not args.quiet)
-        windows = min(ids.numel() // args.seqlen, args.max_windows)
-        protocol = (f"{text.source}, {windows} windows x {args.seqlen} tokens, "
-                    "exp(mean next-token NLL)")
-        results["perplexity"] = {"data": ppl_data, "value": ppl, "seqlen": args.seqlen,
-                                 "windows": windows, "protocol": protocol}
-        print(f"protocol: {protocol}")
-        print(f"perplexity: {ppl:.4f}")
-    if tasks:
-        from .lmeval import markdown_table, run_tasks
-
-        results["lm_eval"] = run_tasks(model, tokenizer, tasks, limit=args.limit,
-                                       num_fewshot=args.num_fewshot,
-                                       batch_size=args.batch_size,
-                                       include_path=args.include_path, device=args.device,
-                                       seed=args.seed)
-        print(markdown_table(results["lm_eval"]))
+    results = {"model": args.model, **evaluate_loaded(
+        model, tokenizer, ppl=ppl_data, seqlen=args.seqlen, max_windows=args.max_windows,
+        batch_size=args.batch_size, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+        include_path=args.include_path, device=args.device, seed=args.seed,
+        progress=not args.quiet, text=text)}
     if args.json_path:
         from .output import write_text_atomic
 

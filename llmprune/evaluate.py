@@ -70,3 +70,36 @@ def record_eval(model_dir: str, results: dict) -> bool:
                                     "lm_eval_version": results["lm_eval"].get("lm_eval_version")}
     write_text_atomic(meta_path, json.dumps(meta, indent=2, default=str) + "\n")
     return True
+
+
+def evaluate_loaded(model, tokenizer, *, ppl: str | None = None, seqlen: int = 1024,
+                    max_windows: int | None = 16, batch_size: int = 1,
+                    tasks: list[str] | None = None, limit: float | None = None,
+                    num_fewshot: int | None = None, include_path: str | None = None,
+                    device: str = "cpu", seed: int = 0, progress: bool = True,
+                    text=None) -> dict:
+    """Perplexity on ``ppl`` and/or lm-eval ``tasks`` for a loaded model; prints
+    ``perplexity: <value>`` and the task table, returns the results (as llmprune.json keeps
+    them). ``text`` is the already loaded evaluation text, when the caller read it early."""
+    from .data import load_text, tokenize
+
+    results: dict = {}
+    if ppl:
+        text = text or load_text(ppl, "eval")
+        ids = tokenize(tokenizer, text.text)
+        value = perplexity(model, ids, seqlen, max_windows, batch_size, device,
+                           progress=progress)
+        windows = min(ids.numel() // seqlen, max_windows or ids.numel())
+        protocol = f"{text.source}, {windows} windows x {seqlen} tokens, exp(mean next-token NLL)"
+        results["perplexity"] = {"data": ppl, "value": value, "seqlen": seqlen,
+                                 "windows": windows, "protocol": protocol}
+        print(f"protocol: {protocol}")
+        print(f"perplexity: {value:.4f}")
+    if tasks:
+        from .lmeval import markdown_table, run_tasks
+
+        results["lm_eval"] = run_tasks(model, tokenizer, tasks, limit=limit,
+                                       num_fewshot=num_fewshot, batch_size=batch_size,
+                                       include_path=include_path, device=device, seed=seed)
+        print(markdown_table(results["lm_eval"]))
+    return results

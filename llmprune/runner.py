@@ -151,31 +151,17 @@ def run(data: dict, output: str | None, overwrite: bool = False, progress: bool 
 def evaluate_output(out: str, ev: dict, device: str, progress: bool) -> dict:
     """The eval stage: loads the written output (so it also checks that it loads) and records
     the results into its llmprune.json."""
-    from .data import load_text, tokenize
-    from .evaluate import perplexity, record_eval
+    from .evaluate import evaluate_loaded, record_eval
     from .loading import load_model
 
     model, tokenizer, resolved = load_model(out)
-    results: dict = {"model": out}
-    if ev["ppl"]:
-        text = load_text(ev["ppl"], "eval")
-        ids = tokenize(tokenizer, text.text)
-        ppl = perplexity(model, ids, ev["seqlen"], ev["max_windows"], ev["batch_size"], device,
-                         progress=progress)
-        windows = min(ids.numel() // ev["seqlen"], ev["max_windows"])
-        results["perplexity"] = {"data": ev["ppl"], "value": ppl, "seqlen": ev["seqlen"],
-                                 "windows": windows,
-                                 "protocol": f"{text.source}, {windows} windows x "
-                                             f"{ev['seqlen']} tokens, exp(mean next-token NLL)"}
-        print(f"perplexity: {ppl:.4f}")
-    if ev["tasks"]:
-        from .lmeval import markdown_table, run_tasks
-
-        tasks = ev["tasks"] if isinstance(ev["tasks"], list) else str(ev["tasks"]).split(",")
-        results["lm_eval"] = run_tasks(model, tokenizer, [t.strip() for t in tasks],
-                                       limit=ev["limit"], num_fewshot=ev["num_fewshot"],
-                                       batch_size=ev["batch_size"],
-                                       include_path=ev["include_path"], device=device)
-        print(markdown_table(results["lm_eval"]))
+    tasks = ev["tasks"]
+    if tasks and not isinstance(tasks, list):
+        tasks = str(tasks).split(",")
+    results = {"model": out, **evaluate_loaded(
+        model, tokenizer, ppl=ev["ppl"], seqlen=ev["seqlen"], max_windows=ev["max_windows"],
+        batch_size=ev["batch_size"], tasks=[t.strip() for t in tasks] if tasks else None,
+        limit=ev["limit"], num_fewshot=ev["num_fewshot"], include_path=ev["include_path"],
+        device=device, progress=progress)}
     record_eval(resolved, results)
     return results
