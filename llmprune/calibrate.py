@@ -199,10 +199,7 @@ def _solve_group(layer, fwd_layer, adapter, index, group, solver, stats, target,
     solved = solver.solve_group([lin.weight.detach().to(torch.float32) for lin in lins],
                                 stats, target, list(group))
     for name, lin, res in zip(group, lins, solved):
-        # Rebind rather than copy_: the loaded weights are usually memory-mapped from the
-        # checkpoint, and writing into them copies every page on write (measured: 1.5 of Wanda's
-        # 3.6 s of solving on smollm2-135m went to such copies). The solver's result is new memory.
-        lin.weight.data = res.weight.to(lin.weight.dtype).contiguous()
+        lin.weight.copy_(res.weight.to(lin.weight.dtype))
         if fwd_layer is not None and fwd_layer is not layer:
             fwd_layer.get_submodule(name).weight.copy_(res.weight)
         full = f"{adapter.layers_path}.{index}.{name}"
