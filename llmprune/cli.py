@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Post-training pruning of large language models.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                metavar="{magnitude,wanda,sparsegpt,eval,export,inspect,push,run,sweep}")
+                                metavar="{magnitude,wanda,sparsegpt,eval,export,inspect,push,run,sweep,dare}")
     for name in ("magnitude", "wanda", "sparsegpt"):
         _add_solver(sub, name)
     p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a model",
@@ -265,7 +265,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the table, JSON and plots")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.set_defaults(func=_run_sweep)
+
+    p = sub.add_parser(
+        "dare", help="DARE: prune the delta of a fine-tuned model against its base",
+        description="DARE (Yu et al. 2024): drop a fraction --drop of the delta "
+                    "W_finetuned - W_base (random Bernoulli, or the smallest |delta| with "
+                    "--method magnitude), rescale the rest (by 1/(1-p) with --rescale dare) and "
+                    "write the merged model (--output) and/or the compact delta "
+                    "(--delta-output; load it with llmprune.load_pretrained(DIR, base=BASE)). "
+                    "Streams both checkpoints tensor by tensor.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", required=True, help="the base checkpoint directory")
+    p.add_argument("--finetuned", required=True, help="the fine-tuned checkpoint directory")
+    p.add_argument("--drop", type=_sparsity, required=True,
+                   help="fraction of delta parameters dropped, in [0, 1)")
+    p.add_argument("--method", choices=["random", "magnitude"], default="random",
+                   help="which deltas are dropped")
+    p.add_argument("--rescale", choices=["dare", "none"], default="dare",
+                   help="dare: kept deltas times 1/(1-drop); none: as they are")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random drop")
+    p.add_argument("--output", default=None, help="directory for the merged model")
+    p.add_argument("--delta-output", default=None, help="directory for the compact delta")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    p.set_defaults(func=_run_dare)
     return parser
+
+
+def _run_dare(args) -> int:
+    from .dare import dare
+
+    meta = dare(args.base, args.finetuned, args.drop, args.method, args.rescale, args.seed,
+                args.output, args.delta_output, args.overwrite, progress=not args.quiet)
+    wrote = ", ".join(o for o in (args.output, args.delta_output) if o)
+    print(f"kept {meta['kept_fraction']:.4f} of the delta parameters; wrote {wrote}")
+    return 0
 
 
 def _run_sweep(args) -> int:

@@ -550,7 +550,8 @@ def _no_init():
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: bool = True,
-                    trust_remote_code: bool = False, kernels: str | None = None):
+                    trust_remote_code: bool = False, kernels: str | None = None,
+                    base: str | None = None):
     """Load an llmprune checkpoint as a standard transformers model.
 
     For a compact export the weights are decoded bit for bit (each shard's size and header
@@ -567,6 +568,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
     src = Path(path).expanduser()
     if not (src / "config.json").exists():
         raise UserError(f"{path} is not a checkpoint directory (no config.json)")
+    if is_compact(src) and (read_meta(src) or {}).get("delta_of"):
+        return _load_delta(src, base, verify, trust_remote_code)
+    if base is not None:
+        raise UserError(f"{path} is not a delta checkpoint; load it without base=")
     if not is_compact(src):
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto",
                                                      trust_remote_code=trust_remote_code)
@@ -600,6 +605,32 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
     if dtype is not None:
         model = model.to(dtype)
     return _with_kernels(model.eval(), src, kernels, verify)
+
+
+def _load_delta(src: Path, base: str | None, verify: bool, trust_remote_code: bool):
+    """A compact DARE delta: W' = cast(float32(W_base) + float32(d')) for every tensor, the same
+    expression ``llmprune dare --output`` wrote, so the result is bit for bit that model."""
+    from transformers import AutoModelForCausalLM
+
+    from .dare import merge
+    from .loading import resolve
+
+    if base is None:
+        info = read_meta(src)["delta_of"]
+        raise UserError(f"{src} is a delta against {info.get('base')}; pass "
+                        "load_pretrained(DIR, base=BASE)")
+    model = AutoModelForCausalLM.from_pretrained(resolve(base), dtype="auto",
+                                                 trust_remote_code=trust_remote_code)
+    params = model.state_dict()
+    with torch.no_grad():
+        for name, delta, _ in iter_compact(src, verify=verify):
+            if name not in params or tuple(params[name].shape) != tuple(delta.shape):
+                raise CorruptCheckpointError(f"{src}: delta tensor {name} does not fit {base}")
+            if delta.is_floating_point():
+                params[name].copy_(merge(params[name], delta))
+            else:
+                params[name].copy_(delta)
+    return model.eval()
 
 
 def _with_kernels(model, src: Path, kernels: str | None, verify: bool):

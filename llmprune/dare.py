@@ -1,0 +1,197 @@
+"""Delta-parameter pruning of fine-tuned models: DARE.
+
+Yu et al. 2024, "Language Models are Super Mario: Absorbing Abilities from Homologous Models as a
+Free Lunch", Sec. 3 (DARE, Drop And REscale): for the delta ``d = W_ft - W_base`` of every
+parameter,
+
+    m ~ Bernoulli(p)                      (1 = dropped, independently per element)
+    d' = (1 - m) * d / (1 - p)            (Eq. 2: rescaling keeps the expected output)
+    W' = W_base + d'
+
+``--method magnitude`` keeps the ``1 - p`` largest ``|d|`` of each tensor instead of a random
+subset (the importance-based baseline of "DARE the Extreme", Deng et al. 2024). ``--rescale``
+chooses the factor: ``dare`` = 1 / (1 - p), ``none`` = 1.
+
+Both checkpoints are streamed tensor by tensor (peak RAM: about two tensors plus the output
+shard). The random drop of each tensor uses a generator seeded from ``--seed`` and the tensor's
+name, so it does not depend on the order of tensors or shards.
+
+Outputs: ``--output`` the full model W' (a plain checkpoint), ``--delta-output`` the pruned delta
+d' in the compact format (kept values + 1-bit mask), which
+``llmprune.load_pretrained(DELTA_DIR, base=BASE)`` turns back into W' bit for bit: both paths
+compute ``W' = cast(float32(W_base) + float32(d'))`` with ``d'`` already in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .masks import lowest_k_mask
+
+RESCALES = ("dare", "none")
+METHODS = ("random", "magnitude")
+
+
+def drop_mask(delta: torch.Tensor, p: float, method: str, generator: torch.Generator
+              ) -> torch.Tensor:
+    """bool keep mask shaped like ``delta``: random keeps each element with probability 1 - p;
+    magnitude keeps exactly round((1 - p) * numel) elements, the largest |delta|."""
+    if method == "random":
+        return torch.rand(delta.shape, generator=generator) >= p
+    if method == "magnitude":
+        flat = delta.detach().float().abs().reshape(-1)
+        n_drop = int(round(p * flat.numel()))
+        return ~lowest_k_mask(flat, n_drop, dim=0).view(delta.shape)
+    raise UserError(f"--method must be random or magnitude, got {method!r}")
+
+
+def rescale_factor(p: float, rescale: str) -> float:
+    if rescale == "dare":
+        return 1.0 / (1.0 - p)  # Eq. 2
+    if rescale == "none":
+        return 1.0
+    raise UserError(f"--rescale must be one of {', '.join(RESCALES)}, got {rescale!r}")
+
+
+def prune_delta(base: torch.Tensor, tuned: torch.Tensor, p: float, method: str, rescale: str,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d', keep)``: the pruned, rescaled delta in the tuned tensor's dtype, and its mask."""
+    delta = tuned.float() - base.float()
+    keep = drop_mask(delta, p, method, generator)
+    kept = (delta * rescale_factor(p, rescale)).masked_fill(~keep, 0.0)
+    return kept.to(tuned.dtype), keep
+
+
+def merge(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W' = cast(float32(W_base) + float32(d')): the one definition both outputs use."""
+    return (base.float() + delta.float()).to(delta.dtype)
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+
+class _Reader:
+    """Random access to the tensors of a safetensors checkpoint directory, one at a time."""
+
+    def __init__(self, directory: Path):
+        from .export import _checkpoint_files
+
+        self.entries: dict[str, tuple[Path, dict, int]] = {}
+        for path in _checkpoint_files(directory):
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self.entries[key] = (path, info, 8 + n)
+
+    def shape(self, name: str) -> list[int]:
+        return self.entries[name][1]["shape"]
+
+    def read(self, name: str) -> torch.Tensor:
+        import numpy as np
+
+        from .export import _ST_DTYPES, CorruptCheckpointError
+
+        path, info, base = self.entries[name]
+        start, end = info["data_offsets"]
+        buf = np.empty(end - start, np.uint8)
+        with open(path, "rb") as f:
+            f.seek(base + start)
+            if f.readinto(memoryview(buf)) != end - start:
+                raise CorruptCheckpointError(f"cannot read {path}: tensor {name} is truncated")
+        return torch.from_numpy(buf).view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _check_pair(base_dir: Path, tuned_dir: Path) -> tuple[_Reader, _Reader]:
+    for d, flag in ((base_dir, "--base"), (tuned_dir, "--finetuned")):
+        if not (d / "config.json").is_file():
+            raise UserError(f"{flag} {d} is not a checkpoint directory (no config.json)")
+    cb = json.loads((base_dir / "config.json").read_text())
+    ct = json.loads((tuned_dir / "config.json").read_text())
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if cb.get(key) != ct.get(key):
+            raise UserError(f"--base and --finetuned differ in {key} ({cb.get(key)} vs "
+                            f"{ct.get(key)}): they are not the same architecture")
+    rb, rt = _Reader(base_dir), _Reader(tuned_dir)
+    for name in rt.entries:
+        if name not in rb.entries:
+            raise UserError(f"tensor {name} of --finetuned is missing from --base")
+        if rb.shape(name) != rt.shape(name):
+            raise UserError(f"tensor {name} has shape {rt.shape(name)} in --finetuned but "
+                            f"{rb.shape(name)} in --base")
+    return rb, rt
+
+
+def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale: str = "dare",
+         seed: int = 0, output: str | None = None, delta_output: str | None = None,
+         overwrite: bool = False, progress: bool = True) -> dict:
+    """Prune the delta of ``finetuned`` against ``base``; write W' and/or the compact delta."""
+    from .export import Source, _nm_of, export
+    from .loading import resolve
+    from .output import atomic_dir, check_output
+
+    if not (0.0 <= drop < 1.0):
+        raise UserError(f"--drop must be in [0, 1), got {drop}")
+    rescale_factor(drop, rescale)
+    if method not in METHODS:
+        raise UserError(f"--method must be random or magnitude, got {method!r}")
+    if not output and not delta_output:
+        raise UserError("give --output (the merged model) and/or --delta-output (the delta)")
+    outs = [check_output(o, overwrite) for o in (output, delta_output) if o]
+    base_dir, tuned_dir = Path(resolve(base)), Path(resolve(finetuned))
+    for o in outs:
+        check_output(str(o), overwrite, sources=(str(base_dir), str(tuned_dir)))
+    rb, rt = _check_pair(base_dir, tuned_dir)
+    config = json.loads((tuned_dir / "config.json").read_text())
+    copy = [p for p in sorted(tuned_dir.iterdir()) if p.is_file() and p.suffix != ".safetensors"
+            and not p.name.endswith(".index.json") and p.name not in ("config.json",
+                                                                        "llmprune.json")]
+    meta = {"method": "dare", "drop": drop, "selection": method, "rescale": rescale,
+            "seed": seed, "base": base, "finetuned": finetuned}
+    kept = total = 0
+
+    def deltas() -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+        nonlocal kept, total
+        for name in rt.entries:
+            t, b = rt.read(name), rb.read(name)
+            if not t.is_floating_point():
+                yield name, t, None
+                continue
+            d, keep = prune_delta(b, t, drop, method, rescale, tensor_generator(seed, name))
+            kept += int(keep.sum())
+            total += keep.numel()
+            yield name, d, keep
+
+    results = {}
+    if delta_output:
+        masks: dict[str, torch.Tensor] = {}
+
+        def delta_tensors():
+            for name, d, keep in deltas():
+                if keep is not None:
+                    masks[name] = keep
+                yield name, d
+        with atomic_dir(outs[-1]) as tmp:
+            src = Source(delta_tensors(), config, masks, {"target": "unstructured",
+                                                          "dare": meta}, copy, None)
+            results["delta"] = export(src, tmp, "compact", progress=progress)
+            info = json.loads((tmp / "llmprune.json").read_text())
+            info["delta_of"] = {"base": base, **meta}
+            (tmp / "llmprune.json").write_text(json.dumps(info, indent=2) + "\n")
+    if output:
+        def merged():
+            for name, d, keep in deltas():
+                yield name, (merge(rb.read(name), d) if keep is not None else d)
+        with atomic_dir(outs[0]) as tmp:
+            src = Source(merged(), config, None, {"dare": meta}, copy, _nm_of(None))
+            results["model"] = export(src, tmp, "dense", progress=progress)
+    meta["kept_fraction"] = kept / max(total, 1)
+    return {**meta, **results}
