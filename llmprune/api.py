@@ -157,14 +157,11 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
     from .evaluate import perplexity
     from .loading import load_model, resolve
 
-    from .export import DTYPES
+    from .export import check_export_args
 
     _check_device(recipe.device)
     recipe.target  # validate before touching anything
-    if export not in ("dense", "compact"):
-        raise UserError(f"--export must be dense or compact, got {export!r}")
-    if export_dtype != "auto" and export_dtype not in DTYPES:
-        raise UserError(f"--export-dtype must be auto, bf16, fp16 or fp32, got {export_dtype!r}")
+    check_export_args(export, export_dtype, "--export", "--export-dtype")
     out = check_output(output, overwrite)
     resolved = resolve(model_name)
     check_output(output, overwrite, sources=(resolved,))

@@ -77,40 +77,7 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
-class _Reader:
-    """Random access to the tensors of a safetensors checkpoint directory, one at a time."""
-
-    def __init__(self, directory: Path):
-        from .export import _checkpoint_files
-
-        self.entries: dict[str, tuple[Path, dict, int]] = {}
-        for path in _checkpoint_files(directory):
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            for key, info in header.items():
-                self.entries[key] = (path, info, 8 + n)
-
-    def shape(self, name: str) -> list[int]:
-        return self.entries[name][1]["shape"]
-
-    def read(self, name: str) -> torch.Tensor:
-        import numpy as np
-
-        from .export import _ST_DTYPES, CorruptCheckpointError
-
-        path, info, base = self.entries[name]
-        start, end = info["data_offsets"]
-        buf = np.empty(end - start, np.uint8)
-        with open(path, "rb") as f:
-            f.seek(base + start)
-            if f.readinto(memoryview(buf)) != end - start:
-                raise CorruptCheckpointError(f"cannot read {path}: tensor {name} is truncated")
-        return torch.from_numpy(buf).view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
-def _check_pair(base_dir: Path, tuned_dir: Path) -> tuple[_Reader, _Reader]:
+def _check_pair(base_dir: Path, tuned_dir: Path):
     for d, flag in ((base_dir, "--base"), (tuned_dir, "--finetuned")):
         if not (d / "config.json").is_file():
             raise UserError(f"{flag} {d} is not a checkpoint directory (no config.json)")
@@ -120,7 +87,10 @@ def _check_pair(base_dir: Path, tuned_dir: Path) -> tuple[_Reader, _Reader]:
         if cb.get(key) != ct.get(key):
             raise UserError(f"--base and --finetuned differ in {key} ({cb.get(key)} vs "
                             f"{ct.get(key)}): they are not the same architecture")
-    rb, rt = _Reader(base_dir), _Reader(tuned_dir)
+    from .export import SafetensorsFiles, _checkpoint_files
+
+    rb = SafetensorsFiles(_checkpoint_files(base_dir))
+    rt = SafetensorsFiles(_checkpoint_files(tuned_dir))
     for name in rt.entries:
         if name not in rb.entries:
             raise UserError(f"tensor {name} of --finetuned is missing from --base")

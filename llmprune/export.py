@@ -65,6 +65,14 @@ class CorruptCheckpointError(UserError):
     pass
 
 
+def check_export_args(fmt: str, dtype: str, fmt_flag: str = "--format",
+                      dtype_flag: str = "--dtype") -> None:
+    if fmt not in ("dense", "compact"):
+        raise UserError(f"{fmt_flag} must be dense or compact, got {fmt!r}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"{dtype_flag} must be auto, bf16, fp16 or fp32, got {dtype!r}")
+
+
 def parse_size(text: str | int) -> int:
     """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes -> bytes."""
     if isinstance(text, int):
@@ -163,29 +171,65 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors of safetensors files one at a time, read with plain ``readinto`` rather than
-    mmap: a mapped source would count its every touched page in our resident memory, so
-    exporting a 70B checkpoint would look like (and, under pressure, act like) holding it all."""
-    import numpy as np
+class SafetensorsFiles:
+    """The tensors of safetensors files, one at a time, in file order or by name.
 
-    for path in files:
+    Tensors are read with plain ``readinto`` rather than mmap: a mapped source would count its
+    every touched page in our resident memory, so exporting a 70B checkpoint would look like
+    (and, under pressure, act like) holding it all. Headers are read up front, so a damaged
+    header fails before any output is written."""
+
+    def __init__(self, files: list[Path]):
+        self.entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, info, data start)
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(n))
+            except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+                raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
+            header.pop("__metadata__", None)
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                self.entries[key] = (path, info, 8 + n)
+
+    def shape(self, name: str) -> list[int]:
+        return self.entries[name][1]["shape"]
+
+    def _read(self, f, name: str) -> torch.Tensor:
+        import numpy as np
+
+        path, info, base = self.entries[name]
+        start, end = info["data_offsets"]
         try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-                header.pop("__metadata__", None)
-                base = 8 + n
-                for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                    start, end = info["data_offsets"]
-                    dtype = _ST_DTYPES[info["dtype"]]
-                    buf = np.empty(end - start, np.uint8)
-                    f.seek(base + start)
-                    if f.readinto(memoryview(buf)) != end - start:
-                        raise OSError(f"tensor {key} is truncated")
-                    yield key, torch.from_numpy(buf).view(dtype).reshape(info["shape"])
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            buf = np.empty(end - start, np.uint8)
+            f.seek(base + start)
+            if f.readinto(memoryview(buf)) != end - start:
+                raise OSError(f"tensor {name} is truncated")
+            return torch.from_numpy(buf).view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        with open(self.entries[name][0], "rb") as f:
+            return self._read(f, name)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """All tensors, file by file in offset order, each file opened once."""
+        handle = path = None
+        try:
+            for name, (file, _, _) in self.entries.items():
+                if file != path:
+                    if handle:
+                        handle.close()
+                    handle, path = open(file, "rb"), file
+                yield name, self._read(handle, name)
+        finally:
+            if handle:
+                handle.close()
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    return iter(SafetensorsFiles(files))
 
 
 def _nm_of(meta: dict | None) -> tuple[int, int] | None:
@@ -357,10 +401,7 @@ def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "au
     """Write ``source`` into ``out_dir`` (a fresh temporary directory the caller renames)."""
     from tqdm.auto import tqdm
 
-    if fmt not in ("dense", "compact"):
-        raise UserError(f"--format must be dense or compact, got {fmt!r}")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    check_export_args(fmt, dtype)
     want = DTYPES.get(dtype)
     t0 = time.perf_counter()
     header = {"format": "pt"}
@@ -651,10 +692,7 @@ def export_checkpoint(src: str, output: str, fmt: str = "compact", dtype: str = 
     from .loading import resolve
     from .output import atomic_dir, check_output
 
-    if fmt not in ("dense", "compact"):
-        raise UserError(f"--format must be dense or compact, got {fmt!r}")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    check_export_args(fmt, dtype)
     parse_size(max_shard_size)
     out = check_output(output, overwrite)
     resolved = resolve(src)

@@ -9,12 +9,12 @@ checked group by group.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import compact
 from .errors import UserError
 from .export import (_checkpoint_files, _iter_safetensors, _nm_of, is_compact, iter_compact,
                      read_masks, read_meta)
@@ -89,10 +89,7 @@ def inspect_checkpoint(path: str | Path) -> tuple[list[Row], dict]:
 
 
 def _numel(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
+    return math.prod(shape)
 
 
 def _mib(b: int) -> str:

@@ -27,12 +27,18 @@ def check_output(output: str | Path, overwrite: bool, sources: tuple[str, ...] =
                                 "replace it or choose another --output")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--output {output} exists and is not a directory")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_parent(out)
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write into {parent}; choose another --output")
     return out
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest directory above ``path`` that exists (where creating it would start)."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent
 
 
 def _pid_alive(pid: int) -> bool:
@@ -81,9 +87,7 @@ def check_file_output(path: str | Path) -> Path:
     out = Path(path).expanduser().resolve()
     if out.is_dir():
         raise UserError(f"{path} is a directory; give a file name for the JSON output")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_parent(out)
     if not os.access(parent, os.W_OK):
         raise UserError(f"cannot write {path}: {parent} is not writable")
     return out

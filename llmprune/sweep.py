@@ -15,8 +15,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
 
 

@@ -31,6 +31,12 @@ def tiny_config(family: str):
 FAMILIES = ["llama", "mistral", "qwen2", "opt"]
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality: same dtype, shape and bytes (so -0.0 != +0.0 and NaN == NaN)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
 def tiny_model(family: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 

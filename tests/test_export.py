@@ -20,7 +20,7 @@ import llmprune
 from llmprune.cli import main
 from llmprune.export import MASKS_FILE, CorruptCheckpointError
 
-from .conftest import tiny_model
+from .conftest import same_bits, tiny_model
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,11 +46,6 @@ def _dense_state(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    view = {4: torch.int32, 2: torch.int16}[a.element_size()]
-    return a.dtype == b.dtype and torch.equal(a.contiguous().view(view), b.contiguous().view(view))
-
-
 @pytest.mark.parametrize("pattern", ["0.5", "2:4"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_compact_round_trip_is_bit_exact(pruned, tmp_path, pattern, dtype):
@@ -68,7 +63,7 @@ def test_compact_round_trip_is_bit_exact(pruned, tmp_path, pattern, dtype):
     model = llmprune.load_pretrained(out)
     loaded = model.state_dict()
     for name, t in dense.items():
-        assert _same_bits(loaded[name], t.to(DT[dtype])), name
+        assert same_bits(loaded[name], t.to(DT[dtype])), name
 
     from transformers import AutoModelForCausalLM
 

@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
 from llmprune import runner
 from llmprune.cli import main
+
+from .conftest import same_bits
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
 
@@ -52,11 +53,6 @@ def _tensors(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def _same_bits(a, b) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
-
-
 def test_cli_run_writes_a_recipe_that_reproduces_it(checkpoint_dir, text_file, tmp_path):
     first = tmp_path / "first"
     assert main(["-q", "sparsegpt", "--model", str(checkpoint_dir), "--pattern", "2:4",
@@ -70,7 +66,7 @@ def test_cli_run_writes_a_recipe_that_reproduces_it(checkpoint_dir, text_file, t
     again = tmp_path / "again"
     assert main(["-q", "run", str(first / "recipe.yaml"), "--output", str(again)]) == 0
     a, b = _tensors(first), _tensors(again)
-    assert a.keys() == b.keys() and all(_same_bits(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
     assert (again / "recipe.yaml").read_text() == (first / "recipe.yaml").read_text()
 
 
@@ -101,7 +97,7 @@ def test_smollm2_2of4_recipe_end_to_end_and_reproducible(tmp_path):
     a = {n: t for n, t, _ in iter_compact(first)}
     b = {n: t for n, t, _ in iter_compact(again)}
     assert a.keys() == b.keys()
-    assert all(_same_bits(a[k], b[k]) for k in a)
+    assert all(same_bits(a[k], b[k]) for k in a)
     meta = json.loads((first / "llmprune.json").read_text())
     ppl = next(v for k, v in meta["evaluations"].items() if k.startswith("perplexity/"))
     assert ppl["value"] < 80  # 2:4 SparseGPT on 2 windows; dense is about 20
