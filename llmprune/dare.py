@@ -128,24 +128,25 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
             "seed": seed, "base": base, "finetuned": finetuned}
     kept = total = 0
 
-    def deltas() -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    def deltas() -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """(name, d' or the tuned tensor when not floating, keep mask or None, base tensor)"""
         nonlocal kept, total
         for name in rt.entries:
             t, b = rt.read(name), rb.read(name)
             if not t.is_floating_point():
-                yield name, t, None
+                yield name, t, None, b
                 continue
             d, keep = prune_delta(b, t, drop, method, rescale, tensor_generator(seed, name))
             kept += int(keep.sum())
             total += keep.numel()
-            yield name, d, keep
+            yield name, d, keep, b
 
     results = {}
     if delta_output:
         masks: dict[str, torch.Tensor] = {}
 
         def delta_tensors():
-            for name, d, keep in deltas():
+            for name, d, keep, _ in deltas():
                 if keep is not None:
                     masks[name] = keep
                 yield name, d
@@ -158,8 +159,8 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
             (tmp / "llmprune.json").write_text(json.dumps(info, indent=2) + "\n")
     if output:
         def merged():
-            for name, d, keep in deltas():
-                yield name, (merge(rb.read(name), d) if keep is not None else d)
+            for name, d, keep, b in deltas():
+                yield name, (merge(b, d) if keep is not None else d)
         with atomic_dir(outs[0]) as tmp:
             src = Source(merged(), config, None, {"dare": meta}, copy, _nm_of(None))
             results["model"] = export(src, tmp, "dense", progress=progress)
