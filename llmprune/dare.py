@@ -81,8 +81,11 @@ def _check_pair(base_dir: Path, tuned_dir: Path):
     for d, flag in ((base_dir, "--base"), (tuned_dir, "--finetuned")):
         if not (d / "config.json").is_file():
             raise UserError(f"{flag} {d} is not a checkpoint directory (no config.json)")
-    cb = json.loads((base_dir / "config.json").read_text())
-    ct = json.loads((tuned_dir / "config.json").read_text())
+    try:
+        cb = json.loads((base_dir / "config.json").read_text())
+        ct = json.loads((tuned_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the config.json of --base or --finetuned: {exc}") from None
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
         if cb.get(key) != ct.get(key):
             raise UserError(f"--base and --finetuned differ in {key} ({cb.get(key)} vs "
