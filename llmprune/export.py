@@ -611,6 +611,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
         raise UserError(f"{path} is not a checkpoint directory (no config.json)")
     if is_compact(src) and (read_meta(src) or {}).get("delta_of"):
         return _load_delta(src, base, verify, trust_remote_code)
+    if base is None and _is_structured_dir(src):
+        return _load_structured(src, dtype, trust_remote_code)
     if base is not None:
         raise UserError(f"{path} is not a delta checkpoint; load it without base=")
     if not is_compact(src):
@@ -646,6 +648,57 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
     if dtype is not None:
         model = model.to(dtype)
     return _with_kernels(model.eval(), src, kernels, verify)
+
+
+def _is_structured_dir(src: Path) -> bool:
+    from .structured import CONFIG_KEY
+
+    try:
+        return CONFIG_KEY in json.loads((src / "config.json").read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        raise CorruptCheckpointError(f"cannot read {src / 'config.json'}: {exc}") from None
+
+
+def _load_structured(src: Path, dtype: torch.dtype | None, trust_remote_code: bool):
+    """A structured export with per-layer widths (``llmprune_structured`` in config.json): build
+    the model from its config, shrink every layer to its recorded widths, then load the weights
+    (every tensor must be there with exactly the shape the shrunk model wants)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .structured import CONFIG_KEY, shrink_to_widths, weight_files
+
+    config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    widths = getattr(config, CONFIG_KEY)["layers"]
+    files = SafetensorsFiles(weight_files(src))
+    stored = next((_ST_DTYPES[info["dtype"]] for _, info, _ in files.entries.values()
+                   if info["dtype"] in ("F32", "BF16", "F16")), torch.float32)
+    with _no_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=stored,
+                                                 trust_remote_code=trust_remote_code)
+    try:
+        shrink_to_widths(model, widths)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"{src}: {exc}") from None
+    params = model.state_dict()
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in files:
+            if name not in params or tuple(params[name].shape) != tuple(tensor.shape):
+                want = tuple(params[name].shape) if name in params else "no such tensor"
+                raise CorruptCheckpointError(f"{src}: tensor {name} {tuple(tensor.shape)} does "
+                                             f"not fit the recorded widths ({want})")
+            params[name].copy_(tensor)
+            loaded.add(name)
+    model.tie_weights()
+    loaded_ptrs = {params[n].data_ptr() for n in loaded}
+    missing = [n for n, p in model.state_dict().items()
+               if n not in loaded and p.data_ptr() not in loaded_ptrs]
+    if missing:
+        raise CorruptCheckpointError(f"{src} lacks {len(missing)} tensors (e.g. {missing[0]}); "
+                                     "the export is incomplete")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
 
 
 def _load_delta(src: Path, base: str | None, verify: bool, trust_remote_code: bool):
