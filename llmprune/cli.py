@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Post-training pruning of large language models.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                metavar="{magnitude,wanda,sparsegpt,eval,export,inspect,push,run,sweep,dare}")
+                                metavar="{magnitude,wanda,sparsegpt,eval,export,inspect,push,run,sweep,dare,merge}")
     for name in ("magnitude", "wanda", "sparsegpt"):
         _add_solver(sub, name)
     p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a model",
@@ -281,22 +281,78 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of delta parameters dropped, in [0, 1)")
     p.add_argument("--method", choices=["random", "magnitude"], default="random",
                    help="which deltas are dropped")
-    p.add_argument("--rescale", choices=["dare", "none"], default="dare",
-                   help="dare: kept deltas times 1/(1-drop); none: as they are")
+    p.add_argument("--rescale", choices=["dare", "darex-q", "none"], default="dare",
+                   help="dare: kept deltas times 1/(1-drop); darex-q: times 1/q with q in "
+                        "[1-drop, 1] from --q, or searched on --calib-data (DAREx-q, Deng et "
+                        "al. 2024); none: as they are")
+    p.add_argument("--q", type=float, default=None,
+                   help="darex-q: use this q (no calibration); q = 1-drop is plain DARE")
+    p.add_argument("--q-mode", choices=["global", "per-layer"], default="global",
+                   help="darex-q without --q: global = one q for all tensors, the lowest "
+                        "calibration loss on a grid; per-layer = a closed-form least-squares q "
+                        "per decoder linear that keeps its calibration outputs closest to the "
+                        "fine-tuned model's, plus the global search for the other tensors")
+    p.add_argument("--calib-data", default=None,
+                   help="darex-q: text of the fine-tuning domain (.txt/.jsonl path or a data "
+                        "set name; default wikitext2)")
+    p.add_argument("--nsamples", type=_positive, default=16, help="darex-q: calibration windows")
+    p.add_argument("--seqlen", type=_positive, default=256,
+                   help="darex-q: tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="seed of the random drop")
     p.add_argument("--output", default=None, help="directory for the merged model")
     p.add_argument("--delta-output", default=None, help="directory for the compact delta")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
     p.set_defaults(func=_run_dare)
+
+    p = sub.add_parser(
+        "merge", help="merge several fine-tuned models onto their base (task arithmetic, TIES)",
+        description="Merge the task vectors tau_t = F_t - B of several fine-tuned checkpoints "
+                    "onto their base B: task arithmetic (B + sum_t w_t tau_t; Ilharco et al. "
+                    "2023) or TIES (trim, elect sign, disjoint mean; Yadav et al. 2023), "
+                    "optionally after a DARE drop of every task vector (--drop). Streams all "
+                    "checkpoints tensor by tensor and writes a plain checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base", required=True, help="the base checkpoint directory")
+    p.add_argument("--finetuned", required=True, nargs="+",
+                   help="one or more fine-tuned checkpoint directories of that base")
+    p.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="one weight per --finetuned (default: 1 each)")
+    p.add_argument("--method", choices=["task-arithmetic", "ties"], default="task-arithmetic",
+                   help="how the task vectors are combined")
+    p.add_argument("--density", type=float, default=0.2,
+                   help="ties: fraction of each task vector's largest entries kept by the trim")
+    p.add_argument("--lam", type=float, default=1.0,
+                   help="scale of the merged task vector (TIES' lambda)")
+    p.add_argument("--drop", type=_sparsity, default=0.0,
+                   help="DARE drop rate applied to every task vector before merging (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the DARE drop")
+    p.add_argument("--output", required=True, help="directory for the merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(func=_run_merge)
     return parser
+
+
+def _run_merge(args) -> int:
+    from .merge import merge_models
+
+    merge_models(args.base, args.finetuned, args.weights, args.method, args.density, args.lam,
+                 args.drop, args.seed, args.output, args.overwrite, progress=not args.quiet)
+    print(f"merged {len(args.finetuned)} model(s) onto {args.base} ({args.method}); "
+          f"wrote {args.output}")
+    return 0
 
 
 def _run_dare(args) -> int:
     from .dare import dare
 
     meta = dare(args.base, args.finetuned, args.drop, args.method, args.rescale, args.seed,
-                args.output, args.delta_output, args.overwrite, progress=not args.quiet)
+                args.output, args.delta_output, args.overwrite, progress=not args.quiet,
+                q=args.q, q_mode=args.q_mode, calib_data=args.calib_data,
+                nsamples=args.nsamples, seqlen=args.seqlen)
     wrote = ", ".join(o for o in (args.output, args.delta_output) if o)
+    if "darex_q" in meta:
+        print(f"DAREx-q: q = {meta['darex_q']['q_global']:.4g} (DARE's would be "
+              f"{1 - args.drop:.4g}, mode {meta['darex_q']['mode']})")
     print(f"kept {meta['kept_fraction']:.4f} of the delta parameters; wrote {wrote}")
     return 0
 

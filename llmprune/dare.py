@@ -10,7 +10,8 @@ parameter,
 
 ``--method magnitude`` keeps the ``1 - p`` largest ``|d|`` of each tensor instead of a random
 subset (the importance-based baseline of "DARE the Extreme", Deng et al. 2024). ``--rescale``
-chooses the factor: ``dare`` = 1 / (1 - p), ``none`` = 1.
+chooses the factor: ``dare`` = 1 / (1 - p), ``none`` = 1, ``darex-q`` = 1 / q with q chosen from
+calibration data (globally or per layer) or given by hand (see ``llmprune.darex``).
 
 Both checkpoints are streamed tensor by tensor (peak RAM: about two tensors plus the output
 shard). The random drop of each tensor uses a generator seeded from ``--seed`` and the tensor's
@@ -34,7 +35,7 @@ import torch
 from .errors import UserError
 from .masks import lowest_k_mask
 
-RESCALES = ("dare", "none")
+RESCALES = ("dare", "darex-q", "none")
 METHODS = ("random", "magnitude")
 
 
@@ -52,19 +53,23 @@ def drop_mask(delta: torch.Tensor, p: float, method: str, generator: torch.Gener
 
 
 def rescale_factor(p: float, rescale: str) -> float:
+    """The fixed factors; darex-q's come from ``llmprune.darex`` (1.0 stands in here)."""
     if rescale == "dare":
         return 1.0 / (1.0 - p)  # Eq. 2
-    if rescale == "none":
+    if rescale in ("none", "darex-q"):
         return 1.0
     raise UserError(f"--rescale must be one of {', '.join(RESCALES)}, got {rescale!r}")
 
 
 def prune_delta(base: torch.Tensor, tuned: torch.Tensor, p: float, method: str, rescale: str,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(d', keep)``: the pruned, rescaled delta in the tuned tensor's dtype, and its mask."""
+                generator: torch.Generator, factor: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d', keep)``: the pruned, rescaled delta in the tuned tensor's dtype, and its mask.
+    ``factor`` overrides the rescale factor (DAREx-q's per-tensor ``1/q``)."""
     delta = tuned.float() - base.float()
     keep = drop_mask(delta, p, method, generator)
-    kept = (delta * rescale_factor(p, rescale)).masked_fill(~keep, 0.0)
+    s = rescale_factor(p, rescale) if factor is None else factor
+    kept = (delta * s).masked_fill(~keep, 0.0)
     return kept.to(tuned.dtype), keep
 
 
@@ -103,10 +108,50 @@ def _check_pair(base_dir: Path, tuned_dir: Path):
     return rb, rt
 
 
+def _darex(base_dir: Path, tuned_dir: Path, rb, rt, drop: float, method: str, seed: int,
+           q: float | None, q_mode: str, calib_data: str | None, nsamples: int, seqlen: int,
+           progress: bool) -> tuple[dict[str, float] | float, dict]:
+    """DAREx-q's factors: ``1/q`` for a given ``q``, else searched on calibration windows."""
+    from .darex import Q_MODES, darex_factors
+
+    if q is not None:
+        if not (1.0 - drop <= q <= 1.0):
+            raise UserError(f"--q must be in [1 - drop, 1] = [{1 - drop:g}, 1] (q = 1 - drop is "
+                            f"plain DARE, q = 1 no rescaling), got {q}")
+        return 1.0 / q, {"mode": "given", "q_global": q}
+    if q_mode not in Q_MODES:
+        raise UserError(f"--q-mode must be one of {', '.join(Q_MODES)}, got {q_mode!r}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_text, tokenize, windows
+
+    tok = AutoTokenizer.from_pretrained(tuned_dir)
+    text = load_text(calib_data, "calib")
+    ids = windows(tokenize(tok, text.text), nsamples, seqlen, source=text.source)
+    model = AutoModelForCausalLM.from_pretrained(tuned_dir, dtype=torch.float32).eval()
+    base_t, pruned = {}, {}
+    for name in rt.entries:
+        t, b = rt.read(name), rb.read(name)
+        if t.is_floating_point():
+            base_t[name] = b.float()
+            d = t.float() - base_t[name]
+            pruned[name] = d.masked_fill_(~drop_mask(d, drop, method,
+                                                     tensor_generator(seed, name)), 0.0)
+    factors, info = darex_factors(model, base_t, pruned, drop, ids, q_mode, progress)
+    info["calib"] = text.source
+    return factors, info
+
+
 def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale: str = "dare",
          seed: int = 0, output: str | None = None, delta_output: str | None = None,
-         overwrite: bool = False, progress: bool = True) -> dict:
-    """Prune the delta of ``finetuned`` against ``base``; write W' and/or the compact delta."""
+         overwrite: bool = False, progress: bool = True, q: float | None = None,
+         q_mode: str = "global", calib_data: str | None = None, nsamples: int = 16,
+         seqlen: int = 256) -> dict:
+    """Prune the delta of ``finetuned`` against ``base``; write W' and/or the compact delta.
+
+    ``rescale="darex-q"`` uses ``q`` when given, else searches it on ``nsamples`` x ``seqlen``
+    windows of ``calib_data`` (which should be text of the fine-tuning domain) in ``q_mode``
+    ``global`` or ``per-layer``; see ``llmprune.darex``."""
     from .export import Source, _nm_of, export
     from .loading import resolve
     from .output import atomic_dir, check_output
@@ -129,7 +174,16 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
                                                                         "llmprune.json")]
     meta = {"method": "dare", "drop": drop, "selection": method, "rescale": rescale,
             "seed": seed, "base": base, "finetuned": finetuned}
+    factors: dict[str, float] | float | None = None
+    if rescale == "darex-q":
+        factors, meta["darex_q"] = _darex(base_dir, tuned_dir, rb, rt, drop, method, seed, q,
+                                          q_mode, calib_data, nsamples, seqlen, progress)
     kept = total = 0
+
+    def factor(name: str) -> float | None:
+        if isinstance(factors, dict):
+            return factors.get(name)
+        return factors
 
     def deltas() -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
         """(name, d' or the tuned tensor when not floating, keep mask or None, base tensor)"""
@@ -139,7 +193,8 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
             if not t.is_floating_point():
                 yield name, t, None, b
                 continue
-            d, keep = prune_delta(b, t, drop, method, rescale, tensor_generator(seed, name))
+            d, keep = prune_delta(b, t, drop, method, rescale, tensor_generator(seed, name),
+                                  factor(name))
             kept += int(keep.sum())
             total += keep.numel()
             yield name, d, keep, b

@@ -103,3 +103,110 @@ def test_mismatched_pair_is_one_line(pair, tmp_path, capsys, tokenizer):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.layers.1.mlp.up_proj.weight" in err
     assert not (tmp_path / "o").exists()
+
+
+# --- DAREx-q -------------------------------------------------------------------------------------
+
+
+def _rank1_pair(p: float, seed: int = 0):
+    """A tiny tuned model whose deltas are rank-1 (coherent, like real fine-tuning), and the
+    pieces darex works on: base tensors, the dropped (un-rescaled) deltas and tuned tensors."""
+    base = tiny_model("llama", seed=seed)
+    tuned = tiny_model("llama", seed=seed)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, w in tuned.named_parameters():
+            if w.dim() == 2 and "layers" in name:
+                u, v = torch.randn(w.shape[0], 1, generator=g), torch.randn(1, w.shape[1], generator=g)
+                w.add_(0.05 * u @ v)
+    sb, st = base.state_dict(), tuned.state_dict()
+    names = [n for n in st if "layers" in n and st[n].dim() == 2]
+    b = {n: sb[n].clone() for n in names}
+    pruned = {n: (st[n] - sb[n]) * (torch.rand(st[n].shape, generator=g) >= p) for n in names}
+    return tuned, b, pruned, {n: st[n].clone() for n in names}
+
+
+def test_per_layer_q_is_the_least_squares_fit_of_each_linear_output(calib_ids):
+    import numpy as np
+
+    from llmprune.darex import _per_layer_s
+
+    p = 0.5
+    tuned, b, pruned, t = _rank1_pair(p)
+    got = _per_layer_s(tuned, b, pruned, t, p, calib_ids, progress=False)
+    assert set(got) == set(pruned)
+    # independent: capture each linear's inputs with our own hooks, solve min_s ||s a - y|| by lstsq
+    xs = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: xs.setdefault(n, []).append(i[0]))
+             for n, m in tuned.named_modules() if f"{n}.weight" in pruned]
+    with torch.no_grad():
+        for i in range(0, calib_ids.shape[0], 4):
+            tuned(input_ids=calib_ids[i: i + 4])
+    for h in hooks:
+        h.remove()
+    inside = 0
+    for n, chunks in xs.items():
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).double().numpy()
+        a = (x @ pruned[f"{n}.weight"].double().numpy().T).reshape(-1, 1)
+        y = (x @ (t[f"{n}.weight"] - b[f"{n}.weight"]).double().numpy().T).reshape(-1)
+        s = float(np.linalg.lstsq(a, y, rcond=None)[0][0])
+        want = min(max(s, 1.0), 1 / (1 - p))
+        assert abs(got[f"{n}.weight"] - want) < 1e-4 * want, n
+        inside += 1.0 < s < 1 / (1 - p)
+    # coherent (rank-1) deltas put the optimum strictly between no rescale and DARE's
+    assert inside >= len(xs) // 2
+
+
+def test_darex_q_given_rescales_by_one_over_q(pair, tmp_path):
+    base, tuned = pair
+    out = tmp_path / "m"
+    assert main(["-q", "dare", "--base", str(base), "--finetuned", str(tuned), "--drop", "0.9",
+                 "--rescale", "darex-q", "--q", "0.25", "--output", str(out)]) == 0
+    merged = load_file(out / "model.safetensors")
+    b, t = load_file(base / "model.safetensors"), load_file(tuned / "model.safetensors")
+    for name, w in merged.items():
+        kept = w != b[name]
+        assert torch.allclose((w - b[name])[kept], ((t[name] - b[name]) / 0.25)[kept],
+                              rtol=1e-4, atol=1e-6)
+
+
+def _calib_loss(path, ids):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return float(m(input_ids=ids, labels=ids).loss)
+
+
+def test_darex_q_search_is_no_worse_than_dare_or_no_rescale(pair, tmp_path, text_file,
+                                                             tokenizer):
+    """The searched q's calibration loss, measured independently on the written model, is at
+    most that of the grid's end points q = 1 - p (DARE) and q = 1 (no rescale)."""
+    from llmprune.data import tokenize, windows
+
+    base, tuned = pair
+    args = ["-q", "dare", "--base", str(base), "--finetuned", str(tuned), "--drop", "0.9",
+            "--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32"]
+    from llmprune.dare import dare
+
+    meta = dare(str(base), str(tuned), 0.9, "random", "darex-q", 0,
+                              str(tmp_path / "s"), progress=False, calib_data=str(text_file),
+                              nsamples=4, seqlen=32)
+    q = meta["darex_q"]["q_global"]
+    assert 0.1 - 1e-9 <= q <= 1.0
+    assert main(args + ["--rescale", "dare", "--output", str(tmp_path / "d")]) == 0
+    assert main(args + ["--rescale", "none", "--output", str(tmp_path / "n")]) == 0
+    ids = windows(tokenize(tokenizer, text_file.read_text()), 4, 32)
+    ls, ld, ln = (_calib_loss(tmp_path / k, ids) for k in "sdn")
+    assert ls <= min(ld, ln) + 1e-5
+    info = json.loads((tmp_path / "s" / "llmprune.json").read_text())
+    assert info["dare"]["darex_q"]["q_global"] == q
+
+
+def test_darex_q_bad_q_is_one_line(pair, tmp_path, capsys):
+    base, tuned = pair
+    assert main(["-q", "dare", "--base", str(base), "--finetuned", str(tuned), "--drop", "0.9",
+                 "--rescale", "darex-q", "--q", "0.05", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--q must be in [1 - drop, 1]" in err
+    assert not (tmp_path / "o").exists()
