@@ -7,8 +7,11 @@
    steps of 4 x 256 tokens, lr 5e-5, seed 0), the last 10% evaluate. Saved to
    ``eval/.cache/smollm2-pycode`` (git-ignored).
 2. **The table**: for drop 0.5, 0.9, 0.99: random + no rescale, random + DARE rescale,
-   magnitude (no rescale), each merged with ``llmprune dare`` and scored by perplexity on the
-   held-out code (16 x 256 tokens) and on WikiText-2 test (16 x 1024 tokens, the protocol).
+   random + DAREx-q (global search, and per-layer closed form), magnitude (no rescale), each
+   merged with ``llmprune dare`` and scored by perplexity on the held-out code (16 x 256
+   tokens) and on WikiText-2 test (16 x 1024 tokens, the protocol). DAREx-q's calibration text
+   is the start of the fine-tuning (training) portion of the code, 8 x 256 tokens, never the
+   held-out code.
 
     .venv/bin/python eval/bench_dare.py            # builds the pair once, then the table
 
@@ -101,20 +104,36 @@ def main() -> None:
             {"model": "fine-tuned", **score(tuned)}]
     print(json.dumps(rows), flush=True)
     work = Path(tempfile.mkdtemp(prefix="llmprune-dare-"))
+    calib = work / "code-train-calib.txt"  # from the training 90% only
+    calib.write_text(tok.decode(code_ids[: 2 * 8 * 256]))
     for drop in (float(d) for d in args.drops.split(",")):
-        for method, rescale in (("random", "none"), ("random", "dare"), ("magnitude", "none")):
-            out = work / f"{method}-{rescale}-{drop}"
-            dare(base, tuned, drop, method, rescale, seed=0, output=str(out), progress=False)
-            rows.append({"drop": drop, "method": method, "rescale": rescale, **score(str(out))})
+        for method, rescale, q_mode in (("random", "none", None), ("random", "dare", None),
+                                        ("random", "darex-q", "global"),
+                                        ("random", "darex-q", "per-layer"),
+                                        ("magnitude", "none", None)):
+            out = work / f"{method}-{rescale}-{q_mode}-{drop}"
+            t = time.perf_counter()
+            meta = dare(base, tuned, drop, method, rescale, seed=0, output=str(out),
+                        progress=False, q_mode=q_mode or "global", calib_data=str(calib),
+                        nsamples=8, seqlen=256)
+            row = {"drop": drop, "method": method,
+                   "rescale": rescale + (f" ({q_mode})" if q_mode else ""),
+                   "seconds": round(time.perf_counter() - t, 1), **score(str(out))}
+            if "darex_q" in meta:
+                row["q"] = meta["darex_q"]["q_global"]
+                row["per_layer_q"] = meta["darex_q"].get("per_layer_q")
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(out, ignore_errors=True)
     Path(args.json).write_text(json.dumps({"pair": {"base": "smollm2-135m", "finetune": {
         "data": f"Python stdlib {', '.join(PACKAGES)} (first 90% of tokens)",
         "steps": args.steps, "batch": "4 x 256", "lr": 5e-5}}, "rows": rows}, indent=2) + "\n")
-    print("\n| model | drop | selection | rescale | code ppl | WikiText ppl |\n|---|---|---|---|---|---|")
+    print("\n| model | drop | selection | rescale | q | code ppl | WikiText ppl |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
+        q = f"{r['q']:.4g}" if "q" in r else "-"
         print(f"| {r.get('model', 'dare')} | {r.get('drop', '-')} | {r.get('method', '-')} | "
-              f"{r.get('rescale', '-')} | {r['code_ppl']:.3f} | {r['wikitext_ppl']:.3f} |")
+              f"{r.get('rescale', '-')} | {q} | {r['code_ppl']:.3f} | {r['wikitext_ppl']:.3f} |")
 
 
 if __name__ == "__main__":
