@@ -135,14 +135,101 @@ def _add_solver(sub, name: str) -> None:
     p.set_defaults(func=_run_solver, method=name)
 
 
+def _fraction(flag: str):
+    def parse(value: str) -> float:
+        try:
+            v = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number in [0, 1), got {value!r}")
+        if not (0.0 <= v < 1.0):
+            raise argparse.ArgumentTypeError(f"{flag} must be in [0, 1), got {value}")
+        return v
+    return parse
+
+
+def _add_structured_target(p: argparse.ArgumentParser) -> None:
+    """Target flags shared by the structured commands (structured, bonsai, loraprune)."""
+    p.add_argument("--sparsity", type=_fraction("--sparsity"), default=None,
+                   help="fraction of decoder-layer linear parameters to remove, in [0, 1). "
+                        "Alone: about the same fraction of attention and of MLP parameters "
+                        "(heads come in coarse steps; the MLP channels make up the total)")
+    p.add_argument("--heads", type=_fraction("--heads"), default=None,
+                   help="fraction of query heads to remove (overrides the split of --sparsity; "
+                        "rounded to whole steps: with GQA one head per KV group, or whole KV "
+                        "groups with --gqa kv)")
+    p.add_argument("--mlp", type=_fraction("--mlp"), default=None,
+                   help="fraction of MLP intermediate channels to remove (overrides the split "
+                        "of --sparsity)")
+    p.add_argument("--non-uniform", action="store_true",
+                   help="rank heads and channels across all layers, so layers keep different "
+                        "widths (loads with llmprune.load_pretrained, not plain "
+                        "from_pretrained); default: the same widths in every layer, a plain "
+                        "Hugging Face checkpoint")
+    p.add_argument("--gqa", choices=["even", "kv"], default="even",
+                   help="grouped-query attention: even = remove the same number of query heads "
+                        "from every KV group; kv = remove whole KV groups (k/v shrink too)")
+
+
+def _add_structured(sub) -> None:
+    text = ("One-shot structured pruning baseline: score every attention head and MLP channel "
+            "(magnitude: L2 norm of the group's weights; activation: L2 norm of its activations "
+            "on calibration text), remove the least important ones and write a physically "
+            "smaller model. Uniform widths load with plain AutoModelForCausalLM.from_pretrained.")
+    p = sub.add_parser("structured", help="one-shot head / MLP-channel pruning (smaller model)",
+                       description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--importance", choices=["magnitude", "activation"], default="magnitude",
+                   help="group importance: weight norms (no data) or activation norms")
+    _add_structured_target(p)
+    p.add_argument("--output", required=True,
+                   help="directory for the shrunk checkpoint and its llmprune.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it exists (only once the new one is complete)")
+    p.add_argument("--nsamples", type=_positive, default=32,
+                   help="activation: number of calibration sequences")
+    p.add_argument("--seqlen", type=_positive, default=512,
+                   help="activation: tokens per calibration sequence")
+    p.add_argument("--calib-data", default=None,
+                   help="activation: calibration text, a .txt/.jsonl file or wikitext2|c4|ptb "
+                        "(default: wikitext2 valid.txt)")
+    p.add_argument("--batch-size", type=_positive, default=4,
+                   help="activation: calibration sequences per forward pass")
+    p.add_argument("--eval-ppl", default=None, metavar="DATA",
+                   help="also print dense and pruned perplexity on DATA (wikitext2 or a .txt "
+                        "file)")
+    p.add_argument("--eval-seqlen", type=_positive, default=1024,
+                   help="window length for --eval-ppl")
+    p.add_argument("--max-windows", type=_positive, default=16,
+                   help="number of windows for --eval-ppl")
+    p.set_defaults(func=_run_structured)
+
+
+def _run_structured(args) -> int:
+    from .api import _check_device
+    from .structured import structured_checkpoint
+
+    _check_device(args.device)
+    info = structured_checkpoint(
+        args.model, args.output, importance=args.importance, sparsity=args.sparsity,
+        heads=args.heads, mlp=args.mlp, uniform=not args.non_uniform, gqa=args.gqa,
+        nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data,
+        batch_size=args.batch_size, overwrite=args.overwrite, eval_ppl=args.eval_ppl,
+        eval_seqlen=args.eval_seqlen, eval_max_windows=args.max_windows,
+        trust_remote_code=args.trust_remote_code, device=args.device, progress=not args.quiet)
+    print(f"removed {info['removed_fraction']:.4f} of the decoder-layer linear parameters; "
+          f"wrote {args.output} (loads with {info['loads_with']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmprune",
                      description="Post-training pruning of large language models.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                metavar="{magnitude,wanda,sparsegpt,eval,export,inspect,push,run,sweep,dare,merge}")
+                                metavar="{magnitude,wanda,sparsegpt,structured,eval,export,inspect,push,run,sweep,dare,merge}")
     for name in ("magnitude", "wanda", "sparsegpt"):
         _add_solver(sub, name)
+    _add_structured(sub)
     p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a model",
                        description="Print the perplexity of a model as 'perplexity: <value>' "
                                    "and/or run lm-eval harness tasks on it (in memory: pruned, "

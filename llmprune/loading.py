@@ -149,9 +149,16 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", trust_remote_code:
 
     from .export import is_compact, load_pretrained
 
+    def _is_structured_dir(path: str) -> bool:
+        from .structured import CONFIG_KEY
+
+        return Path(path).is_dir() and CONFIG_KEY in config.to_dict()
+
     resolved = resolve(model)
     config = load_config(resolved, trust_remote_code)
-    if is_compact(resolved):  # a compact llmprune export: decode it (bit-exact)
+    if is_compact(resolved) or _is_structured_dir(resolved):
+        # a compact llmprune export (decoded bit-exact), or a structured one with per-layer
+        # widths (built shrunk, then loaded)
         adapter_for_type(config.model_type)
         if check is not None:
             check(skeleton(config, trust_remote_code))

@@ -484,15 +484,7 @@ def select(scores: list[dict[str, torch.Tensor]], groups: list[LayerGroups], *,
     scored by the sum of their query heads. Every layer keeps at least one KV group, one query head
     per kept KV group and one MLP channel.
     """
-    if gqa not in ("even", "kv"):
-        raise UserError(f"--gqa must be even or kv, got {gqa!r}")
-    for name, value in (("sparsity", sparsity), ("heads", heads), ("mlp", mlp)):
-        _check_fraction(name, value)
-    if sparsity is None and heads is None and mlp is None:
-        raise UserError("give a target: --sparsity, or --heads and/or --mlp")
-    if sparsity is not None and heads is not None and mlp is not None:
-        raise UserError("--sparsity with both --heads and --mlp over-determines the target; "
-                        "drop one of them")
+    check_targets(sparsity=sparsity, heads=heads, mlp=mlp, gqa=gqa)
     if len(scores) != len(groups):
         raise ValueError(f"{len(scores)} layers of scores for {len(groups)} layers of groups")
     _check_mask(groups, scores)
@@ -629,3 +621,177 @@ def weight_files(src: Path) -> list[Path]:
         return [single]
     raise UserError(f"{src} records per-layer widths ({CONFIG_KEY} in config.json) but has no "
                     f"{WEIGHTS_NAME}; the export is incomplete")
+
+
+# ----------------------------------------------------------------------------- one-shot baseline
+IMPORTANCES = ("magnitude", "activation")
+
+
+@torch.no_grad()
+def magnitude_scores(model) -> list[dict[str, torch.Tensor]]:
+    """L2 norm of each group's weights (the baseline importance, no data).
+
+    A query head: its q rows (+ bias) and output-projection columns, plus its share
+    (1 / group_size) of its KV head's k and v rows -- with multi-head attention (OPT) that is the
+    head's own k/v. An MLP channel: its rows of the MLP input linears (+ biases) and its column of
+    the MLP output linear."""
+    adapter, lay = _layout(model)
+    scores = []
+    for layer, g in zip(adapter.layers(model), layer_groups(model)):
+        def rows_sq(lin: nn.Linear, block: int) -> torch.Tensor:  # [out / block]
+            sq = lin.weight.detach().float().pow(2).sum(dim=1)
+            if lin.bias is not None:
+                sq = sq + lin.bias.detach().float().pow(2)
+            return sq.reshape(-1, block).sum(dim=1)
+
+        q_sq = rows_sq(layer.get_submodule(lay.q), g.head_dim)  # [n_heads]
+        o_sq = (layer.get_submodule(lay.o).weight.detach().float().pow(2).sum(dim=0)
+                .reshape(g.n_heads, g.head_dim).sum(dim=1))
+        kv_sq = (rows_sq(layer.get_submodule(lay.k), g.head_dim)
+                 + rows_sq(layer.get_submodule(lay.v), g.head_dim))  # [n_kv]
+        heads = q_sq + o_sq + kv_sq.repeat_interleave(g.group_size) / g.group_size
+        ch = sum(rows_sq(layer.get_submodule(n), 1) for n in lay.mlp_in)
+        ch = ch + layer.get_submodule(lay.mlp_out).weight.detach().float().pow(2).sum(dim=0)
+        scores.append({"heads": heads.sqrt().cpu(), "mlp": ch.sqrt().cpu()})
+    return scores
+
+
+@torch.no_grad()
+def activation_scores(model, calib_ids: torch.Tensor, batch_size: int = 4,
+                      progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """L2 norm of each group's activations over the calibration tokens: a head's slice of the
+    output projection's input (its attention output), a channel's input to the MLP output
+    linear. Gathered with forward pre-hooks during plain forward passes (no autograd)."""
+    from tqdm.auto import tqdm
+
+    adapter, lay = _layout(model)
+    groups = layer_groups(model)
+    device = next(model.parameters()).device
+    sums: list[dict[str, torch.Tensor]] = [
+        {"heads": torch.zeros(g.n_heads * g.head_dim, dtype=torch.float64),
+         "mlp": torch.zeros(g.n_channels, dtype=torch.float64)} for g in groups]
+    handles = []
+
+    def accumulate(acc: torch.Tensor):
+        def hook(module, args):
+            x = args[0].detach().float()
+            acc.add_(x.pow(2).reshape(-1, x.shape[-1]).sum(dim=0).double().cpu())
+        return hook
+
+    try:
+        for layer, s in zip(adapter.layers(model), sums):
+            handles.append(layer.get_submodule(lay.o).register_forward_pre_hook(
+                accumulate(s["heads"])))
+            handles.append(layer.get_submodule(lay.mlp_out).register_forward_pre_hook(
+                accumulate(s["mlp"])))
+        for batch in tqdm(calib_ids.split(batch_size), desc="activation norms", unit="batch",
+                          disable=not progress):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [{"heads": s["heads"].reshape(g.n_heads, g.head_dim).sum(dim=1).sqrt().float(),
+             "mlp": s["mlp"].sqrt().float()} for s, g in zip(sums, groups)]
+
+
+def check_targets(*, sparsity=None, heads=None, mlp=None, gqa="even") -> None:
+    """Validate a structured target before anything expensive runs (raises UserError)."""
+    if gqa not in ("even", "kv"):
+        raise UserError(f"--gqa must be even or kv, got {gqa!r}")
+    for name, value in (("sparsity", sparsity), ("heads", heads), ("mlp", mlp)):
+        _check_fraction(name, value)
+    if sparsity is None and heads is None and mlp is None:
+        raise UserError("give a target: --sparsity, or --heads and/or --mlp")
+    if sparsity is not None and heads is not None and mlp is not None:
+        raise UserError("--sparsity with both --heads and --mlp over-determines the target; "
+                        "drop one of them")
+
+
+def check_supported(model) -> None:
+    """Raise a one-line UserError when the model's family has no structured layout."""
+    _layout(model)
+
+
+def prune_structured(model, *, importance: str = "magnitude", sparsity: float | None = None,
+                     heads: float | None = None, mlp: float | None = None, uniform: bool = True,
+                     gqa: str = "even", calib_ids: torch.Tensor | None = None,
+                     batch_size: int = 4, progress: bool = True) -> tuple[StructuredMask, dict]:
+    """The one-shot baseline: score every head and channel (``magnitude`` or ``activation``), then
+    :func:`select`. Returns the mask (the model is not modified) and a summary."""
+    if importance not in IMPORTANCES:
+        raise UserError(f"--importance must be magnitude or activation, got {importance!r}")
+    check_targets(sparsity=sparsity, heads=heads, mlp=mlp, gqa=gqa)
+    check_supported(model)
+    if importance == "activation":
+        if calib_ids is None:
+            raise UserError("activation importance needs calibration data")
+        scores = activation_scores(model, calib_ids, batch_size, progress)
+    else:
+        scores = magnitude_scores(model)
+    groups = layer_groups(model)
+    mask = select(scores, groups, sparsity=sparsity, heads=heads, mlp=mlp, uniform=uniform,
+                  gqa=gqa)
+    return mask, describe(groups, mask)
+
+
+def structured_checkpoint(model_name: str, output: str, *, importance: str = "magnitude",
+                          sparsity: float | None = None, heads: float | None = None,
+                          mlp: float | None = None, uniform: bool = True, gqa: str = "even",
+                          nsamples: int = 32, seqlen: int = 512, calib_data: str | None = None,
+                          batch_size: int = 4, overwrite: bool = False,
+                          eval_ppl: str | None = None, eval_seqlen: int = 1024,
+                          eval_max_windows: int | None = 16, trust_remote_code: bool = False,
+                          device: str = "cpu", progress: bool = True) -> dict:
+    """``llmprune structured``: load, score, select, (evaluate,) shrink and save atomically."""
+    import time
+
+    from .data import ids_sha256, load_text, tokenize, windows
+    from .evaluate import perplexity
+    from .loading import load_model, resolve
+    from .output import check_output
+
+    if importance not in IMPORTANCES:
+        raise UserError(f"--importance must be magnitude or activation, got {importance!r}")
+    check_targets(sparsity=sparsity, heads=heads, mlp=mlp, gqa=gqa)
+    check_output(output, overwrite)
+    resolved = resolve(model_name)
+    check_output(output, overwrite, sources=(resolved,))
+    calib_text = load_text(calib_data, "calib") if importance == "activation" else None
+    eval_text = load_text(eval_ppl, "eval") if eval_ppl else None
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tokenizer, resolved = load_model(model_name, trust_remote_code=trust_remote_code,
+                                            check=check_supported)
+    timings["load"] = time.perf_counter() - t
+    model.to(device)
+    calib_ids, calib_info = None, None
+    if calib_text is not None:
+        calib_ids = windows(tokenize(tokenizer, calib_text.text), nsamples, seqlen,
+                            source=calib_text.source)
+        calib_info = {"source": calib_text.source, "text_sha256": calib_text.sha256,
+                      "ids_sha256": ids_sha256(calib_ids), "shape": list(calib_ids.shape)}
+    results: dict[str, float] = {}
+    eval_ids = tokenize(tokenizer, eval_text.text) if eval_text is not None else None
+    if eval_ids is not None:
+        results["dense_perplexity"] = perplexity(model, eval_ids, eval_seqlen, eval_max_windows,
+                                                 device=device, progress=progress)
+        print(f"dense perplexity: {results['dense_perplexity']:.4f}", flush=True)
+    t = time.perf_counter()
+    mask, summary = prune_structured(model, importance=importance, sparsity=sparsity,
+                                     heads=heads, mlp=mlp, uniform=uniform, gqa=gqa,
+                                     calib_ids=calib_ids, batch_size=batch_size,
+                                     progress=progress)
+    timings["prune"] = time.perf_counter() - t
+    if eval_ids is not None:
+        with masked(model, mask):
+            results["pruned_perplexity"] = perplexity(model, eval_ids, eval_seqlen,
+                                                      eval_max_windows, device=device,
+                                                      progress=progress)
+        print(f"pruned perplexity: {results['pruned_perplexity']:.4f}", flush=True)
+    meta = {"method": "structured-baseline", "importance": importance, "source_model": model_name,
+            "resolved_model": resolved,
+            "target": {"sparsity": sparsity, "heads": heads, "mlp": mlp, "uniform": uniform,
+                       "gqa": gqa},
+            "calibration": calib_info, "results": results}
+    meta["timings"] = timings  # seconds: load, prune (saving is not included)
+    return save_structured(model.cpu(), tokenizer, output, mask, meta, overwrite=overwrite)
