@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Post-training pruning of large language models.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                metavar="{magnitude,wanda,sparsegpt,structured,eval,export,inspect,push,run,sweep,dare,merge}")
+                                metavar="{magnitude,wanda,sparsegpt,structured,eval,export,inspect,push,run,sweep,dare,merge,perp}")
     for name in ("magnitude", "wanda", "sparsegpt"):
         _add_solver(sub, name)
     _add_structured(sub)
@@ -353,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.set_defaults(func=_run_sweep)
 
+    _add_perp(sub)
+
     p = sub.add_parser(
         "dare", help="DARE: prune the delta of a fine-tuned model against its base",
         description="DARE (Yu et al. 2024): drop a fraction --drop of the delta "
@@ -426,6 +428,90 @@ def _run_merge(args) -> int:
                  args.drop, args.seed, args.output, args.overwrite, progress=not args.quiet)
     print(f"merged {len(args.finetuned)} model(s) onto {args.base} ({args.method}); "
           f"wrote {args.output}")
+    return 0
+
+
+def _add_perp(sub) -> None:
+    desc = ("PERP (Zimmer et al. 2023): retrain a tiny subset of a pruned model's parameters -- "
+            "norm weights, biases and/or low-rank adapters whose merged update keeps the "
+            "sparsity (MaskLoRA: W + (s B A) * M; ScaleLoRA: (B A) * W) -- on calibration "
+            "text, merge, check that every pruned linear's zeros are exactly where they were, "
+            "and write a plain checkpoint with the same masks file.")
+    p = sub.add_parser("perp", help="PERP: retrain norms/biases/masked LoRA of a pruned model",
+                       description=desc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a pruned checkpoint: the --output directory of 'llmprune "
+                        "magnitude|wanda|sparsegpt' (holds llmprune_masks.safetensors)")
+    p.add_argument("--train", default="norms,lora",
+                   help="comma list of what is trained: norms (LayerNorm/RMSNorm weights), "
+                        "biases (every bias), lora (adapters on the pruned linears)")
+    p.add_argument("--lora-variant", choices=["masklora", "scalelora"], default="masklora",
+                   help="masklora: W + (alpha/rank B A) * M, the LoRA delta masked (starts at 0, "
+                        "LoRA's usual rank/alpha/lr carry over); scalelora: (B A) * W, "
+                        "initialised to B A = 1 (rank 1 = scaling rows and columns)")
+    p.add_argument("--rank", type=_positive, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0,
+                   help="LoRA alpha; MaskLoRA's delta is scaled by alpha/rank (ScaleLoRA "
+                        "ignores it)")
+    p.add_argument("--steps", type=_positive, default=200, help="optimizer steps (AdamW)")
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="peak learning rate (linear warm-up over 10%% of the steps, then "
+                        "linear decay to 0)")
+    p.add_argument("--batch-size", type=_positive, default=4, help="sequences per step")
+    p.add_argument("--seqlen", type=_positive, default=512, help="tokens per training sequence")
+    p.add_argument("--nsamples", type=_positive, default=128,
+                   help="training windows cut from --calib-data (cycled through in seeded "
+                        "random order)")
+    p.add_argument("--calib-data", default=None,
+                   help="training text: a .txt/.jsonl file or wikitext2|c4|ptb (default: "
+                        "wikitext2 valid.txt, the calibration text)")
+    p.add_argument("--calib-sampling", choices=["consecutive", "random"],
+                   default="consecutive",
+                   help="consecutive: the first nsamples non-overlapping windows; random: "
+                        "seeded random windows")
+    p.add_argument("--seed", type=int, default=0, help="seed (adapter init, batch order)")
+    p.add_argument("--device", default="cpu", help="compute device: cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="compute dtype of training; auto = bf16 autocast (fp32 master weights) "
+                        "where the device runs bf16 fast and the model is fp32, else the "
+                        "model's")
+    p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="recompute activations in the backward to save memory; auto = on for "
+                        "accelerators (memory-bound), off on CPU (RAM is plenty; it would only "
+                        "add ~30%% compute)")
+    p.add_argument("--output", required=True,
+                   help="directory for the retrained checkpoint (plain, loads with "
+                        "AutoModelForCausalLM.from_pretrained; same masks file)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it exists (only once the new one is complete)")
+    p.add_argument("--export", choices=["dense", "compact"], default="dense",
+                   help="dense: a plain checkpoint; compact: see 'llmprune export'")
+    p.add_argument("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="dtype of the saved weights; auto keeps the model's")
+    p.add_argument("--eval-ppl", default=None, metavar="DATA",
+                   help="also print perplexity on DATA (wikitext2 or a .txt file) before and "
+                        "after PERP")
+    p.add_argument("--eval-seqlen", type=_positive, default=1024,
+                   help="window length for --eval-ppl")
+    p.add_argument("--max-windows", type=_positive, default=16,
+                   help="number of windows for --eval-ppl")
+    p.set_defaults(func=_run_perp)
+
+
+def _run_perp(args) -> int:
+    from .perp import PerpConfig, perp_checkpoint, summary_line
+
+    config = PerpConfig(train=args.train, lora_variant=args.lora_variant, rank=args.rank,
+                        alpha=args.alpha, steps=args.steps, lr=args.lr,
+                        batch_size=args.batch_size, seqlen=args.seqlen, nsamples=args.nsamples,
+                        calib_data=args.calib_data, calib_sampling=args.calib_sampling,
+                        seed=args.seed, device=args.device, dtype=args.dtype,
+                        gradient_checkpointing=args.gradient_checkpointing)
+    meta = perp_checkpoint(args.model, config, args.output, overwrite=args.overwrite,
+                           eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
+                           eval_max_windows=args.max_windows, progress=not args.quiet,
+                           export=args.export, export_dtype=args.export_dtype)
+    print(f"{summary_line(meta)}; wrote {args.output}")
     return 0
 
 
