@@ -324,15 +324,20 @@ def _update_config(model, lay: StructuredLayout, groups: list[LayerGroups],
     nh, nkv, nc = widths[0]
     heads_changed = any(w[0] != getattr(config, lay.heads_key) for w in widths)
     if uniform and (lay.head_dim_in_config or not heads_changed):
-        setattr(config, lay.heads_key, nh)
-        if lay.kv_key:
-            setattr(config, lay.kv_key, nkv)
-        setattr(config, lay.mlp_key, nc)
-        if lay.head_dim_in_config:
-            config.head_dim = head_dim  # no longer hidden_size // heads
-        if hasattr(config, CONFIG_KEY):
-            delattr(config, CONFIG_KEY)
-        return
+        keys = [lay.heads_key, lay.mlp_key] + ([lay.kv_key] if lay.kv_key else []) + (
+            ["head_dim"] if lay.head_dim_in_config else [])
+        old = {k: getattr(config, k, None) for k in keys}
+        new = {lay.heads_key: nh, lay.mlp_key: nc, lay.kv_key: nkv, "head_dim": head_dim}
+        for k in keys:
+            setattr(config, k, new[k])  # head_dim explicit: no longer hidden_size // heads
+        if _config_valid(config):
+            if hasattr(config, CONFIG_KEY):
+                delattr(config, CONFIG_KEY)
+            return
+        # e.g. transformers' LlamaConfig insists on hidden_size % num_attention_heads == 0 even
+        # with an explicit head_dim: keep the old widths and record the new ones instead
+        for k in keys:
+            setattr(config, k, old[k])
     # Non-uniform: the config keeps widths from which the skeleton is built (those it had, or
     # the per-layer maxima if a layer grew past them, which shrinking never does) and records
     # each layer's widths.
@@ -341,6 +346,17 @@ def _update_config(model, lay: StructuredLayout, groups: list[LayerGroups],
         "layers": [{"n_heads": a, "n_kv_heads": b, "intermediate_size": c} for a, b, c in widths],
         "note": "per-layer widths of a structured-pruned model; load it with "
                 "llmprune.load_pretrained (plain from_pretrained cannot build it)"})
+
+
+def _config_valid(config) -> bool:
+    validate = getattr(config, "validate", None)  # transformers 5 strict configs
+    if validate is None:
+        return True
+    try:
+        validate()
+    except Exception:  # noqa: BLE001 - any validator failure means "not a plain config"
+        return False
+    return True
 
 
 def shrink_to_widths(model, widths: list[dict]) -> None:
