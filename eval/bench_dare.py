@@ -78,6 +78,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--drops", default="0.5,0.9,0.99")
+    ap.add_argument("--q-modes", default="global,per-layer",
+                    help="which DAREx-q rows to run (comma list of global, per-layer)")
     ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_dare.json"))
     args = ap.parse_args()
 
@@ -107,10 +109,10 @@ def main() -> None:
     calib = work / "code-train-calib.txt"  # from the training 90% only
     calib.write_text(tok.decode(code_ids[: 2 * 8 * 256]))
     for drop in (float(d) for d in args.drops.split(",")):
-        for method, rescale, q_mode in (("random", "none", None), ("random", "dare", None),
-                                        ("random", "darex-q", "global"),
-                                        ("random", "darex-q", "per-layer"),
-                                        ("magnitude", "none", None)):
+        variants = [("random", "none", None), ("random", "dare", None)]
+        variants += [("random", "darex-q", m) for m in args.q_modes.split(",") if m]
+        variants += [("magnitude", "none", None)]
+        for method, rescale, q_mode in variants:
             out = work / f"{method}-{rescale}-{q_mode}-{drop}"
             t = time.perf_counter()
             meta = dare(base, tuned, drop, method, rescale, seed=0, output=str(out),
