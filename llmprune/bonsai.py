@@ -40,6 +40,7 @@ Choices of ours, where the paper leaves room or where a CPU forces it:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -54,9 +55,8 @@ log = logging.getLogger(__name__)
 
 Scores = list  # list[dict[str, torch.Tensor]]: like a mask, higher = more important
 
-# Scores that force a group's fate in structured.select: far below / above any real score.
+# The score that keeps a removed group removed in structured.select: below any real score.
 _PRUNED = -1e30
-_KEEP = 1e30
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,9 +209,10 @@ def activation_prior(model, ids: torch.Tensor, batch_size: int = 4,
         handles.append(layer.get_submodule(o_name).register_forward_pre_hook(o_hook))
         handles.append(layer.get_submodule(down_name).register_forward_pre_hook(d_hook))
     try:
+        device = next(model.parameters()).device
         for batch in tqdm(ids.split(batch_size), desc="bonsai prior", unit="batch",
                           disable=not progress):
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -230,7 +231,9 @@ def activation_prior(model, ids: torch.Tensor, batch_size: int = 4,
 def calibration_loss(model, ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token NLL of ``model`` on ``ids`` ``[n, seqlen]`` (forward passes only)."""
     nll, count = 0.0, 0
+    device = next(model.parameters()).device
     for batch in ids.split(batch_size):
+        batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                reduction="sum").item()
@@ -253,7 +256,7 @@ class BonsaiConfig:
     candidate_factor: float = 2.0  # candidates = groups the prior removes at this x the step
     mlp_block: int = 64  # MLP channels per regression variable
     ridge: float = 1.0  # gamma of Eq. (2), relative to the Gram diagonal
-    sub_nsamples: int = 2  # calibration windows each sub-model's utility is measured on
+    sub_nsamples: int = 4  # calibration windows each sub-model's utility is measured on
     batch_size: int = 2
     seed: int = 0
 
@@ -301,6 +304,62 @@ def _submask(mask, units: list[_Unit], keep_row: torch.Tensor):
     return sub
 
 
+def _candidates(prior: Scores, mask, groups, target: Target, prev: float, frac: float,
+                config: "BonsaiConfig"):
+    """Candidate mask (True = may be removed in this step), chosen by the prior.
+
+    Uniform widths: in every layer, the ``candidate_factor`` x (what the prior alone would remove
+    there in this step) lowest-prior groups still present. (Attention comes in coarse rounds --
+    with GQA one query head per KV group -- so widening the *target* would often add no head.)
+    Non-uniform: the groups the prior would remove, ranked globally, at ``candidate_factor`` x
+    this step's amount."""
+    from .structured import select
+
+    kw = dict(uniform=config.uniform, gqa=config.gqa)
+    forced = forced_scores(prior, mask)
+    if config.uniform:
+        now = select(forced, groups, **target.scaled(frac), **kw)
+        cand = []
+        for p, m, n in zip(prior, mask, now):
+            c = {}
+            for k in ("heads", "mlp"):
+                present = m[k]
+                need = int((present & ~n[k]).sum())
+                want = min(math.ceil(config.candidate_factor * need), int(present.sum()) - 1)
+                c[k] = torch.zeros_like(present)
+                if need > 0 and want > 0:
+                    idx = present.nonzero().flatten()
+                    c[k][idx[p[k][idx].float().argsort(stable=True)[:want]]] = True
+            cand.append(c)
+        return cand
+    wide = prev + config.candidate_factor * (frac - prev)
+    now_kw = target.scaled(frac)
+    wide_kw = {k: min(v, 0.5 * (1.0 + now_kw[k])) for k, v in target.scaled(wide).items()}
+    wider = select(forced, groups, **wide_kw, **kw)
+    return [{k: m[k] & ~w[k] for k in ("heads", "mlp")} for m, w in zip(mask, wider)]
+
+
+def _step_scores(mask, prior: Scores, units: list["_Unit"], beta: torch.Tensor) -> Scores:
+    """Scores for ``select`` after a step's regression: removed groups lowest (they stay
+    removed), candidates by their fitted importance (a block's beta shared by its channels),
+    every other group above all candidates, ordered among themselves by the prior (so that a
+    constraint forcing one of them out -- e.g. a KV group without candidates under gqa='even' --
+    takes the least important by the prior)."""
+    vals = [b / u.index.numel() for u, b in zip(units, beta.tolist())]
+    top = max((abs(v) for v in vals), default=0.0) + 1.0
+    scores = []
+    for m, p in zip(mask, prior):
+        s = {}
+        for k in ("heads", "mlp"):
+            pk = p[k].float()
+            rank = pk.argsort(stable=True).argsort().float() / max(pk.numel(), 1)  # [0, 1)
+            s[k] = torch.where(m[k], 2 * top + rank, torch.full_like(rank, -2 * top - 1.0))
+        scores.append(s)
+    for u, v in zip(units, vals):
+        scores[u.layer][u.kind][u.index] = v
+    return scores
+
+
 def bonsai_mask(model, calib_ids: torch.Tensor, config: BonsaiConfig, *,
                 prior: Scores | None = None,
                 utility: Callable[[list], float] | None = None,
@@ -343,14 +402,8 @@ def bonsai_mask(model, calib_ids: torch.Tensor, config: BonsaiConfig, *,
                 t = time.perf_counter()
                 prev = (step - 1) / config.iterations
                 frac = step / config.iterations
-                wide = prev + config.candidate_factor * (frac - prev)
                 now_kw = target.scaled(frac)
-                # the candidates: what the prior would remove at `wide` of the way (kept below 1)
-                wide_kw = {k: min(v, 0.5 * (1.0 + now_kw[k]))
-                           for k, v in target.scaled(wide).items()}
-                cand_mask = select(forced_scores(prior, mask), groups, **wide_kw, **kw)
-                cand = [{k: m[k] & ~c[k] for k in ("heads", "mlp")}
-                        for m, c in zip(mask, cand_mask)]
+                cand = _candidates(prior, mask, groups, target, prev, frac, config)
                 units = _units(cand, prior, config.mlp_block)
                 if units:
                     keep = sample_keep(config.samples, len(units), config.drop_prob, gen)
@@ -362,13 +415,7 @@ def bonsai_mask(model, calib_ids: torch.Tensor, config: BonsaiConfig, *,
                 else:  # nothing left to choose from: the prior decides
                     keep, utils, beta = None, None, torch.zeros(0)
                     bar.update(config.samples)
-                # scores: removed groups stay removed, non-candidates stay kept, candidates are
-                # ranked by their fitted importance (a block's beta shared by its channels)
-                scores = [{"heads": torch.where(m["heads"], _KEEP, _PRUNED).float(),
-                           "mlp": torch.where(m["mlp"], _KEEP, _PRUNED).float()} for m in mask]
-                for u, b in zip(units, beta.tolist()):
-                    share = b / u.index.numel()
-                    scores[u.layer][u.kind][u.index] = share
+                scores = _step_scores(mask, prior, units, beta)
                 new = select(scores, groups, **now_kw, **kw)
                 check_nested(new, mask)
                 mask = new
@@ -392,3 +439,89 @@ def bonsai_mask(model, calib_ids: torch.Tensor, config: BonsaiConfig, *,
     info["seconds"] = time.perf_counter() - t0
     info["forward_passes"] = 1 + config.iterations * config.samples + 2
     return mask, info
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint in, checkpoint out (shared with LoRAPrune)
+
+
+def run_checkpoint(method: str, model_name: str, output: str, prune_fn, *, target: Target,
+                   nsamples: int, seqlen: int, calib_data: str | None = None,
+                   calib_sampling: str = "consecutive", seed: int = 0, overwrite: bool = False,
+                   eval_ppl: str | None = None, eval_seqlen: int = 1024,
+                   eval_max_windows: int | None = 16, trust_remote_code: bool = False,
+                   device: str = "cpu", progress: bool = True, settings: dict | None = None,
+                   before_load=None) -> dict:
+    """Load, read calibration windows, (evaluate,) ``prune_fn(model, ids) -> (model, mask,
+    info)``, (evaluate the masked model,) shrink and save atomically with
+    ``structured.save_structured``. Every input is checked before the model is loaded."""
+    from .api import _check_device, _versions
+    from .data import ids_sha256, load_text, tokenize, windows
+    from .evaluate import perplexity
+    from .loading import load_model, resolve
+    from .output import check_output
+    from .structured import layer_groups, masked, save_structured
+
+    _check_device(device)
+    if before_load is not None:
+        before_load()
+    check_output(output, overwrite)
+    resolved = resolve(model_name)
+    check_output(output, overwrite, sources=(resolved,))
+    calib_text = load_text(calib_data, "calib")
+    eval_text = load_text(eval_ppl, "eval") if eval_ppl else None
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    model, tokenizer, resolved = load_model(model_name, trust_remote_code=trust_remote_code,
+                                            check=layer_groups)
+    timings["load"] = time.perf_counter() - t
+    model.to(device)
+    ids = windows(tokenize(tokenizer, calib_text.text), nsamples, seqlen, calib_sampling, seed,
+                  calib_text.source)
+    calib_info = {"source": calib_text.source, "text_sha256": calib_text.sha256,
+                  "ids_sha256": ids_sha256(ids), "shape": list(ids.shape),
+                  "sampling": calib_sampling}
+    results: dict[str, float] = {}
+    eval_ids = tokenize(tokenizer, eval_text.text) if eval_text is not None else None
+    if eval_ids is not None:
+        results["dense_perplexity"] = perplexity(model, eval_ids, eval_seqlen, eval_max_windows,
+                                                 device=device, progress=progress)
+        print(f"dense perplexity: {results['dense_perplexity']:.4f}", flush=True)
+    t = time.perf_counter()
+    model, mask, info = prune_fn(model, ids.to(device))
+    timings["prune"] = time.perf_counter() - t
+    if eval_ids is not None:
+        with masked(model, mask):
+            results["pruned_perplexity"] = perplexity(model, eval_ids, eval_seqlen,
+                                                      eval_max_windows, device=device,
+                                                      progress=progress)
+        print(f"pruned perplexity: {results['pruned_perplexity']:.4f}", flush=True)
+    meta = {"method": method, "source_model": model_name, "resolved_model": resolved,
+            "target": {**asdict(target), "per_kind": info.get("per_kind_target")},
+            "settings": settings or {}, "calibration": calib_info, "report": info,
+            "results": results, "versions": _versions(), "timings": timings}
+    return save_structured(model.cpu(), tokenizer, output, mask, meta, overwrite=overwrite)
+
+
+def bonsai_checkpoint(model_name: str, output: str, config: BonsaiConfig, *, nsamples: int = 32,
+                      seqlen: int = 512, calib_data: str | None = None,
+                      calib_sampling: str = "consecutive", overwrite: bool = False,
+                      eval_ppl: str | None = None, eval_seqlen: int = 1024,
+                      eval_max_windows: int | None = 16, trust_remote_code: bool = False,
+                      device: str = "cpu", progress: bool = True) -> dict:
+    """``llmprune bonsai``: Bonsai on a checkpoint, the shrunk model written to ``output``.
+    Returns the llmprune.json written."""
+    if config.sub_nsamples > nsamples:
+        raise UserError(f"--sub-nsamples {config.sub_nsamples} exceeds --nsamples {nsamples}")
+
+    def prune_fn(model, ids):
+        mask, info = bonsai_mask(model, ids, config, progress=progress)
+        return model, mask, info
+
+    return run_checkpoint("bonsai", model_name, output, prune_fn, target=config.target,
+                          nsamples=nsamples, seqlen=seqlen, calib_data=calib_data,
+                          calib_sampling=calib_sampling, seed=config.seed, overwrite=overwrite,
+                          eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,
+                          eval_max_windows=eval_max_windows,
+                          trust_remote_code=trust_remote_code, device=device, progress=progress,
+                          settings={k: v for k, v in asdict(config).items() if k != "target"})
