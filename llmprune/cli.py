@@ -221,15 +221,156 @@ def _run_structured(args) -> int:
     return 0
 
 
+def _add_calib_and_output(p: argparse.ArgumentParser, nsamples: int, seqlen: int) -> None:
+    """Calibration, output and evaluation flags of bonsai / loraprune."""
+    p.add_argument("--nsamples", type=_positive, default=nsamples,
+                   help="number of calibration sequences")
+    p.add_argument("--seqlen", type=_positive, default=seqlen,
+                   help="tokens per calibration sequence")
+    p.add_argument("--calib-data", default=None,
+                   help="calibration text: a .txt/.jsonl file or wikitext2|c4|ptb (default: "
+                        "wikitext2 valid.txt from the local data directory, see README)")
+    p.add_argument("--calib-sampling", choices=["consecutive", "random"], default="consecutive",
+                   help="consecutive: the first nsamples non-overlapping windows (the benchmark "
+                        "protocol); random: seeded random windows")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (sub-model sampling / LoRA init and data order, random "
+                        "windows)")
+    p.add_argument("--output", required=True,
+                   help="directory for the shrunk checkpoint and its llmprune.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output if it exists (only once the new one is complete)")
+    p.add_argument("--eval-ppl", default=None, metavar="DATA",
+                   help="also print dense and pruned perplexity on DATA (wikitext2 or a .txt "
+                        "file)")
+    p.add_argument("--eval-seqlen", type=_positive, default=1024,
+                   help="window length for --eval-ppl")
+    p.add_argument("--max-windows", type=_positive, default=16,
+                   help="number of windows for --eval-ppl")
+
+
+def _add_bonsai(sub) -> None:
+    text = ("Bonsai (Dery et al. 2024, 'Everybody Prune Now'): structured pruning with forward "
+            "passes only. In every iteration, sub-models that drop random subsets of the "
+            "candidate heads / MLP-channel blocks are scored by their calibration loss, a ridge "
+            "regression of that loss on which groups were kept estimates each group's "
+            "importance, and the least important are removed; repeated until the target. Needs "
+            "only inference memory. Writes a physically smaller model.")
+    p = sub.add_parser("bonsai", help="Bonsai: forward-only structured pruning (smaller model)",
+                       description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    _add_structured_target(p)
+    _add_calib_and_output(p, nsamples=32, seqlen=512)
+    p.add_argument("--iterations", type=_positive, default=4,
+                   help="pruning iterations to reach the target")
+    p.add_argument("--samples", type=_positive, default=48,
+                   help="sub-models evaluated per iteration (regression samples)")
+    p.add_argument("--sub-nsamples", type=_positive, default=4,
+                   help="calibration sequences each sub-model's loss is measured on (the first "
+                        "ones; all of --nsamples feed the prior)")
+    p.add_argument("--mlp-block", type=_positive, default=64,
+                   help="MLP channels per regression variable (channels of similar prior "
+                        "importance in one layer)")
+    p.add_argument("--candidate-factor", type=float, default=2.0,
+                   help="candidates per iteration: the groups the forward-only prior would "
+                        "remove at this many times the iteration's amount")
+    p.add_argument("--drop-prob", type=float, default=0.5,
+                   help="probability that a candidate is dropped in a sampled sub-model")
+    p.add_argument("--ridge", type=float, default=1.0,
+                   help="ridge penalty of the regression, relative to the design's diagonal")
+    p.add_argument("--batch-size", type=_positive, default=2,
+                   help="sequences per forward pass")
+    p.set_defaults(func=_run_bonsai)
+
+
+def _add_loraprune(sub) -> None:
+    text = ("LoRAPrune (Zhang et al. 2023): LoRA adapters (peft) on a frozen base are "
+            "fine-tuned on the calibration text while heads and MLP channels are removed on a "
+            "schedule, ranked by the LoRA-guided criterion ((W + BA) * (G_B A + B G_A))^2 with "
+            "a moving average; only LoRA weights get gradients. The LoRA is merged at the end "
+            "and the model shrunk.")
+    p = sub.add_parser("loraprune", help="LoRAPrune: prune while LoRA fine-tuning (smaller model)",
+                       description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_model_args(p)
+    _add_structured_target(p)
+    _add_calib_and_output(p, nsamples=64, seqlen=512)
+    p.add_argument("--steps", type=_positive, default=200,
+                   help="LoRA optimizer steps (batches of --batch-size calibration sequences)")
+    p.add_argument("--batch-size", type=_positive, default=1,
+                   help="calibration sequences per step")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate of the LoRA")
+    p.add_argument("--rank", type=_positive, default=8, help="LoRA rank r")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
+    p.add_argument("--prune-steps", type=_positive, default=5,
+                   help="pruning events; each removes an equal share of the target")
+    p.add_argument("--prune-until", type=float, default=0.6,
+                   help="fraction of the fine-tuning by which the target is reached (the rest "
+                        "recovers with the final mask)")
+    p.add_argument("--ema", type=float, default=0.9,
+                   help="moving-average factor of the importance (lambda in the paper's Eq. 10)")
+    p.add_argument("--load-8bit", action="store_true",
+                   help="8-bit base through bitsandbytes (CUDA only; an error elsewhere)")
+    p.set_defaults(func=_run_loraprune)
+
+
+def _structured_cli_target(args):
+    from .bonsai import Target
+
+    return Target(sparsity=args.sparsity, heads=args.heads, mlp=args.mlp)
+
+
+def _run_bonsai(args) -> int:
+    from .bonsai import BonsaiConfig, bonsai_checkpoint
+
+    config = BonsaiConfig(
+        _structured_cli_target(args), uniform=not args.non_uniform, gqa=args.gqa,
+        iterations=args.iterations, samples=args.samples, drop_prob=args.drop_prob,
+        candidate_factor=args.candidate_factor, mlp_block=args.mlp_block, ridge=args.ridge,
+        sub_nsamples=args.sub_nsamples, batch_size=args.batch_size, seed=args.seed)
+    info = bonsai_checkpoint(
+        args.model, args.output, config, nsamples=args.nsamples, seqlen=args.seqlen,
+        calib_data=args.calib_data, calib_sampling=args.calib_sampling,
+        overwrite=args.overwrite, eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
+        eval_max_windows=args.max_windows, trust_remote_code=args.trust_remote_code,
+        device=args.device, progress=not args.quiet)
+    print(f"removed {info['removed_fraction']:.4f} of the decoder-layer linear parameters with "
+          f"{info['report']['forward_passes']} forward passes; wrote {args.output} (loads with "
+          f"{info['loads_with']})")
+    return 0
+
+
+def _run_loraprune(args) -> int:
+    from .loraprune import LoRAPruneConfig, loraprune_checkpoint
+
+    config = LoRAPruneConfig(
+        _structured_cli_target(args), uniform=not args.non_uniform, gqa=args.gqa,
+        rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps,
+        batch_size=args.batch_size, prune_steps=args.prune_steps, prune_until=args.prune_until,
+        ema=args.ema, load_8bit=args.load_8bit, seed=args.seed)
+    info = loraprune_checkpoint(
+        args.model, args.output, config, nsamples=args.nsamples, seqlen=args.seqlen,
+        calib_data=args.calib_data, calib_sampling=args.calib_sampling,
+        overwrite=args.overwrite, eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
+        eval_max_windows=args.max_windows, trust_remote_code=args.trust_remote_code,
+        device=args.device, progress=not args.quiet)
+    print(f"removed {info['removed_fraction']:.4f} of the decoder-layer linear parameters "
+          f"({info['report']['trainable_params']:,} trainable LoRA parameters, peak RSS "
+          f"{info['report']['peak_rss_mib']:.0f} MiB); wrote {args.output} (loads with "
+          f"{info['loads_with']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmprune",
                      description="Post-training pruning of large language models.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                metavar="{magnitude,wanda,sparsegpt,structured,eval,export,inspect,push,run,sweep,dare,merge,perp}")
+                                metavar="{magnitude,wanda,sparsegpt,structured,bonsai,loraprune,eval,export,inspect,push,run,sweep,dare,merge,perp}")
     for name in ("magnitude", "wanda", "sparsegpt"):
         _add_solver(sub, name)
     _add_structured(sub)
+    _add_bonsai(sub)
+    _add_loraprune(sub)
     p = sub.add_parser("eval", help="perplexity and lm-eval tasks of a model",
                        description="Print the perplexity of a model as 'perplexity: <value>' "
                                    "and/or run lm-eval harness tasks on it (in memory: pruned, "
