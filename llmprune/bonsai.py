@@ -2,7 +2,8 @@
 
 After Dery, Kolawole, Kagy, Smith, Neubig & Talwalkar 2024, "Everybody Prune Now: Structured
 Pruning of LLMs with only Forward Passes" (arXiv 2402.05406). Notation and equation numbers
-follow the paper's method section:
+follow the paper's method section (numbering as in our notes on the arXiv version; the full text
+was not at hand when this was written, so check the numbers against the paper you read):
 
 * Eq. (1): the pruned model is ``argmax_{m in F_p} U(m)``: among sub-models ``m`` of the parent
   that remove a fraction ``p`` of the parameters (the feasible set ``F_p``), the one with the best
@@ -29,9 +30,12 @@ Choices of ours, where the paper leaves room or where a CPU forces it:
   channels, far too many coefficients for a regression on a few hundred forward passes. Within
   each layer the still-present channels are sorted by the prior and cut into blocks of
   ``mlp_block`` consecutive (by prior) channels; each block is one regression variable.
-* Candidates are the groups the prior would remove at ``candidate_factor`` x this step's amount;
-  each sub-model drops every candidate independently with probability ``drop_prob`` (0.5 makes
-  the keep indicators balanced, the best-conditioned design).
+* Candidates (the regression's variables in a step) are, in every layer, the
+  ``candidate_factor`` x as many lowest-prior groups as the prior alone would remove there in
+  this step (globally ranked for ``uniform=False``); each sub-model drops every candidate
+  independently with probability ``drop_prob`` (0.5 makes the keep indicators balanced, the
+  best-conditioned design). The step then removes the candidates with the smallest
+  ``beta_hat``, so the regression decides which of the likely-unimportant groups really go.
 * Sub-models are evaluated through ``structured.masked`` (forward pre-hooks that zero the removed
   heads / channels: exactly the pruned model), under ``torch.inference_mode`` with every parameter
   ``requires_grad=False``: no autograd graph, only inference memory.
@@ -110,9 +114,9 @@ def split_target(target: Target, groups, uniform: bool, gqa: str) -> Target:
     return Target(heads=heads, mlp=mlp)
 
 
-def forced_scores(scores: Scores, mask, keep_others: bool = False) -> Scores:
-    """``scores`` with every group already removed in ``mask`` forced to the bottom (it stays
-    removed); with ``keep_others`` every other group that has no finite score stays kept."""
+def forced_scores(scores: Scores, mask) -> Scores:
+    """``scores`` with every group already removed in ``mask`` forced to the bottom, so that
+    ``select`` keeps it removed."""
     out = []
     for s, m in zip(scores, mask):
         out.append({k: torch.where(m[k], s[k].float(), torch.full_like(s[k].float(), _PRUNED))
