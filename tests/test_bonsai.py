@@ -170,3 +170,18 @@ def test_cli_bonsai_bad_input_is_one_line(argv, needle, checkpoint_dir, text_fil
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and needle in err
     assert not out.exists()
+
+
+def test_bonsai_non_uniform_ranks_globally_and_reaches_the_target(calib_ids):
+    from llmprune.structured import removed_fraction, select
+
+    model = tiny_model("llama")
+    groups = layer_groups(model)
+    cfg = BonsaiConfig(Target(sparsity=0.4), uniform=False, iterations=2, samples=6,
+                       mlp_block=16, sub_nsamples=2)
+    mask, info = bonsai_mask(model, calib_ids, cfg, progress=False)
+    # the same amount as a one-shot global selection of the same target would remove
+    ones = [{"heads": torch.ones(g.n_heads), "mlp": torch.ones(g.n_channels)} for g in groups]
+    want = removed_fraction(groups, select(ones, groups, sparsity=0.4, uniform=False))
+    assert info["removed_fraction"] == pytest.approx(want, abs=0.02)
+    assert all(len(s) == 2 for s in [info["steps"]])
