@@ -165,7 +165,7 @@ def table(results: dict) -> str:
         for kind in ("magnitude", "activation", "bonsai", "loraprune"):
             r = results.get(f"{kind}-{s}", {})
             cells.append(f"{r['perplexity']:.2f} ({r['removed_fraction']:.3f})"
-                         if "perplexity" in r else "error")
+                         if "perplexity" in r else "not run")
         rows.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -175,6 +175,9 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--jobs", default=None, help="comma-separated jobs (default: all)")
     ap.add_argument("--parallel", type=int, default=2, help="jobs at a time")
+    ap.add_argument("--merge", default=None, metavar="JSON",
+                    help="replace failed or missing runs of the written table by those of a "
+                         "--jobs output (JSON) and write the table again")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker), default=str))
@@ -184,19 +187,31 @@ def main() -> None:
     if args.jobs:
         jobs = [j.strip() for j in args.jobs.split(",")]
     t = time.perf_counter()
+    if args.merge:  # fill failed / missing jobs of the last table from a --jobs JSON output
+        old = json.loads(RESULTS.read_text())
+        results = old["runs"]
+        for job, res in json.loads(Path(args.merge).read_text()).items():
+            if "error" not in res and ("error" in results.get(job, {"error": 1})):
+                results[job] = res
+        summarize(results, old.get("config", CONFIG), old["wall_seconds"])
+        return
     with ThreadPoolExecutor(args.parallel) as pool:
         results = {r["job"]: r for r in pool.map(run_job, jobs)}
     if args.jobs:
         print(json.dumps(results, indent=2, default=str))
         return
-    summary = {"config": CONFIG, "wall_seconds": time.perf_counter() - t, "runs": results,
-               "dense_perplexity": results["dense"].get("perplexity")}
-    fwd = results["denseforward"].get("peak_rss_mib")
+    summarize(results, CONFIG, time.perf_counter() - t)
+
+
+def summarize(results: dict, config: dict, wall: float) -> None:
+    summary = {"config": config, "wall_seconds": wall, "runs": results,
+               "dense_perplexity": results.get("dense", {}).get("perplexity")}
+    fwd = results.get("denseforward", {}).get("peak_rss_mib")
     for s in SPARSITIES:
         b = results[f"bonsai-{s}"]
         if fwd and "peak_rss_mib" in b:
             b["rss_ratio_vs_dense_forward"] = b["peak_rss_mib"] / fwd
-        base = min((results[f"{k}-{s}"].get("perplexity", float("inf")), k)
+        base = min((results.get(f"{k}-{s}", {}).get("perplexity", float("inf")), k)
                    for k in ("magnitude", "activation"))
         summary[f"baseline-{s}"] = {"importance": base[1], "perplexity": base[0]}
         for kind in ("bonsai", "loraprune"):
