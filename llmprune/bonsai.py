@@ -441,7 +441,9 @@ def bonsai_mask(model, calib_ids: torch.Tensor, config: BonsaiConfig, *,
         model.train(was_training)
     info["removed_fraction"] = removed_fraction(groups, mask)
     info["seconds"] = time.perf_counter() - t0
-    info["forward_passes"] = 1 + config.iterations * config.samples + 2
+    # sub-model scorings (each a forward pass over the sub_nsamples windows), dense and final
+    # included; the prior adds one pass over all calibration windows
+    info["sub_model_evaluations"] = config.iterations * config.samples + 2
     return mask, info
 
 

@@ -334,7 +334,8 @@ def _run_bonsai(args) -> int:
         eval_max_windows=args.max_windows, trust_remote_code=args.trust_remote_code,
         device=args.device, progress=not args.quiet)
     print(f"removed {info['removed_fraction']:.4f} of the decoder-layer linear parameters with "
-          f"{info['report']['forward_passes']} forward passes; wrote {args.output} (loads with "
+          f"{info['report']['sub_model_evaluations']} sub-model evaluations (forward passes "
+          f"only); wrote {args.output} (loads with "
           f"{info['loads_with']})")
     return 0
 
