@@ -9,7 +9,8 @@ from .export import export_checkpoint, load_pretrained  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .masks import Sparsity  # noqa: E402
 from .recipe import PruneRecipe  # noqa: E402
+from .structured import prune_structured, save_structured  # noqa: E402
 
 __all__ = ["PruneRecipe", "Report", "Sparsity", "UserError", "calibration_ids", "export_checkpoint",
            "load_model", "load_pretrained",
-           "prune", "prune_checkpoint", "__version__"]
+           "prune", "prune_checkpoint", "prune_structured", "save_structured", "__version__"]
