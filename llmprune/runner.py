@@ -8,7 +8,8 @@
 
 Stages, in this order: one solver (``magnitude``, ``wanda``, ``sparsegpt``; its keys are the
 fields of :class:`llmprune.PruneRecipe`, including ``allocation: owl``), then optionally
-``export`` and ``eval``. Unknown stages and keys are refused with the nearest valid name.
+``perp`` (PERP retraining, the fields of :class:`llmprune.perp.PerpConfig`), ``export`` and
+``eval``. Unknown stages and keys are refused with the nearest valid name.
 ``--set stage.key=value`` overrides a value (``--set sparsegpt.nsamples=64``, ``--set
 model=./ckpt``). Every pruning run, from the CLI or from a recipe, writes the recipe that
 reproduces it as ``recipe.yaml`` into its output.
@@ -52,7 +53,7 @@ def validate(data: dict) -> dict:
         raise UserError("a recipe needs 'model' and 'stages'")
     stages = []
     solver_keys = {f.name for f in fields(PruneRecipe)} - {"method"}
-    kinds = set(SOLVERS) | {"export", "eval"}
+    kinds = set(SOLVERS) | {"export", "eval", "perp"}
     for i, stage in enumerate(data["stages"] or []):
         if isinstance(stage, str):
             stage = {stage: {}}
@@ -62,8 +63,8 @@ def validate(data: dict) -> dict:
         args = dict(args or {})
         if kind not in kinds:
             raise UserError(f"unknown stage {kind!r}{_nearest(kind, kinds)}")
-        valid = solver_keys if kind in SOLVERS else (EXPORT_KEYS if kind == "export"
-                                                      else EVAL_KEYS)
+        valid = solver_keys if kind in SOLVERS else (
+            {"export": EXPORT_KEYS, "perp": _perp_keys()}.get(kind, EVAL_KEYS))
         _check_keys(f"stage {kind}", args, valid)
         stages.append({kind: args})
     order = [next(iter(s)) for s in stages]
@@ -72,7 +73,15 @@ def validate(data: dict) -> dict:
         raise UserError("a recipe has exactly one solver stage, first (then export, eval)")
     if len(set(order)) != len(order):
         raise UserError("each stage may appear once")
+    if "perp" in order and order.index("perp") != 1:
+        raise UserError("the perp stage comes right after the solver (then export, eval)")
     return {**data, "stages": stages}
+
+
+def _perp_keys() -> set[str]:
+    from .perp import PerpConfig
+
+    return PerpConfig.keys()
 
 
 def _parse_value(text: str):
@@ -111,10 +120,12 @@ def load(path: str, sets: list[str] | None = None) -> dict:
 
 
 def dump(model: str, recipe: PruneRecipe, export: dict | None = None,
-         evaluation: dict | None = None) -> str:
+         evaluation: dict | None = None, perp: dict | None = None) -> str:
     """The recipe.yaml that reproduces a run (every solver field spelled out)."""
     solver = {k: v for k, v in recipe.to_dict().items() if k != "method"}
     stages = [{recipe.method: solver}]
+    if perp is not None:
+        stages.append({"perp": perp})
     if export:
         stages.append({"export": export})
     if evaluation:
@@ -137,12 +148,15 @@ def run(data: dict, output: str | None, overwrite: bool = False, progress: bool 
     evaluation = stages.get("eval")
     if evaluation is not None:
         evaluation = {**EVAL_KEYS, **evaluation}
-    meta = prune_checkpoint(str(data["model"]), recipe, out, overwrite=overwrite,
-                            trust_remote_code=bool(data.get("trust_remote_code")),
-                            progress=progress, export=export["format"],
-                            export_dtype=export["dtype"],
-                            recipe_yaml=dump(str(data["model"]), recipe,
-                                             stages.get("export"), stages.get("eval")))
+    if "perp" in stages:
+        meta = _run_with_perp(data, stages, recipe, out, overwrite, progress, export)
+    else:
+        meta = prune_checkpoint(str(data["model"]), recipe, out, overwrite=overwrite,
+                                trust_remote_code=bool(data.get("trust_remote_code")),
+                                progress=progress, export=export["format"],
+                                export_dtype=export["dtype"],
+                                recipe_yaml=dump(str(data["model"]), recipe,
+                                                 stages.get("export"), stages.get("eval")))
     if evaluation and (evaluation["ppl"] or evaluation["tasks"]):
         meta["evaluations"] = evaluate_output(out, evaluation, recipe.device, progress)
     return meta
@@ -165,3 +179,29 @@ def evaluate_output(out: str, ev: dict, device: str, progress: bool) -> dict:
         device=device, progress=progress)}
     record_eval(resolved, results)
     return results
+
+
+def _run_with_perp(data, stages, recipe, out, overwrite, progress, export) -> dict:
+    """Solver -> PERP: prune into a hidden sibling of ``out``, retrain from it into ``out``
+    (which gets the export format and the whole recipe), then remove the sibling."""
+    import os
+    import shutil
+
+    from .api import prune_checkpoint
+    from .output import check_output
+    from .perp import PerpConfig, perp_checkpoint
+
+    final = check_output(out, overwrite)
+    config = PerpConfig(**{"device": recipe.device, **stages["perp"]})
+    pruned = final.parent / f".{final.name}.pruned-{os.getpid()}"
+    try:
+        prune_checkpoint(str(data["model"]), recipe, str(pruned), overwrite=True,
+                         trust_remote_code=bool(data.get("trust_remote_code")),
+                         progress=progress)
+        return perp_checkpoint(str(pruned), config, out, overwrite=overwrite, progress=progress,
+                               export=export["format"], export_dtype=export["dtype"],
+                               recipe_yaml=dump(str(data["model"]), recipe,
+                                                stages.get("export"), stages.get("eval"),
+                                                stages["perp"]))
+    finally:
+        shutil.rmtree(pruned, ignore_errors=True)
