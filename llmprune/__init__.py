@@ -8,9 +8,12 @@ from .errors import UserError  # noqa: E402
 from .export import export_checkpoint, load_pretrained  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .masks import Sparsity  # noqa: E402
+# llmprune.perp is the function below (the module stays importable as llmprune.perp in
+# `from llmprune.perp import ...`, through sys.modules)
+from .perp import PerpConfig, perp, perp_checkpoint  # noqa: E402
 from .recipe import PruneRecipe  # noqa: E402
 from .structured import prune_structured, save_structured  # noqa: E402
 
 __all__ = ["PruneRecipe", "Report", "Sparsity", "UserError", "calibration_ids", "export_checkpoint",
-           "load_model", "load_pretrained",
+           "load_model", "load_pretrained", "PerpConfig", "perp", "perp_checkpoint",
            "prune", "prune_checkpoint", "prune_structured", "save_structured", "__version__"]
