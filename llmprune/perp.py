@@ -614,8 +614,7 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
     _check_device(config.device)
     check_export_args(export, export_dtype, "--export", "--export-dtype")
     src = _check_pruned_dir(model_dir)
-    check_output(output, overwrite, sources=(str(src),))
-    out = check_output(output, overwrite)
+    out = check_output(output, overwrite, sources=(str(src),))
     masks = read_masks(src)
     src_meta = read_meta(src) or {}
     timings: dict[str, float] = {}
@@ -650,9 +649,12 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
     meta.update({
         "format": "llmprune-dense", "format_version": 1,
         "perp": {"source": str(src), "config": config.to_dict(), **report.to_dict(),
-                 "training_data": info},
+                 "training_data": info,
+                 # the pruned model's evaluations, before PERP
+                 "source_eval": src_meta.get("eval"),
+                 "source_evaluations": src_meta.get("evaluations")},
         "eval": ({"data": eval_ppl, "seqlen": eval_seqlen, "max_windows": eval_max_windows,
-                  **results} if eval_ppl else src_meta.get("eval")),
+                  **results} if eval_ppl else None),
         "versions": _versions(),
         "timings": {**{f"prune_{k}": v for k, v in (src_meta.get("timings") or {}).items()},
                     **{f"perp_{k}": v for k, v in timings.items()}},

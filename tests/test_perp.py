@@ -275,3 +275,25 @@ def test_recipe_with_a_perp_stage(checkpoint_dir, text_file, tmp_path):
     stages = yaml.safe_load((out / "recipe.yaml").read_text())["stages"]
     assert [next(iter(s)) for s in stages] == ["wanda", "perp", "eval"]
     assert not list(tmp_path.glob(".out*"))  # no temporary directory left behind
+
+
+@pytest.mark.real_model
+def test_smollm2_perp_keeps_the_sparsity_exactly():
+    """Acceptance 2 on the real model, short: magnitude 2:4 on all 210 linears, two MaskLoRA +
+    norms steps on random tokens, every zero pattern compared before / after."""
+    from llmprune.loading import load_model
+
+    model, _, _ = load_model("smollm2-135m")
+    report = prune(model, PruneRecipe("magnitude", pattern="2:4"), keep_masks=True,
+                   progress=False)
+    names = list(report.masks)
+    before = _weights(model, names)
+    out, rep = perp(model, report.masks, PerpConfig(train="norms,lora", rank=2, steps=2, lr=1e-2,
+                                                    batch_size=1, seqlen=64, dtype="fp32"),
+                    train_ids=torch.randint(0, 49152, (2, 64)), progress=False)
+    after = _weights(out, names)
+    assert rep.sparsity_checked == len(names) == 210
+    assert rep.trainable_fraction < 0.005
+    for n in names:
+        assert torch.equal(pack_bits(before[n] != 0), pack_bits(after[n] != 0)), n
+        assert not torch.equal(before[n], after[n])
