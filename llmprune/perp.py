@@ -29,8 +29,9 @@ delta (not low rank any more) would cost a second full matmul. Only the pruned d
 (the ones with a keep mask) are wrapped; the keep mask sits on the base linear as a
 non-persistent buffer while training and is removed afterwards.
 
-After the merge every pruned linear's zero pattern is compared with the one before training, bit
-for bit; a difference raises :class:`SparsityViolation` and nothing is written.
+After the merge every pruned linear's mask -- as its weights show it, ``keep | (W != 0)`` -- is
+compared with the one before training, bit for bit; a difference (a nonzero where the pruning
+mask says pruned) raises :class:`SparsityViolation` and nothing is written.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class PerpReport:
     seconds: float
     compute_dtype: str
     gradient_checkpointing: bool
-    sparsity_checked: int  # number of pruned linears whose zero pattern was compared
+    sparsity_checked: int  # number of pruned linears whose mask was compared before/after
 
     @property
     def trainable_fraction(self) -> float:
@@ -346,19 +347,24 @@ def select_norms_and_biases(model: nn.Module, train: tuple[str, ...]) -> dict[st
     return chosen
 
 
-def zero_patterns(model: nn.Module, names) -> dict[str, torch.Tensor]:
-    """Module name -> packed ``weight != 0`` bits (the zero pattern, 1 bit per weight)."""
+def weight_masks(model: nn.Module, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module name -> the mask the weights themselves have: packed bits of ``keep | (W != 0)``.
+
+    It equals the pruning mask exactly when every pruned position holds zero. Not plain
+    ``W != 0``: a kept weight may be exactly 0 (smollm2's GGUF-dequantised weights have many, and
+    a 2:4 group with three zeros keeps one of them); training may move it, which is allowed."""
     modules = dict(model.named_modules())
-    return {n: pack_bits(modules[n].weight.detach().cpu() != 0) for n in names}
+    return {n: pack_bits(keep[n] | (modules[n].weight.detach().cpu() != 0)) for n in keep}
 
 
-def check_zeros_kept(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> int:
-    """Raise :class:`SparsityViolation` unless every zero pattern is the same, bit for bit."""
+def check_masks_kept(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> int:
+    """Raise :class:`SparsityViolation` unless every mask is the same, bit for bit."""
     bad = [n for n in before if not torch.equal(before[n], after[n])]
     if bad:
         raise SparsityViolation(
-            f"PERP changed the zero pattern of {len(bad)} pruned linear(s), first {bad[0]}: the "
-            "merged model is not as sparse as the pruned one; nothing was written")
+            f"PERP put nonzeros where the pruning mask says pruned in {len(bad)} linear(s), "
+            f"first {bad[0]}: the merged model is not as sparse as the pruned one; nothing was "
+            "written")
     return len(before)
 
 
@@ -406,7 +412,7 @@ class Prepared:
     trainable_by_kind: dict
     total_params: int
     keep: dict
-    zeros_before: dict
+    zeros_before: dict  # weight_masks() before training
 
 
 def prepare(model, masks: dict[str, torch.Tensor], config: PerpConfig) -> Prepared:
@@ -420,7 +426,7 @@ def prepare(model, masks: dict[str, torch.Tensor], config: PerpConfig) -> Prepar
             raise UserError(f"{name} has nonzero weights where its pruning mask says pruned: the "
                             "checkpoint was changed after pruning; re-prune it")
     torch.manual_seed(config.seed)
-    before = zero_patterns(model, keep)
+    before = weight_masks(model, keep)
     total = _unique_params(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -503,7 +509,7 @@ def train(prep: Prepared, config: PerpConfig, train_ids: torch.Tensor, progress:
 
 def merge(prep: Prepared) -> tuple[nn.Module, int]:
     """Merge the adapters (through peft, with our variants' formula), drop the keep buffers,
-    freeze, and check every pruned linear's zero pattern against the one before training.
+    freeze, and check every pruned linear's mask (:func:`weight_masks`) against the one before.
     Returns (plain model, number of linears checked)."""
     model = prep.model
     if prep.peft_model is not None:
@@ -514,7 +520,7 @@ def merge(prep: Prepared) -> tuple[nn.Module, int]:
     for p in model.parameters():
         p.requires_grad_(False)
     model.to("cpu")
-    return model, check_zeros_kept(prep.zeros_before, zero_patterns(model, prep.keep))
+    return model, check_masks_kept(prep.zeros_before, weight_masks(model, prep.keep))
 
 
 def perp(model, masks: dict[str, torch.Tensor], config: PerpConfig = PerpConfig(),
@@ -636,8 +642,8 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
     model, report = perp(model, masks, config, train_ids=ids, progress=progress)
     timings["train"] = report.seconds
     print(f"PERP trained {report.trainable_params:,} of {report.total_params:,} parameters "
-          f"({100 * report.trainable_fraction:.4f}%) in {report.seconds:.1f} s; zero pattern of "
-          f"{report.sparsity_checked} pruned linears unchanged", flush=True)
+          f"({100 * report.trainable_fraction:.4f}%) in {report.seconds:.1f} s; mask of "
+          f"{report.sparsity_checked} pruned linears unchanged (pruned positions all zero)", flush=True)
     if eval_ids is not None:
         t = time.perf_counter()
         results["perp_perplexity"] = perplexity(model, eval_ids, eval_seqlen, eval_max_windows,
@@ -678,6 +684,6 @@ def summary_line(meta: dict) -> str:
             f"{p['loss_last']:.3f}")
 
 
-__all__ = ["PerpConfig", "PerpReport", "SparsityViolation", "check_zeros_kept", "masklora_weight",
+__all__ = ["PerpConfig", "PerpReport", "SparsityViolation", "check_masks_kept", "masklora_weight",
            "perp", "perp_checkpoint", "scalelora_weight", "select_norms_and_biases",
-           "training_ids", "zero_patterns"]
+           "training_ids", "weight_masks"]
