@@ -80,6 +80,8 @@ def main() -> int:
     ap.add_argument("--measure-reference", action="store_true",
                     help="also measure dense and SparseGPT 50% perplexity in this run")
     ap.add_argument("--output", default=str(ROOT / "eval" / "results" / "bench_perp.json"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in --output and run only the missing methods")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +112,10 @@ def main() -> int:
     }
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.resume and out_path.exists():
+        old = json.loads(out_path.read_text())
+        result["runs"] = old["runs"]
+        result["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
 
     def save():
         out_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -127,8 +133,11 @@ def main() -> int:
         del sg
         save()
 
+    done = {r["method"] for r in result["runs"]}
     for key in args.methods.split(","):
         method, sparsity, pattern = RUNS[key]
+        if method in done:
+            continue
         model = copy.deepcopy(dense)
         recipe = PruneRecipe(method, sparsity=sparsity, pattern=pattern, **recipe_base)
         row = {"method": method, "pattern": pattern or f"{sparsity:.0%} unstructured"}
