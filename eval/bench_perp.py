@@ -61,6 +61,36 @@ def check_sparsity(model, masks) -> dict:
             "sparsity": pruned / total}
 
 
+def table(result: dict) -> str:
+    lines = [f"dense ppl {result['dense_ppl']:.3f}; SparseGPT 50% ppl "
+             f"{result['sparsegpt50_ppl']:.2f}"
+             f"{' (measured here)' if result['reference_measured'] else ' (earlier run)'}",
+             "", "| method | pattern | ppl before | ppl after PERP | trainable % | "
+             "train seconds | sparsity exact |", "|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['ppl_before']:.2f} | "
+                     f"{r['ppl_after']:.2f} | {r['trainable_percent']:.3f} | "
+                     f"{r['train_seconds']:.0f} | {r['sparsity_exact']} |")
+    for r in result["runs"]:
+        if "gap_to_sparsegpt50_closed" in r:
+            lines.append(f"\nmagnitude + PERP closes {100 * r['gap_to_sparsegpt50_closed']:.1f}% "
+                         "of the gap to SparseGPT 50%: (before - after) / (before - sg50)")
+    return "\n".join(lines)
+
+
+def merge(paths: list[str], output: str) -> int:
+    """Combine the runs of several result files (e.g. methods run as parallel processes)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    result = dict(parts[0])
+    result["runs"] = [r for part in parts for r in part["runs"]]
+    result["command"] = [part["command"] for part in parts]
+    result["merged_from"] = paths
+    result["table"] = table(result)
+    Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    print(result["table"])
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
@@ -78,11 +108,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's); 1 when the machine is shared")
     ap.add_argument("--measure-reference", action="store_true",
-                    help="also measure dense and SparseGPT 50% perplexity in this run")
+                    help="also measure dense and SparseGPT 50%% perplexity in this run")
     ap.add_argument("--output", default=str(ROOT / "eval" / "results" / "bench_perp.json"))
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in --output and run only the missing methods")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only combine the runs of these result files into --output")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -170,20 +204,7 @@ def main() -> int:
         save()
         del model
 
-    lines = [f"dense ppl {result['dense_ppl']:.3f}; SparseGPT 50% ppl "
-             f"{result['sparsegpt50_ppl']:.2f}"
-             f"{' (measured here)' if result['reference_measured'] else ' (earlier run)'}",
-             "", "| method | pattern | ppl before | ppl after PERP | trainable % | "
-             "train seconds | sparsity exact |", "|---|---|---|---|---|---|---|"]
-    for r in result["runs"]:
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['ppl_before']:.2f} | "
-                     f"{r['ppl_after']:.2f} | {r['trainable_percent']:.3f} | "
-                     f"{r['train_seconds']:.0f} | {r['sparsity_exact']} |")
-    for r in result["runs"]:
-        if "gap_to_sparsegpt50_closed" in r:
-            lines.append(f"\nmagnitude + PERP closes {100 * r['gap_to_sparsegpt50_closed']:.1f}% "
-                         "of the gap to SparseGPT 50%: (before - after) / (before - sg50)")
-    result["table"] = "\n".join(lines)
+    result["table"] = table(result)
     save()
     print(result["table"])
     return 0
