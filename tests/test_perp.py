@@ -14,7 +14,8 @@ import yaml
 from llmprune import PruneRecipe, prune
 from llmprune.cli import main
 from llmprune.compact import pack_bits, unpack_bits
-from llmprune.perp import PerpConfig, SparsityViolation, check_masks_kept, merge, perp, prepare
+from llmprune.perp import (PerpConfig, SparsityViolation, check_masks_kept, merge, perp,
+                           prepare)
 
 from .conftest import random_text, same_bits, tiny_model
 
