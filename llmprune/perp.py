@@ -166,7 +166,8 @@ def _lora_variant_base():
 
 def masklora_weight(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                     scaling: float, keep: torch.Tensor) -> torch.Tensor:
-    """MaskLoRA (PERP Sec. 3): ``W + (s B A) ⊙ M``; ``W [out, in]``, ``A [r, in]``, ``B [out, r]``,
+    """MaskLoRA (PERP Sec. 3): ``W + (s B A) ⊙ M``; ``W [out, in]``, ``A [r, in]``,
+    ``B [out, r]``,
     ``M`` bool ``[out, in]``."""
     delta = (lora_b @ lora_a) * scaling  # [out, in]
     return weight + delta * keep.to(delta.dtype)
@@ -643,7 +644,8 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
     timings["train"] = report.seconds
     print(f"PERP trained {report.trainable_params:,} of {report.total_params:,} parameters "
           f"({100 * report.trainable_fraction:.4f}%) in {report.seconds:.1f} s; mask of "
-          f"{report.sparsity_checked} pruned linears unchanged (pruned positions all zero)", flush=True)
+          f"{report.sparsity_checked} pruned linears unchanged (pruned positions all zero)",
+          flush=True)
     if eval_ids is not None:
         t = time.perf_counter()
         results["perp_perplexity"] = perplexity(model, eval_ids, eval_seqlen, eval_max_windows,
