@@ -22,8 +22,13 @@ window, LoRAPrune fine-tunes for a fixed number of steps of one window. Every jo
 subprocess with one torch thread (on this 2-core machine shared by other work, one thread is
 3-4x faster than two); two jobs run at a time.
 
-    .venv/bin/python eval/bench_structured.py                 # the table, ~40 min on 2 cores
+    .venv/bin/python eval/bench_structured.py                 # the table (~45 CPU-minutes)
     .venv/bin/python eval/bench_structured.py --jobs bonsai-0.2   # one job, printed as JSON
+    .venv/bin/python eval/bench_structured.py --merge OUT.json    # fill the table from --jobs
+
+Each Bonsai / LoRAPrune job costs about 5-8 CPU-minutes (one torch thread); on a CPU shared
+with other work the wall time is several times that. The committed table was run as the full
+driver plus two ``--jobs`` drivers in parallel, merged with ``--merge`` (see "notes" in the JSON).
 
 Writes eval/results/bench_structured.json and prints a markdown table.
 """

@@ -2,7 +2,8 @@
 
 After Zhang, Chen, Zhuang, Li, Liu, Lin & Yu 2023, "LoRAPrune: Pruning Meets Low-Rank
 Parameter-Efficient Fine-Tuning" (arXiv 2305.18403). Equation numbers follow the paper's method
-section:
+section (numbered from our notes on the arXiv version; the full text was not at hand when this
+was written, so check the numbers against the paper you read):
 
 * Eq. (1): LoRA, ``W = W_0 + B A`` with ``A`` ``[r, in]``, ``B`` ``[out, r]`` trainable and the
   pre-trained ``W_0`` frozen (peft adds the scaling ``s = alpha / r``: ``W = W_0 + s B A``).
