@@ -469,3 +469,14 @@ def test_uniform_head_count_llama_config_refuses_goes_to_load_pretrained(tmp_pat
     info = S.save_structured(model, tokenizer, tmp_path / "out", mask, {})
     assert info["loads_with"] == "llmprune.load_pretrained"
     assert torch.equal(logits(llmprune.load_pretrained(tmp_path / "out")), a)
+
+
+def test_structured_help_explains_every_flag():
+    import argparse
+
+    from llmprune.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices["structured"]
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
