@@ -638,6 +638,12 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
                                              f"{tuple(params[name].shape)}")
             params[name].copy_(tensor)
             loaded.add(name)
+    model = _finish_load(model, params, loaded, src, dtype)
+    return _with_kernels(model, src, kernels, verify)
+
+
+def _finish_load(model, params: dict, loaded: set[str], src: Path, dtype: torch.dtype | None):
+    """Tie weights, check that every tensor (or its tied twin) was loaded, cast, eval mode."""
     model.tie_weights()
     loaded_ptrs = {params[n].data_ptr() for n in loaded}
     missing = [n for n, p in model.state_dict().items()
@@ -647,7 +653,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
                                      "the export is incomplete")
     if dtype is not None:
         model = model.to(dtype)
-    return _with_kernels(model.eval(), src, kernels, verify)
+    return model.eval()
 
 
 def _is_structured_dir(src: Path) -> bool:
@@ -689,16 +695,7 @@ def _load_structured(src: Path, dtype: torch.dtype | None, trust_remote_code: bo
                                              f"not fit the recorded widths ({want})")
             params[name].copy_(tensor)
             loaded.add(name)
-    model.tie_weights()
-    loaded_ptrs = {params[n].data_ptr() for n in loaded}
-    missing = [n for n, p in model.state_dict().items()
-               if n not in loaded and p.data_ptr() not in loaded_ptrs]
-    if missing:
-        raise CorruptCheckpointError(f"{src} lacks {len(missing)} tensors (e.g. {missing[0]}); "
-                                     "the export is incomplete")
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+    return _finish_load(model, params, loaded, src, dtype)
 
 
 def _load_delta(src: Path, base: str | None, verify: bool, trust_remote_code: bool):
