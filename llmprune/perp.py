@@ -557,13 +557,9 @@ def perp(model, masks: dict[str, torch.Tensor], config: PerpConfig = PerpConfig(
 def training_ids(tokenizer, config: PerpConfig) -> tuple[torch.Tensor, dict]:
     """Training windows ``[nsamples, seqlen]`` from ``config.calib_data`` (default: WikiText-2
     valid.txt, the calibration text), and their description."""
-    from .data import ids_sha256, load_text, tokenize, windows
+    from .api import calibration_ids  # reads calib_data, nsamples, seqlen, calib_sampling, seed
 
-    text = load_text(config.calib_data, "calib")
-    ids = windows(tokenize(tokenizer, text.text), config.nsamples, config.seqlen,
-                  config.calib_sampling, config.seed, text.source)
-    return ids, {"source": text.source, "text_sha256": text.sha256, "ids_sha256": ids_sha256(ids),
-                 "shape": list(ids.shape)}
+    return calibration_ids(tokenizer, config)
 
 
 def _check_pruned_dir(model_dir: str) -> Path:
