@@ -245,36 +245,48 @@ def prune_layerwise(model: nn.Module, adapter: Adapter, solver: Solver, target: 
                     ids: torch.Tensor, opts: EngineOptions) -> Report:
     """Prune every decoder layer of ``model`` in place with calibration token ids ``[N, L]``."""
     report = Report(masks={} if opts.keep_masks else None)
-    device = torch.device(opts.device)
     t0 = time.perf_counter()
     inputs = capture_inputs(model, adapter, ids, opts)
     report.add_time("capture", time.perf_counter() - t0)
 
     layers = adapter.layers(model)
-    schedule = [[g] for g in adapter.groups] if opts.true_sequential else [list(adapter.groups)]
     for i, layer in enumerate(tqdm(layers, desc=f"{solver.name}", unit="layer",
                                    disable=not opts.progress)):
-        layer.to(device)
-        fwd_layer = layer
-        if opts.calib_dtype is not None and next(layer.parameters()).dtype != opts.calib_dtype:
-            # Forward passes in a cheaper dtype; the solver still reads and writes the
-            # original (master) weights in float32.
-            fwd_layer = copy.deepcopy(layer).to(opts.calib_dtype)
-        for phase in schedule:
-            t = time.perf_counter()
-            stats = _collect_stats(fwd_layer, phase, inputs, solver, device)
-            t_solve = time.perf_counter()
-            report.add_time("calibrate_forward", t_solve - t)
-            for gi, group in enumerate(phase):
-                _solve_group(layer, fwd_layer, adapter, i, group, solver, stats[gi], target, report)
-            report.add_time("solve", time.perf_counter() - t_solve)
-        t = time.perf_counter()
-        if i + 1 < len(layers):
-            _propagate(fwd_layer, inputs)
-        report.add_time("propagate_forward", time.perf_counter() - t)
-        del fwd_layer
-        if device.type != "cpu":
-            layer.to("cpu")
-        _release_free_heap()
+        prune_layer(layer, i, adapter, solver, target, inputs, opts, report,
+                    propagate=i + 1 < len(layers))
     report.add_time("total", time.perf_counter() - t0)
     return report
+
+
+@torch.no_grad()
+def prune_layer(layer: nn.Module, i: int, adapter: Adapter, solver: Solver, target,
+                inputs: list, opts: EngineOptions, report: Report, propagate: bool) -> None:
+    """Calibrate, prune and (``propagate``) run decoder layer ``i`` on ``inputs`` in place.
+
+    The one per-layer step of the engine, shared by :func:`prune_layerwise` and the streaming
+    engine (:mod:`llmprune.streaming`), so both give bit-identical results."""
+    device = torch.device(opts.device)
+    schedule = [[g] for g in adapter.groups] if opts.true_sequential else [list(adapter.groups)]
+    layer.to(device)
+    fwd_layer = layer
+    if opts.calib_dtype is not None and next(layer.parameters()).dtype != opts.calib_dtype:
+        # Forward passes in a cheaper dtype; the solver still reads and writes the
+        # original (master) weights in float32.
+        fwd_layer = copy.deepcopy(layer).to(opts.calib_dtype)
+    for phase in schedule:
+        t = time.perf_counter()
+        stats = _collect_stats(fwd_layer, phase, inputs, solver, device)
+        t_solve = time.perf_counter()
+        report.add_time("calibrate_forward", t_solve - t)
+        for gi, group in enumerate(phase):
+            _solve_group(layer, fwd_layer, adapter, i, group, solver, stats[gi], target, report)
+            stats[gi] = None  # free each group's statistics (a Hessian) once it is solved
+        report.add_time("solve", time.perf_counter() - t_solve)
+    t = time.perf_counter()
+    if propagate:
+        _propagate(fwd_layer, inputs)
+    report.add_time("propagate_forward", time.perf_counter() - t)
+    del fwd_layer
+    if device.type != "cpu":
+        layer.to("cpu")
+    _release_free_heap()
