@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .data import ids_sha256, load_text, tokenize, windows
 from .errors import UserError
 from .models import adapter_for
 from .output import atomic_dir, check_output
-from .recipe import PruneRecipe
+from .recipe import CALIB_DTYPES, PruneRecipe
 from .solvers import get_solver
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,18 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
     return report
 
 
+def resolved_recipe(recipe: PruneRecipe, report: Report) -> PruneRecipe:
+    """``recipe`` with ``calib_dtype: auto`` replaced by the dtype the forward passes really ran
+    in. ``auto`` picks bf16 only where bf16 is fast (CPUs with avx512_bf16/AMX, most GPUs), so
+    the same recipe gives slightly different weights on different machines (SparseGPT 50% on
+    smollm2-135m: perplexity 31.48 with bf16 passes, 31.60 with fp32); the recipe.yaml written
+    next to a result spells the dtype out so that it reproduces the result anywhere."""
+    if recipe.calib_dtype != "auto" or report.calib_dtype is None:
+        return recipe
+    names = {str(dt): key for key, dt in CALIB_DTYPES.items() if dt is not None}
+    return replace(recipe, calib_dtype=names.get(report.calib_dtype, "auto"))
+
+
 def needs_calibration(recipe: PruneRecipe) -> bool:
     """Whether a run reads calibration data: calibrated solvers, and OWL for every solver."""
     return get_solver(recipe.method, **_solver_options(recipe)).needs_calibration or \
@@ -152,8 +165,12 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
                      eval_ppl: str | None = None, eval_seqlen: int = 1024,
                      eval_max_windows: int | None = 16, trust_remote_code: bool = False,
                      progress: bool = True, export: str = "dense",
-                     export_dtype: str = "auto", recipe_yaml: str | None = None) -> dict:
-    """Load, (evaluate,) prune, save atomically, (evaluate). Returns the metadata written."""
+                     export_dtype: str = "auto",
+                     recipe_yaml: "str | Callable[[PruneRecipe], str] | None" = None) -> dict:
+    """Load, (evaluate,) prune, save atomically, (evaluate). Returns the metadata written.
+
+    ``recipe_yaml``: the text of the recipe.yaml to write, or a function of the resolved recipe
+    (see :func:`resolved_recipe`) that returns it; None writes this run's own recipe."""
     from .evaluate import perplexity
     from .loading import load_model, resolve
 
@@ -190,6 +207,7 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
     report = prune(model, recipe, calib_ids=calib_ids, keep_masks=True, progress=progress)
     timings["prune"] = time.perf_counter() - t
     timings.update({f"prune_{k}": v for k, v in report.timings.items()})
+    ran = resolved_recipe(recipe, report)
 
     if eval_ids is not None:
         t = time.perf_counter()
@@ -204,6 +222,8 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
         "source_model": model_name,
         "resolved_model": resolved,
         "recipe": recipe.to_dict(),
+        # the recipe with `calib_dtype: auto` resolved; recipe.yaml holds this one
+        "recipe_resolved": ran.to_dict(),
         "target": recipe.target.label,
         "sparsity": report.sparsity,
         "allocation": report.allocation,
@@ -219,11 +239,13 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
     with atomic_dir(out) as tmp:
         write_checkpoint(model, tokenizer, tmp, meta, report.masks, export, export_dtype,
                          progress)
-        if recipe_yaml is None:
+        if callable(recipe_yaml):
+            recipe_yaml = recipe_yaml(ran)
+        elif recipe_yaml is None:
             from .runner import dump
 
             recipe_yaml = dump(
-                model_name, recipe,
+                model_name, ran,
                 {"format": export, "dtype": export_dtype}
                 if (export, export_dtype) != ("dense", "auto") else None,
                 {"ppl": eval_ppl, "seqlen": eval_seqlen, "max_windows": eval_max_windows}

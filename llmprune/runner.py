@@ -155,8 +155,9 @@ def run(data: dict, output: str | None, overwrite: bool = False, progress: bool 
                                 trust_remote_code=bool(data.get("trust_remote_code")),
                                 progress=progress, export=export["format"],
                                 export_dtype=export["dtype"],
-                                recipe_yaml=dump(str(data["model"]), recipe,
-                                                 stages.get("export"), stages.get("eval")))
+                                recipe_yaml=lambda ran: dump(str(data["model"]), ran,
+                                                             stages.get("export"),
+                                                             stages.get("eval")))
     if evaluation and (evaluation["ppl"] or evaluation["tasks"]):
         meta["evaluations"] = evaluate_output(out, evaluation, recipe.device, progress)
     return meta
@@ -195,12 +196,13 @@ def _run_with_perp(data, stages, recipe, out, overwrite, progress, export) -> di
     config = PerpConfig(**{"device": recipe.device, **stages["perp"]})
     pruned = final.parent / f".{final.name}.pruned-{os.getpid()}"
     try:
-        prune_checkpoint(str(data["model"]), recipe, str(pruned), overwrite=True,
-                         trust_remote_code=bool(data.get("trust_remote_code")),
-                         progress=progress)
+        meta = prune_checkpoint(str(data["model"]), recipe, str(pruned), overwrite=True,
+                                trust_remote_code=bool(data.get("trust_remote_code")),
+                                progress=progress)
+        ran = PruneRecipe.from_dict(meta["recipe_resolved"])
         return perp_checkpoint(str(pruned), config, out, overwrite=overwrite, progress=progress,
                                export=export["format"], export_dtype=export["dtype"],
-                               recipe_yaml=dump(str(data["model"]), recipe,
+                               recipe_yaml=dump(str(data["model"]), ran,
                                                 stages.get("export"), stages.get("eval"),
                                                 stages["perp"]))
     finally:
