@@ -1,0 +1,659 @@
+"""Streaming pruning of checkpoints larger than RAM, and resuming a run after a crash.
+
+The model is never whole in memory:
+
+1. The model is built as a skeleton (parameters on the meta device, no memory; the small
+   computed buffers such as rotary frequencies are real). Only the tensors outside the decoder
+   layers (embeddings, final norm, lm_head) are read to capture the first layer's inputs, then
+   dropped again.
+2. Each decoder layer is read from the checkpoint's safetensors shards, only its own tensors
+   (:class:`llmprune.export.SafetensorsFiles`: ``readinto`` at the recorded offsets, not mmap, so
+   the rest of a shard is never resident and a 3 GiB address-space limit is not spent on maps),
+   pruned and propagated with the in-memory engine's own step
+   (:func:`llmprune.calibrate.prune_layer`, hence bit-identical results), written out as that
+   layer's shard of the final checkpoint, and put back on the meta device before the next one.
+3. The tensors outside the layers are copied through one at a time at the end.
+
+Crash resume: the run works in ``OUTPUT.partial/`` next to the output::
+
+    progress.json         commit point: recipe/model/calibration fingerprint, last completed layer
+    model/model-0000k-of-0000n.safetensors   one finished shard per decoder layer (becomes OUTPUT)
+    masks/layer-0000i.safetensors            that layer's keep masks (1 bit per weight)
+    acts-0/, acts-1/      hidden states entering the next layer, one file per batch; input of
+                          layer i lives in acts-(i % 2), so the record of the last completed layer
+                          is never the one being overwritten
+
+Every file is written to a temporary name, fsynced and renamed; ``progress.json`` is written last
+for each layer, so a run killed at any instant (SIGKILL included) resumes from the last layer whose
+record is complete, and the result is bit-identical to an uninterrupted run. The top of
+``OUTPUT.partial`` never holds ``config.json`` or ``llmprune.json``; ``model/`` gets them last and
+is renamed to ``OUTPUT``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .calibrate import (EngineOptions, LinearReport, Report, capture_inputs, check_target,
+                        prune_layer)
+from .errors import UserError
+from .export import (MASKS_FILE, META_FILE, SafetensorsFiles, _checkpoint_files, _WEIGHT_FILE_RE,
+                     parse_size)
+from .models import adapter_for
+
+log = logging.getLogger(__name__)
+
+PROGRESS_VERSION = 1
+# Test hook of the kill test: "K" kills the process with SIGKILL right after layer K is recorded,
+# "K:mid" in the middle of writing layer K's shard (before its rename).
+KILL_ENV = "LLMPRUNE_TEST_KILL_AFTER_LAYER"
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+             torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1}
+
+
+def work_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.partial"
+
+
+def _maybe_kill(layer: int, stage: str) -> None:
+    want = os.environ.get(KILL_ENV)
+    if not want:
+        return
+    k, _, where = want.partition(":")
+    if int(k) == layer and (where or "after") == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- durable files
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(path: Path, names: list[str], get, metadata: dict | None = None,
+                      kill_layer: int | None = None, spec=None) -> int:
+    """Write tensors ``get(name)`` for ``names`` into safetensors file ``path`` one tensor at a
+    time, through a temporary file that is fsynced and renamed (never half-written under its
+    name). ``spec(name) -> (safetensors dtype, shape)`` gives the header without calling ``get``
+    (for tensors read from disk); by default it is taken from ``get(name)``, which must then be
+    cheap (resident tensors). Returns the data bytes written."""
+    if spec is None:
+        def spec(name):
+            t = get(name)
+            return _ST_NAMES[t.dtype], list(t.shape)
+    specs = {}
+    offset = 0
+    for name in names:
+        dtype, shape = spec(name)
+        n = _ST_SIZES[dtype]
+        for d in shape:
+            n *= d
+        specs[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header = dict(specs)
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    tmp = path.parent / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k, name in enumerate(names):
+            t = get(name).detach().contiguous()
+            if t.numel() * t.element_size() != specs[name]["data_offsets"][1] - \
+                    specs[name]["data_offsets"][0]:
+                raise ValueError(f"{name}: the tensor does not match its header entry")
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            del t
+            if kill_layer is not None and k == len(names) // 2:
+                f.flush()
+                _maybe_kill(kill_layer, "mid")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return offset
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = SafetensorsFiles([path])
+    return {name: files.read(name) for name in files.entries}
+
+
+# ----------------------------------------------------------------------------- activations
+class DiskActivations:
+    """The calibration batches' ``(hidden, kwargs)``, hidden states kept in files, not in RAM.
+
+    Reading batch ``b`` loads it from the current directory; assigning batch ``b`` (what
+    :func:`llmprune.calibrate._propagate` does with a layer's output) writes it to the other
+    directory, so one layer's inputs are never overwritten while it still reads them.
+    :meth:`flip` makes the written outputs the next layer's inputs."""
+
+    def __init__(self, root: Path, kwargs: list[dict], parity: int):
+        self.root, self.kwargs, self.parity = root, kwargs, parity
+
+    def dir(self, parity: int) -> Path:
+        return self.root / f"acts-{parity}"
+
+    def __len__(self) -> int:
+        return len(self.kwargs)
+
+    def __iter__(self):
+        for b in range(len(self)):
+            yield self[b]
+
+    def __getitem__(self, b: int):
+        return _read_tensors(self.dir(self.parity) / f"b{b:05d}.safetensors")["h"], self.kwargs[b]
+
+    def __setitem__(self, b: int, value) -> None:
+        hidden, _ = value
+        save_hidden(self.dir(1 - self.parity), b, hidden)
+
+    def flip(self) -> None:
+        self.parity = 1 - self.parity
+
+
+def save_hidden(directory: Path, b: int, hidden: torch.Tensor) -> None:
+    directory.mkdir(exist_ok=True)
+    write_safetensors(directory / f"b{b:05d}.safetensors", ["h"], lambda _: hidden)
+
+
+# ----------------------------------------------------------------------------- memory plan
+@dataclass
+class MemoryPlan:
+    """Bytes a streaming run needs at its peak (the layer phase or the capture phase)."""
+
+    base: int  # this process before any weight is read (interpreter, torch, transformers)
+    layer: int  # the largest decoder layer in its stored dtype (+ a calib-dtype forward copy)
+    work: int  # float32 working copies of the largest input group (solver input and result)
+    activations: int  # hidden states of all calibration batches in RAM (2 batches if on disk)
+    stats: int  # solver statistics alive at once (Hessians for SparseGPT)
+    outside: int  # tensors outside the layers, resident only while capturing layer 0's inputs
+
+    @property
+    def layer_phase(self) -> int:
+        return self.layer + self.work + self.activations + self.stats
+
+    @property
+    def total(self) -> int:
+        return self.base + max(self.layer_phase, self.outside + self.activations)
+
+    def as_dict(self) -> dict:
+        return {"base": self.base, "layer": self.layer, "work": self.work,
+                "activations": self.activations, "stats": self.stats, "outside": self.outside,
+                "layer_phase": self.layer_phase, "total": self.total}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solver,
+                calib_dtype: torch.dtype | None, offload: str) -> MemoryPlan:
+    prefix = adapter.layers_path + "."
+    per_layer: dict[int, int] = {}
+    outside = 0
+    for name, (_, info, _) in files.entries.items():
+        start, end = info["data_offsets"]
+        if name.startswith(prefix):
+            i = int(name[len(prefix):].split(".")[0])
+            per_layer[i] = per_layer.get(i, 0) + end - start
+        else:
+            outside += end - start
+    layer = max(per_layer.values(), default=0)
+    layers = adapter.layers(skel)
+    first = layers[0]
+    stored = next(first.parameters()).dtype
+    if calib_dtype is not None and calib_dtype != stored:
+        layer += layer // stored.itemsize * calib_dtype.itemsize
+    groups = []
+    for group in adapter.groups:
+        lins = [first.get_submodule(n) for n in group]
+        groups.append((lins[0].in_features, sum(lin.weight.numel() for lin in lins)))
+    work = max(2 * numel * 4 for _, numel in groups)
+    if solver.name == "sparsegpt":
+        hess = [in_f * in_f * 4 for in_f, _ in groups]
+        # the statistics alive at once, plus the factorisation's workspace (~2 in^2 floats)
+        stats = (max(hess) if recipe.true_sequential else sum(hess)) + 2 * max(hess)
+    elif solver.needs_calibration:
+        stats = sum(in_f * 4 for in_f, _ in groups)
+    else:
+        stats = 0
+    hidden = skel.config.hidden_size
+    act_bytes = (calib_dtype or stored).itemsize
+    batch = min(recipe.batch_size, recipe.nsamples) * recipe.seqlen * hidden * act_bytes
+    if not solver.needs_calibration:
+        activations = 0
+    elif offload == "disk":
+        activations = 2 * batch
+    else:
+        activations = recipe.nsamples * recipe.seqlen * hidden * act_bytes + batch
+    return MemoryPlan(current_rss(), layer, work, activations, stats, outside)
+
+
+def parse_memory(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UserError:
+        raise UserError(f"--max-memory must look like 4GiB, 3500MB or 8GB, got {text!r}") \
+            from None
+
+
+# ----------------------------------------------------------------------------- the model
+def _skeleton(config, dtype: torch.dtype, trust_remote_code: bool):
+    """Parameters on the meta device, buffers (rotary frequencies) real and on the CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    path, _, attr = name.rpartition(".")
+    module = model.get_submodule(path)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        raise UserError(f"the checkpoint holds {name}, which its {model.config.model_type} model "
+                        "does not have; is config.json the checkpoint's own?")
+
+
+def _to_meta(module: nn.Module) -> None:
+    for sub in module.modules():
+        for attr, p in list(sub._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                sub._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                     requires_grad=False)
+
+
+def _stored_dtype(files: SafetensorsFiles) -> torch.dtype:
+    from .export import _ST_DTYPES
+
+    for _, info, _ in files.entries.values():
+        if info["dtype"] in ("F32", "BF16", "F16"):
+            return _ST_DTYPES[info["dtype"]]
+    return torch.float32
+
+
+def _load_outside(model: nn.Module, files: SafetensorsFiles, names: list[str]) -> None:
+    for name in names:
+        _set_tensor(model, name, files.read(name))
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"
+            and not n.startswith(adapter_for(model).layers_path + ".")]
+    if left:
+        raise UserError(f"the checkpoint lacks {left[0]} (and {len(left) - 1} more tensors "
+                        "outside the decoder layers); is it complete?")
+
+
+def _load_layer(model: nn.Module, layer: nn.Module, prefix: str, files: SafetensorsFiles,
+                names: list[str]) -> None:
+    for name in names:
+        _set_tensor(model, name, files.read(name))
+    left = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise UserError(f"the checkpoint lacks {prefix}{left[0]}; is it complete?")
+
+
+# ----------------------------------------------------------------------------- the run
+def _fingerprint(recipe, resolved: str, files: SafetensorsFiles, calib_info: dict | None) -> dict:
+    h = hashlib.sha256()
+    for name, (path, info, _) in files.entries.items():
+        h.update(f"{path.name}:{name}:{info['dtype']}:{info['shape']}:{info['data_offsets']}"
+                 .encode())
+    for path in dict.fromkeys(p for p, _, _ in files.entries.values()):
+        h.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    return {"recipe": recipe.to_dict(), "model": resolved, "checkpoint_sha256": h.hexdigest(),
+            "calibration_ids_sha256": calib_info["ids_sha256"] if calib_info else None}
+
+
+def _check_resume(progress: dict, fingerprint: dict, work: Path) -> None:
+    if progress.get("version") != PROGRESS_VERSION:
+        raise UserError(f"{work} was written by another llmprune version; remove it or pass "
+                        "--overwrite to start again")
+    old = progress["fingerprint"]
+    for key, what in (("model", "model"), ("checkpoint_sha256", "checkpoint files"),
+                      ("calibration_ids_sha256", "calibration data")):
+        if old.get(key) != fingerprint[key]:
+            raise UserError(f"--resume: the {what} differ from the interrupted run's in {work}; "
+                            "resume with the same arguments, or pass --overwrite to start again")
+    was, now = old["recipe"], fingerprint["recipe"]
+    diff = [f"{k}: {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
+            if was.get(k) != now.get(k)]
+    if diff:
+        raise UserError(f"--resume: the recipe differs from the interrupted run's in {work} "
+                        f"({'; '.join(diff)}); resume with the same arguments, or pass "
+                        "--overwrite to start again")
+
+
+def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = False,
+                    resume: bool = False, max_memory: str | None = None,
+                    activations_offload: str = "ram", export: str = "dense",
+                    export_dtype: str = "auto", trust_remote_code: bool = False,
+                    progress: bool = True, max_shard_size: str | int = "2GB",
+                    recipe_yaml: str | None = None, max_layers: int | None = None) -> dict:
+    """Prune checkpoint ``model_name`` layer by layer straight from its safetensors files into
+    ``output`` (see the module docstring). ``max_layers`` (benchmarks only) prunes just the
+    first N layers and writes no checkpoint. Returns the metadata written (llmprune.json)."""
+    from .api import (_check_device, _versions, calibration_ids, needs_calibration,
+                      resolve_calib_dtype, _solver_options)
+    from .export import check_export_args
+    from .loading import load_config, resolve
+    from .output import check_output
+    from .solvers import get_solver
+
+    t_start = time.perf_counter()
+    _check_device(recipe.device)
+    target = recipe.target
+    check_export_args(export, export_dtype, "--export", "--export-dtype")
+    if activations_offload not in ("ram", "disk"):
+        raise UserError(f"--activations-offload must be ram or disk, got {activations_offload!r}")
+    if recipe.allocation != "uniform":
+        raise UserError("--allocation owl reads every layer's dense activations before pruning; "
+                        "it is not supported by the streaming engine yet: drop --stream/"
+                        "--max-memory/--resume/--activations-offload, or use --allocation "
+                        "uniform")
+    budget = parse_memory(max_memory) if max_memory else None
+    out = Path(output).expanduser().resolve()
+    work = work_dir(out)
+    if resume and work.exists() and out.exists() and not overwrite:
+        raise UserError(f"--output {output} exists and {work} too; pass --overwrite with "
+                        "--resume to replace the old output when the resumed run completes")
+    check_output(output, overwrite)
+    resolved = resolve(model_name)
+    if not Path(resolved).is_dir():
+        raise UserError(f"--stream reads a local checkpoint directory; {model_name!r} is not one "
+                        "(download it first, e.g. with huggingface-cli download)")
+    src = Path(resolved)
+    check_output(output, overwrite, sources=(resolved,))
+    if work.exists() and not resume and not overwrite:
+        raise UserError(f"{work} holds an interrupted run of this output; pass --resume to "
+                        "continue it, or --overwrite to start again")
+    config = load_config(resolved, trust_remote_code)
+    from .models import adapter_for_type
+
+    adapter = adapter_for_type(config.model_type)
+    files = SafetensorsFiles(_checkpoint_files(src))
+    skel = _skeleton(config, _stored_dtype(files), trust_remote_code)
+    check_target(skel, adapter, target)
+    solver = get_solver(recipe.method, **_solver_options(recipe))
+    calib_dtype = resolve_calib_dtype(recipe, solver, skel)
+    plan = memory_plan(files, skel, adapter, recipe, solver, calib_dtype, activations_offload)
+    if budget is not None and plan.total > budget:
+        raise UserError(
+            f"--max-memory {max_memory} is too small: this run needs about {_gib(plan.total)} "
+            f"(process {_gib(plan.base)} + largest layer {_gib(plan.layer)} + float32 working "
+            f"copies {_gib(plan.work)} + activations {_gib(plan.activations)} + solver "
+            f"statistics {_gib(plan.stats)}; embeddings etc. {_gib(plan.outside)} while "
+            "capturing); raise --max-memory, lower --nsamples/--seqlen/--batch-size, or add "
+            "--activations-offload disk")
+    from transformers import AutoTokenizer
+
+    tokenizer = None
+    calib_ids, calib_info = None, None
+    if needs_calibration(recipe):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolved,
+                                                      trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load the tokenizer of {model_name}: {exc}") from None
+        calib_ids, calib_info = calibration_ids(tokenizer, recipe)
+    fingerprint = _fingerprint(recipe, resolved, files, calib_info)
+
+    state = None
+    if resume and (work / "progress.json").exists():
+        state = json.loads((work / "progress.json").read_text())
+        _check_resume(state, fingerprint, work)
+    elif work.exists():
+        shutil.rmtree(work)
+    for stale in work.rglob(".*.tmp") if work.exists() else ():
+        stale.unlink()
+    (work / "model").mkdir(parents=True, exist_ok=True)
+    (work / "masks").mkdir(exist_ok=True)
+    if state is None:
+        state = {"version": PROGRESS_VERSION, "fingerprint": fingerprint, "completed": -1,
+                 "layers": [], "timings": {}, "memory_plan": plan.as_dict()}
+        _write_json(work / "progress.json", state)
+    else:
+        log.info("resuming %s after layer %d", work, state["completed"])
+
+    torch.manual_seed(recipe.seed)
+    opts = EngineOptions(device=recipe.device, batch_size=recipe.batch_size,
+                         true_sequential=recipe.true_sequential, calib_dtype=calib_dtype,
+                         keep_masks=True, progress=progress)
+    prefix = adapter.layers_path + "."
+    by_layer: dict[int, list[str]] = {}
+    outside_names: list[str] = []
+    for name in files.entries:
+        if name.startswith(prefix):
+            by_layer.setdefault(int(name[len(prefix):].split(".")[0]), []).append(name)
+        else:
+            outside_names.append(name)
+    layers = adapter.layers(skel)
+    n_layers = len(layers) if max_layers is None else min(max_layers, len(layers))
+    n_shards = len(layers) + 1
+    timings: dict[str, float] = dict(state.get("timings", {}))
+    report = Report(masks={})
+    layer_seconds: list[float] = []
+
+    inputs = None
+    start = state["completed"] + 1
+    if solver.needs_calibration and start < n_layers:
+        t = time.perf_counter()
+        _load_outside(skel, files, outside_names)
+        captured = capture_inputs(skel, adapter, calib_ids, opts)
+        _to_meta(skel)
+        skel.tie_weights()
+        kwargs = [kw for _, kw in captured]
+        parity = start % 2
+        if start > 0:  # the recorded hidden states entering layer ``start``
+            hidden = [_read_tensors(work / f"acts-{parity}" / f"b{b:05d}.safetensors")["h"]
+                      for b in range(len(kwargs))] if activations_offload == "ram" else None
+        else:
+            hidden = [h for h, _ in captured]
+            if activations_offload == "disk":
+                for b, h in enumerate(hidden):
+                    save_hidden(work / f"acts-{parity}", b, h)
+                hidden = None
+        del captured
+        if activations_offload == "disk":
+            inputs = DiskActivations(work, kwargs, parity)
+        else:
+            inputs = list(zip(hidden, kwargs))
+            del hidden
+        timings["capture"] = timings.get("capture", 0.0) + time.perf_counter() - t
+
+    bar = tqdm(range(start, n_layers), desc=f"{solver.name} (streaming)", unit="layer",
+               disable=not progress)
+    for i in bar:
+        t_layer = time.perf_counter()
+        layer = layers[i]
+        t = time.perf_counter()
+        _load_layer(skel, layer, f"{prefix}{i}.", files, by_layer.get(i, []))
+        report.add_time("read", time.perf_counter() - t)
+        report.masks = {}
+        n_before = len(report.layers)
+        if solver.needs_calibration:
+            prune_layer(layer, i, adapter, solver, target, inputs, opts, report,
+                        propagate=i + 1 < len(layers))
+        else:
+            from .calibrate import _solve_group
+
+            with torch.no_grad():
+                for group in adapter.groups:
+                    _solve_group(layer, None, adapter, i, group, solver, None, target, report)
+        t = time.perf_counter()
+        state_dict = {f"{prefix}{i}.{k}": v for k, v in layer.state_dict().items()}
+        names = [n for n in by_layer.get(i, []) if n in state_dict] + \
+            [n for n in state_dict if n not in by_layer.get(i, [])]
+        write_safetensors(work / "model" / f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors",
+                          names, state_dict.__getitem__, kill_layer=i)
+        shapes = {f"{r.name}.weight": list(r.shape) for r in report.layers[n_before:]}
+        masks = {f"{k}.weight": v for k, v in report.masks.items()}
+        write_safetensors(work / "masks" / f"layer-{i:05d}.safetensors", list(masks),
+                          masks.__getitem__, {"shapes": json.dumps(shapes)})
+        if inputs is not None and i + 1 < len(layers):
+            if isinstance(inputs, DiskActivations):
+                inputs.flip()
+            else:
+                for b, (h, _) in enumerate(inputs):
+                    save_hidden(work / f"acts-{(i + 1) % 2}", b, h)
+        report.add_time("write", time.perf_counter() - t)
+        del state_dict, masks
+        _to_meta(layer)
+        state["completed"] = i
+        state["layers"].extend({"name": r.name, "shape": list(r.shape), "pruned": r.pruned}
+                               for r in report.layers[n_before:])
+        for k, v in report.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+        report.timings = {}
+        layer_seconds.append(time.perf_counter() - t_layer)
+        state["timings"] = timings
+        _write_json(work / "progress.json", state)
+        _maybe_kill(i, "after")
+    bar.close()
+    del inputs
+
+    rows = [LinearReport(r["name"], tuple(r["shape"]), r["pruned"]) for r in state["layers"]]
+    summary = Report(layers=rows)
+    meta = {
+        "format": "llmprune-dense",
+        "format_version": 1,
+        "source_model": model_name,
+        "resolved_model": resolved,
+        "recipe": recipe.to_dict(),
+        "target": target.label,
+        "sparsity": summary.sparsity,
+        "allocation": None,
+        "layers": {r.name: {"shape": list(r.shape), "sparsity": r.sparsity} for r in rows},
+        "calibration": (dict(calib_info, forward_dtype=str(calib_dtype or _stored_dtype(files)))
+                        if calib_info else None),
+        "eval": None,
+        "versions": _versions(),
+        "timings": {"prune": time.perf_counter() - t_start,
+                    **{f"prune_{k}": v for k, v in timings.items()}},
+        "streaming": {"activations_offload": activations_offload, "max_memory": max_memory,
+                      "memory_plan": plan.as_dict(), "layer_seconds_this_process": layer_seconds,
+                      "resumed_after_layer": None if start == 0 else start - 1},
+    }
+    if max_layers is not None and n_layers < len(layers):
+        return meta  # a benchmark of the first layers: no checkpoint is assembled
+    t = time.perf_counter()
+    _assemble(work, src, out, files, outside_names, n_shards, len(layers), meta, export,
+              export_dtype, max_shard_size, model_name, recipe, recipe_yaml, progress)
+    meta["timings"]["save"] = time.perf_counter() - t
+    return meta
+
+
+def _assemble(work: Path, src: Path, out: Path, files: SafetensorsFiles, outside_names: list[str],
+              n_shards: int, n_layers: int, meta: dict, export: str, export_dtype: str,
+              max_shard_size, model_name: str, recipe, recipe_yaml: str | None,
+              progress: bool) -> None:
+    """Turn the work directory's layer shards into the finished checkpoint and rename it into
+    place. Idempotent: a run killed here redoes it on ``--resume``."""
+    model_dir = work / "model"
+    last = model_dir / f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors"
+    write_safetensors(last, outside_names, files.read, spec=_file_spec(files))
+    weight_map, total = {}, 0
+    for k in range(1, n_shards + 1):
+        shard = model_dir / f"model-{k:05d}-of-{n_shards:05d}.safetensors"
+        for name, (_, info, _) in SafetensorsFiles([shard]).entries.items():
+            weight_map[name] = shard.name
+            total += info["data_offsets"][1] - info["data_offsets"][0]
+    _write_json(model_dir / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    # the masks of every layer in one file, as write_checkpoint writes it
+    mask_files = [work / "masks" / f"layer-{i:05d}.safetensors" for i in range(n_layers)]
+    mask_src = SafetensorsFiles(mask_files)
+    shapes: dict[str, list] = {}
+    for path in mask_files:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            shapes.update(json.loads(json.loads(f.read(n))["__metadata__"]["shapes"]))
+    write_safetensors(model_dir / MASKS_FILE, list(mask_src.entries), mask_src.read,
+                      {"llmprune_masks": "keep bits, little-endian, rows byte-padded",
+                       "shapes": json.dumps(shapes)}, spec=_file_spec(mask_src))
+    for path in sorted(src.iterdir()):
+        if path.is_file() and not _WEIGHT_FILE_RE.search(path.name) and \
+                path.name not in (META_FILE, MASKS_FILE):
+            shutil.copy2(path, model_dir / path.name)
+    if recipe_yaml is None:
+        from .runner import dump
+
+        recipe_yaml = dump(model_name, recipe,
+                           {"format": export, "dtype": export_dtype}
+                           if (export, export_dtype) != ("dense", "auto") else None, None)
+    (model_dir / "recipe.yaml").write_text(recipe_yaml)
+    _write_json(model_dir / META_FILE, meta)  # last: the dense checkpoint is complete
+    final = model_dir
+    if export != "dense" or export_dtype != "auto":
+        from .export import dir_source
+        from .export import export as export_dir
+
+        final = work / "export"
+        shutil.rmtree(final, ignore_errors=True)
+        final.mkdir()
+        export_dir(dir_source(model_dir), final, export, export_dtype, max_shard_size, progress)
+        (final / "recipe.yaml").write_text(recipe_yaml)
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, trash)
+        os.replace(final, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(final, out)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+
+def _file_spec(files: SafetensorsFiles):
+    def spec(name):
+        info = files.entries[name][1]
+        return info["dtype"], info["shape"]
+    return spec
