@@ -132,6 +132,20 @@ def _add_solver(sub, name: str) -> None:
                    help="window length for --eval-ppl")
     p.add_argument("--max-windows", type=_positive, default=16,
                    help="number of windows for --eval-ppl")
+    p.add_argument("--stream", action="store_true",
+                   help="streaming engine for checkpoints larger than RAM: read one decoder "
+                        "layer at a time from the safetensors files, write it out pruned before "
+                        "the next loads; resumable (see --resume). Implied by --max-memory, "
+                        "--resume and --activations-offload disk")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget of a streaming run, e.g. 4GiB: it refuses to start, with "
+                        "the numbers, if one layer + activations + solver statistics do not fit")
+    p.add_argument("--activations-offload", choices=["ram", "disk"], default="ram",
+                   help="streaming: keep the calibration hidden states in RAM, or in files in "
+                        "OUTPUT.partial/ (one batch in memory at a time)")
+    p.add_argument("--resume", action="store_true",
+                   help="streaming: continue an interrupted run from OUTPUT.partial/ after its "
+                        "last completed layer (bit-identical to an uninterrupted run)")
     p.set_defaults(func=_run_solver, method=name)
 
 
@@ -751,6 +765,8 @@ def _run_solver(args) -> int:
     if args.method == "sparsegpt":
         fields.update(blocksize=args.blocksize, percdamp=args.percdamp)
     recipe = PruneRecipe(**fields)
+    if args.stream or args.resume or args.max_memory or args.activations_offload == "disk":
+        return _run_streaming(args, recipe)
     meta = prune_checkpoint(args.model, recipe, args.output, overwrite=args.overwrite,
                             eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
                             eval_max_windows=args.max_windows,
@@ -758,6 +774,25 @@ def _run_solver(args) -> int:
                             export=args.export, export_dtype=args.export_dtype)
     print(f"pruned {len(meta['layers'])} linears to sparsity {meta['sparsity']:.4f} "
           f"in {meta['timings']['prune']:.1f} s; wrote {args.output}")
+    return 0
+
+
+def _run_streaming(args, recipe) -> int:
+    from .streaming import prune_streaming
+
+    for flag, given in (("--eval-ppl", args.eval_ppl),
+                        ("--distributed", getattr(args, "distributed", False)),
+                        ("--device-map", getattr(args, "device_map", None))):
+        if given:
+            raise UserError(f"{flag} does not combine with the streaming engine (--stream, "
+                            "--max-memory, --resume, --activations-offload disk); drop one")
+    meta = prune_streaming(args.model, recipe, args.output, overwrite=args.overwrite,
+                           resume=args.resume, max_memory=args.max_memory,
+                           activations_offload=args.activations_offload, export=args.export,
+                           export_dtype=args.export_dtype,
+                           trust_remote_code=args.trust_remote_code, progress=not args.quiet)
+    print(f"pruned {len(meta['layers'])} linears to sparsity {meta['sparsity']:.4f} "
+          f"in {meta['timings']['prune']:.1f} s (streaming); wrote {args.output}")
     return 0
 
 
