@@ -73,11 +73,15 @@ def resolve_calib_dtype(recipe: PruneRecipe, solver, model) -> torch.dtype | Non
 
 
 def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tokenizer=None,
-          keep_masks: bool = False, progress: bool = True) -> Report:
+          keep_masks: bool = False, progress: bool = True, parallel=None,
+          device_map: str | None = None) -> Report:
     """Prune ``model`` in place as ``recipe`` says and return a :class:`Report`.
 
     Calibration ids ``[nsamples, seqlen]`` are taken from ``calib_ids`` or, when None, built from
     the recipe's data with ``tokenizer``. Solvers that need no data (magnitude) never read any.
+    ``parallel``: a :class:`llmprune.distributed.DataParallel` (this process's part of a
+    data-parallel run) or :class:`~llmprune.distributed.ShardedCalibration`; ``device_map``:
+    ``"auto"`` spreads each decoder layer over the visible GPUs (:mod:`llmprune.device_map`).
     """
     _check_device(recipe.device)
     adapter = adapter_for(model)
@@ -89,7 +93,11 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
                          true_sequential=recipe.true_sequential,
                          calib_dtype=resolve_calib_dtype(recipe, solver, model),
                          keep_masks=keep_masks,
-                         progress=progress)
+                         progress=progress and (parallel is None or parallel.is_main))
+    if device_map is not None:
+        from .device_map import layer_placement
+
+        opts = replace(opts, placement=layer_placement(device_map, recipe.device))
     if not needs_calibration(recipe):
         return prune_without_data(model, adapter, solver, target, opts)
     if calib_ids is None:
@@ -106,6 +114,8 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
                                          recipe.owl_m, replace(opts, calib_dtype=None))
         allocation["seconds"] = time.perf_counter() - t
     if solver.needs_calibration:
+        if parallel is not None:  # this process's batches, statistics combined across all
+            solver, calib_ids, opts = parallel.adapt(solver, calib_ids, opts)
         report = prune_layerwise(model, adapter, solver, target, calib_ids, opts)
         report.calib_dtype = str(opts.calib_dtype or next(model.parameters()).dtype)
     else:  # magnitude with OWL: the data set the allocation, the solver still reads none
@@ -166,11 +176,14 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
                      eval_max_windows: int | None = 16, trust_remote_code: bool = False,
                      progress: bool = True, export: str = "dense",
                      export_dtype: str = "auto",
-                     recipe_yaml: "str | Callable[[PruneRecipe], str] | None" = None) -> dict:
+                     recipe_yaml: "str | Callable[[PruneRecipe], str] | None" = None,
+                     parallel=None, device_map: str | None = None) -> dict:
     """Load, (evaluate,) prune, save atomically, (evaluate). Returns the metadata written.
 
     ``recipe_yaml``: the text of the recipe.yaml to write, or a function of the resolved recipe
-    (see :func:`resolved_recipe`) that returns it; None writes this run's own recipe."""
+    (see :func:`resolved_recipe`) that returns it; None writes this run's own recipe.
+    ``parallel`` / ``device_map``: see :func:`prune`; in a data-parallel run only the main
+    process (rank 0) evaluates and writes, the others wait for it."""
     from .evaluate import perplexity
     from .loading import load_model, resolve
 
@@ -194,7 +207,8 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
         calib_ids, calib_info = calibration_ids(tokenizer, recipe)
     eval_ids = None
     results: dict[str, float] = {}
-    if eval_ppl:
+    main = parallel is None or parallel.is_main
+    if eval_ppl and main:
         eval_text = load_text(eval_ppl, "eval")
         eval_ids = tokenize(tokenizer, eval_text.text)
         t = time.perf_counter()
@@ -204,7 +218,8 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
         print(f"dense perplexity: {results['dense_perplexity']:.4f}", flush=True)
 
     t = time.perf_counter()
-    report = prune(model, recipe, calib_ids=calib_ids, keep_masks=True, progress=progress)
+    report = prune(model, recipe, calib_ids=calib_ids, keep_masks=True, progress=progress,
+                   parallel=parallel, device_map=device_map)
     timings["prune"] = time.perf_counter() - t
     timings.update({f"prune_{k}": v for k, v in report.timings.items()})
     ran = resolved_recipe(recipe, report)
@@ -235,6 +250,11 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
         "versions": _versions(),
         "timings": timings,
     }
+    if parallel is not None:
+        meta["data_parallel"] = {"world_size": parallel.world_size}
+        if not main:
+            parallel.barrier()  # rank 0 writes
+            return meta
     t = time.perf_counter()
     with atomic_dir(out) as tmp:
         write_checkpoint(model, tokenizer, tmp, meta, report.masks, export, export_dtype,
@@ -252,4 +272,6 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
                 if eval_ppl else None)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
     meta["timings"]["save"] = time.perf_counter() - t
+    if parallel is not None:
+        parallel.barrier()
     return meta

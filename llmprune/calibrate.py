@@ -24,6 +24,7 @@ import ctypes
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +86,12 @@ class EngineOptions:
     calib_dtype: torch.dtype | None = None  # dtype of the forward passes; None = the model's
     keep_masks: bool = False
     progress: bool = True
+    # Hooks for many devices (llmprune.distributed), None = one process on one device:
+    # collect_stats replaces _collect_stats (same signature), e.g. to calibrate on this process's
+    # share of the batches and combine the statistics of all processes before each solve;
+    # placement puts a layer on its device(s) (.place(layer)) and back (.release(layer)).
+    collect_stats: Callable | None = None
+    placement: object | None = None
 
 
 class _Catcher(nn.Module):
@@ -219,7 +226,8 @@ def _collect_stats(layer: nn.Module, groups: list[tuple[str, ...]], inputs: list
     stats, hooks, seen = [], [], set()
     for gi, group in enumerate(groups):
         lin = layer.get_submodule(group[0])
-        stats.append(solver.new_stats(lin.in_features, device))
+        # on the linear's own device: ``device`` unless a placement spread the layer out
+        stats.append(solver.new_stats(lin.in_features, lin.weight.device))
 
         def hook(_mod, args, _st=stats[-1], _gi=gi):
             _st.add(args[0])
@@ -267,7 +275,10 @@ def prune_layer(layer: nn.Module, i: int, adapter: Adapter, solver: Solver, targ
     engine (:mod:`llmprune.streaming`), so both give bit-identical results."""
     device = torch.device(opts.device)
     schedule = [[g] for g in adapter.groups] if opts.true_sequential else [list(adapter.groups)]
-    layer.to(device)
+    if opts.placement is None:
+        layer.to(device)
+    else:
+        opts.placement.place(layer)
     fwd_layer = layer
     if opts.calib_dtype is not None and next(layer.parameters()).dtype != opts.calib_dtype:
         # Forward passes in a cheaper dtype; the solver still reads and writes the
@@ -275,7 +286,7 @@ def prune_layer(layer: nn.Module, i: int, adapter: Adapter, solver: Solver, targ
         fwd_layer = copy.deepcopy(layer).to(opts.calib_dtype)
     for phase in schedule:
         t = time.perf_counter()
-        stats = _collect_stats(fwd_layer, phase, inputs, solver, device)
+        stats = (opts.collect_stats or _collect_stats)(fwd_layer, phase, inputs, solver, device)
         t_solve = time.perf_counter()
         report.add_time("calibrate_forward", t_solve - t)
         for gi, group in enumerate(phase):
@@ -287,6 +298,8 @@ def prune_layer(layer: nn.Module, i: int, adapter: Adapter, solver: Solver, targ
         _propagate(fwd_layer, inputs)
     report.add_time("propagate_forward", time.perf_counter() - t)
     del fwd_layer
-    if device.type != "cpu":
+    if opts.placement is not None:
+        opts.placement.release(layer)
+    elif device.type != "cpu":
         layer.to("cpu")
     _release_free_heap()

@@ -119,6 +119,18 @@ def _add_solver(sub, name: str) -> None:
                        help="columns per lazy-update block")
         p.add_argument("--percdamp", type=float, default=0.01,
                        help="damping added to diag(H), as a fraction of its mean")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel calibration over the processes torchrun starts "
+                        "(torchrun --nproc-per-node N -m llmprune ... --distributed): each "
+                        "calibrates on its contiguous share of the batches, statistics are "
+                        "summed in rank order before each solve, rank 0 writes the output")
+    p.add_argument("--dist-backend", choices=["auto", "gloo", "nccl"], default="auto",
+                   help="torch.distributed backend for --distributed: auto = nccl with "
+                        "--device cuda (one GPU per process), gloo on CPU")
+    p.add_argument("--device-map", choices=["auto"], default=None,
+                   help="auto: spread each decoder layer over all visible GPUs (accelerate's "
+                        "planner), for layers that with their activations exceed one GPU; "
+                        "without CUDA it stays on the CPU")
     p.add_argument("--export", choices=["dense", "compact"], default="dense",
                    help="dense: a plain checkpoint with zeros in place (loads with "
                         "from_pretrained); compact: only the kept weights plus bitmask / N:M "
@@ -767,11 +779,27 @@ def _run_solver(args) -> int:
     recipe = PruneRecipe(**fields)
     if args.stream or args.resume or args.max_memory or args.activations_offload == "disk":
         return _run_streaming(args, recipe)
-    meta = prune_checkpoint(args.model, recipe, args.output, overwrite=args.overwrite,
-                            eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
-                            eval_max_windows=args.max_windows,
-                            trust_remote_code=args.trust_remote_code, progress=not args.quiet,
-                            export=args.export, export_dtype=args.export_dtype)
+    parallel = None
+    if args.distributed:
+        from dataclasses import replace
+
+        from .distributed import init_from_env
+
+        parallel = init_from_env(args.device, args.dist_backend)
+        recipe = replace(recipe, device=parallel.device)  # cuda:LOCAL_RANK with --device cuda
+    try:
+        meta = prune_checkpoint(args.model, recipe, args.output, overwrite=args.overwrite,
+                                eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
+                                eval_max_windows=args.max_windows,
+                                trust_remote_code=args.trust_remote_code,
+                                progress=not args.quiet, export=args.export,
+                                export_dtype=args.export_dtype, parallel=parallel,
+                                device_map=args.device_map)
+    finally:
+        if parallel is not None:
+            parallel.close()
+    if parallel is not None and not parallel.is_main:
+        return 0
     print(f"pruned {len(meta['layers'])} linears to sparsity {meta['sparsity']:.4f} "
           f"in {meta['timings']['prune']:.1f} s; wrote {args.output}")
     return 0
