@@ -451,64 +451,6 @@ def bonsai_mask(model, calib_ids: torch.Tensor, config: BonsaiConfig, *,
 # checkpoint in, checkpoint out (shared with LoRAPrune)
 
 
-def run_checkpoint(method: str, model_name: str, output: str, prune_fn, *, target: Target,
-                   nsamples: int, seqlen: int, calib_data: str | None = None,
-                   calib_sampling: str = "consecutive", seed: int = 0, overwrite: bool = False,
-                   eval_ppl: str | None = None, eval_seqlen: int = 1024,
-                   eval_max_windows: int | None = 16, trust_remote_code: bool = False,
-                   device: str = "cpu", progress: bool = True, settings: dict | None = None,
-                   before_load=None) -> dict:
-    """Load, read calibration windows, (evaluate,) ``prune_fn(model, ids) -> (model, mask,
-    info)``, (evaluate the masked model,) shrink and save atomically with
-    ``structured.save_structured``. Every input is checked before the model is loaded."""
-    from .api import _check_device, _versions
-    from .data import ids_sha256, load_text, tokenize, windows
-    from .evaluate import perplexity
-    from .loading import load_model, resolve
-    from .output import check_output
-    from .structured import layer_groups, masked, save_structured
-
-    _check_device(device)
-    if before_load is not None:
-        before_load()
-    check_output(output, overwrite)
-    resolved = resolve(model_name)
-    check_output(output, overwrite, sources=(resolved,))
-    calib_text = load_text(calib_data, "calib")
-    eval_text = load_text(eval_ppl, "eval") if eval_ppl else None
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    model, tokenizer, resolved = load_model(model_name, trust_remote_code=trust_remote_code,
-                                            check=layer_groups)
-    timings["load"] = time.perf_counter() - t
-    model.to(device)
-    ids = windows(tokenize(tokenizer, calib_text.text), nsamples, seqlen, calib_sampling, seed,
-                  calib_text.source)
-    calib_info = {"source": calib_text.source, "text_sha256": calib_text.sha256,
-                  "ids_sha256": ids_sha256(ids), "shape": list(ids.shape),
-                  "sampling": calib_sampling}
-    results: dict[str, float] = {}
-    eval_ids = tokenize(tokenizer, eval_text.text) if eval_text is not None else None
-    if eval_ids is not None:
-        results["dense_perplexity"] = perplexity(model, eval_ids, eval_seqlen, eval_max_windows,
-                                                 device=device, progress=progress)
-        print(f"dense perplexity: {results['dense_perplexity']:.4f}", flush=True)
-    t = time.perf_counter()
-    model, mask, info = prune_fn(model, ids.to(device))
-    timings["prune"] = time.perf_counter() - t
-    if eval_ids is not None:
-        with masked(model, mask):
-            results["pruned_perplexity"] = perplexity(model, eval_ids, eval_seqlen,
-                                                      eval_max_windows, device=device,
-                                                      progress=progress)
-        print(f"pruned perplexity: {results['pruned_perplexity']:.4f}", flush=True)
-    meta = {"method": method, "source_model": model_name, "resolved_model": resolved,
-            "target": {**asdict(target), "per_kind": info.get("per_kind_target")},
-            "settings": settings or {}, "calibration": calib_info, "report": info,
-            "results": results, "versions": _versions(), "timings": timings}
-    return save_structured(model.cpu(), tokenizer, output, mask, meta, overwrite=overwrite)
-
-
 def bonsai_checkpoint(model_name: str, output: str, config: BonsaiConfig, *, nsamples: int = 32,
                       seqlen: int = 512, calib_data: str | None = None,
                       calib_sampling: str = "consecutive", overwrite: bool = False,
@@ -524,7 +466,9 @@ def bonsai_checkpoint(model_name: str, output: str, config: BonsaiConfig, *, nsa
         mask, info = bonsai_mask(model, ids, config, progress=progress)
         return model, mask, info
 
-    return run_checkpoint("bonsai", model_name, output, prune_fn, target=config.target,
+    from .structured import run_checkpoint
+
+    return run_checkpoint("bonsai", model_name, output, prune_fn, target=asdict(config.target),
                           nsamples=nsamples, seqlen=seqlen, calib_data=calib_data,
                           calib_sampling=calib_sampling, seed=config.seed, overwrite=overwrite,
                           eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,

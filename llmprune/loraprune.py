@@ -261,7 +261,7 @@ def loraprune_checkpoint(model_name: str, output: str, config: LoRAPruneConfig, 
                          device: str = "cpu", progress: bool = True) -> dict:
     """``llmprune loraprune``: LoRAPrune on a checkpoint; the merged, shrunk model is written to
     ``output``. Returns the llmprune.json written (with trainable parameters and peak RSS)."""
-    from .bonsai import run_checkpoint
+    from .structured import run_checkpoint
 
     def before_load():
         if config.load_8bit:
@@ -275,7 +275,8 @@ def loraprune_checkpoint(model_name: str, output: str, config: LoRAPruneConfig, 
               f"peak RSS {info['peak_rss_mib']:.0f} MiB", flush=True)
         return merged, mask, info
 
-    return run_checkpoint("loraprune", model_name, output, prune_fn, target=config.target,
+    return run_checkpoint("loraprune", model_name, output, prune_fn,
+                          target=asdict(config.target),
                           nsamples=nsamples, seqlen=seqlen, calib_data=calib_data,
                           calib_sampling=calib_sampling, seed=config.seed, overwrite=overwrite,
                           eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,

@@ -37,6 +37,19 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
 
 
+def assert_shrunk_equals_masked(model, mask, ids: torch.Tensor) -> None:
+    """Logits of ``model`` with ``mask`` applied by zeroing equal those after physically slicing
+    the masked heads and channels out (``structured.shrink_``, which modifies ``model``)."""
+    from llmprune.structured import masked, shrink_
+
+    with torch.no_grad(), masked(model, mask):
+        want = model(input_ids=ids).logits
+    shrink_(model, mask)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def tiny_model(family: str, seed: int = 0):
     from transformers import AutoModelForCausalLM
 

@@ -10,9 +10,9 @@ import torch
 
 from llmprune.bonsai import (BonsaiConfig, Target, bonsai_mask, fit_importance, sample_keep)
 from llmprune.cli import main
-from llmprune.structured import layer_groups, masked, shrink_
+from llmprune.structured import layer_groups
 
-from .conftest import tiny_model
+from .conftest import assert_shrunk_equals_masked, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -127,13 +127,7 @@ def test_bonsai_builds_no_autograd_graph_and_shrunk_equals_masked(family, calib_
     assert all(p.requires_grad for p in model.parameters())  # restored afterwards
     assert abs(info["removed_fraction"] - 0.3) < 0.1
 
-    ids = calib_ids[:2]
-    with torch.no_grad(), masked(model, mask):
-        want = model(input_ids=ids).logits
-    shrink_(model, mask)
-    with torch.no_grad():
-        got = model(input_ids=ids).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_shrunk_equals_masked(model, mask, calib_ids[:2])
 
 
 def test_cli_bonsai_writes_a_plain_smaller_checkpoint(checkpoint_dir, text_file, tmp_path,

@@ -13,9 +13,9 @@ from llmprune.cli import main
 from llmprune.loraprune import (LoRAPruneConfig, group_importance, lora_importance, loraprune,
                                 prune_schedule)
 from llmprune.models import adapter_for_type
-from llmprune.structured import LayerGroups, masked, shrink_
+from llmprune.structured import LayerGroups
 
-from .conftest import tiny_model
+from .conftest import assert_shrunk_equals_masked, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -112,13 +112,7 @@ def test_loraprune_shrunk_logits_equal_masked_logits(family, calib_ids):
     cfg = LoRAPruneConfig(Target(sparsity=0.3), steps=3, prune_steps=2, lr=1e-3)
     merged, mask, info = loraprune(model, calib_ids, cfg, progress=False)
     assert abs(info["removed_fraction"] - 0.3) < 0.1
-    ids = calib_ids[:2]
-    with torch.no_grad(), masked(merged, mask):
-        want = merged(input_ids=ids).logits
-    shrink_(merged, mask)
-    with torch.no_grad():
-        got = merged(input_ids=ids).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_shrunk_equals_masked(merged, mask, calib_ids[:2])
 
 
 def test_cli_loraprune_writes_a_plain_smaller_checkpoint(checkpoint_dir, text_file, tmp_path,
