@@ -1,0 +1,222 @@
+"""The streaming engine (llmprune/streaming.py): the same bits as the in-memory engine, crash resume
+after SIGKILL, refusals, and the memory plan against a hand count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmprune import cli
+from llmprune.api import prune_checkpoint
+from llmprune.errors import UserError
+from llmprune.recipe import PruneRecipe
+from llmprune.streaming import KILL_ENV, prune_streaming
+
+from .conftest import same_bits, tiny_config, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _save(path: Path, family: str, layers: int, tie: bool = False) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family)
+    config.num_hidden_layers = layers
+    config.tie_word_embeddings = tie
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    return {"llama": _save(root / "llama", "llama", 3),
+            "opt": _save(root / "opt", "opt", 3),
+            "llama-tied": _save(root / "llama-tied", "llama", 2, tie=True),
+            "llama4": _save(root / "llama4", "llama", 4)}
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("model*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _recipe(method, text_file, **kw):
+    return PruneRecipe(method, sparsity=0.5, nsamples=6, seqlen=32, batch_size=4,
+                       calib_data=str(text_file), **kw)
+
+
+@pytest.mark.parametrize("family,method,offload", [
+    ("llama", "wanda", "ram"), ("llama", "sparsegpt", "disk"), ("opt", "sparsegpt", "ram"),
+    ("opt", "wanda", "disk"), ("llama-tied", "sparsegpt", "ram"), ("llama", "magnitude", "ram"),
+])
+def test_stream_is_bit_identical_to_in_memory(ckpts, text_file, tmp_path, family, method,
+                                              offload):
+    from transformers import AutoModelForCausalLM
+
+    recipe = _recipe(method, text_file)
+    mem = prune_checkpoint(str(ckpts[family]), recipe, str(tmp_path / "mem"), progress=False)
+    meta = prune_streaming(str(ckpts[family]), recipe, str(tmp_path / "str"), progress=False,
+                           activations_offload=offload)
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
+    assert sorted(a) == sorted(b)
+    assert all(same_bits(a[k], b[k]) for k in a), [k for k in a if not same_bits(a[k], b[k])]
+    ma = load_file(tmp_path / "mem" / "llmprune_masks.safetensors")
+    mb = load_file(tmp_path / "str" / "llmprune_masks.safetensors")
+    assert sorted(ma) == sorted(mb) and all(same_bits(ma[k], mb[k]) for k in ma)
+    assert meta["layers"] == mem["layers"] and meta["sparsity"] == mem["sparsity"]
+    # every pruned linear holds exactly half zeros (Wanda/magnitude per row, SparseGPT per
+    # block of columns, both exact at 50% of these even widths)
+    for name, info in meta["layers"].items():
+        assert info["sparsity"] == 0.5
+        assert (b[name + ".weight"] == 0).sum().item() == b[name + ".weight"].numel() // 2
+    # a plain transformers load sees the streamed weights; nothing is left behind
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "str")
+    for k, v in model.state_dict().items():
+        if k in b:
+            assert same_bits(v, b[k]), k
+    assert not (tmp_path / "str.partial").exists()
+    on_disk = json.loads((tmp_path / "str" / "llmprune.json").read_text())
+    assert on_disk["recipe"] == recipe.to_dict()
+
+
+def test_stream_compact_export_matches_in_memory(ckpts, text_file, tmp_path):
+    from llmprune.export import load_pretrained
+
+    recipe = _recipe("wanda", text_file, pattern="2:4")
+    prune_checkpoint(str(ckpts["llama"]), recipe, str(tmp_path / "mem"), progress=False,
+                     export="compact")
+    prune_streaming(str(ckpts["llama"]), recipe, str(tmp_path / "str"), progress=False,
+                    export="compact")
+    a = load_pretrained(tmp_path / "mem").state_dict()
+    b = load_pretrained(tmp_path / "str").state_dict()
+    assert sorted(a) == sorted(b) and all(same_bits(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "str" / "llmprune.json").read_text())["format"] == \
+        "llmprune-compact"
+
+
+def _cli_args(ckpt, text_file, out, *extra):
+    return ["-q", "sparsegpt", "--model", str(ckpt), "--sparsity", "0.5", "--nsamples", "6",
+            "--seqlen", "32", "--batch-size", "4", "--calib-data", str(text_file),
+            "--output", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(ckpts, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert cli.main(_cli_args(ckpts["llama4"], text_file, out, "--stream")) == 0
+    return out
+
+
+@pytest.mark.parametrize("kill,offload,resumed_after", [
+    ("0", "ram", 0), ("1:mid", "disk", 0), ("3", "ram", 3)])
+def test_sigkill_then_resume_is_bit_exact(ckpts, text_file, tmp_path, reference, kill, offload,
+                                          resumed_after):
+    out = tmp_path / "out"
+    args = _cli_args(ckpts["llama4"], text_file, out, "--stream", "--activations-offload",
+                     offload)
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{KILL_ENV: kill})
+    proc = subprocess.run([sys.executable, "-m", "llmprune", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # killed by SIGKILL, not an error
+    work = tmp_path / "out.partial"
+    assert not out.exists() and work.is_dir()
+    # the work directory never looks like a finished checkpoint
+    assert not (work / "config.json").exists() and not (work / "llmprune.json").exists()
+    progress = json.loads((work / "progress.json").read_text())
+    k = int(kill.split(":")[0])
+    assert progress["completed"] == (k - 1 if kill.endswith(":mid") else k)
+
+    assert cli.main(args) == 2  # an interrupted run is not silently thrown away
+    assert cli.main([*args, "--resume"]) == 0
+    meta = json.loads((out / "llmprune.json").read_text())
+    assert meta["streaming"]["resumed_after_layer"] == resumed_after
+    a, b = _tensors(reference), _tensors(out)
+    assert sorted(a) == sorted(b) and len(a) == 4 * 9 + 3
+    assert all(same_bits(a[k], b[k]) for k in a), [k for k in a if not same_bits(a[k], b[k])]
+    ma = load_file(reference / "llmprune_masks.safetensors")
+    mb = load_file(out / "llmprune_masks.safetensors")
+    assert sorted(ma) == sorted(mb) and all(same_bits(ma[k], mb[k]) for k in ma)
+    assert not work.exists()
+
+
+def _one_line_error(capsys, args, *needles):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_refusals(ckpts, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = _cli_args(ckpts["llama"], text_file, out)
+    _one_line_error(capsys, [*base, "--max-memory", "10MB"], "--max-memory 10MB is too small",
+                    "largest layer", "solver statistics")
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    _one_line_error(capsys, [*base, "--max-memory", "lots"], "--max-memory must look like")
+    _one_line_error(capsys, [*base, "--stream", "--eval-ppl", str(text_file)], "--eval-ppl")
+    _one_line_error(capsys, [*base, "--stream", "--allocation", "owl"], "owl")
+    # an interrupted run's record (here: a run of the first layer only, which leaves it just as
+    # a killed one does; the kill itself is tested above): refuse to clobber it, refuse to
+    # resume another recipe or model
+    prune_streaming(str(ckpts["llama"]), _recipe("sparsegpt", text_file), str(out),
+                    progress=False, max_layers=1)
+    assert json.loads((tmp_path / "out.partial" / "progress.json").read_text())["completed"] == 0
+    _one_line_error(capsys, [*base, "--stream"], "--resume", "--overwrite")
+    changed = [*base[:base.index("0.5")], "0.6", *base[base.index("0.5") + 1:]]
+    _one_line_error(capsys, [*changed, "--resume"], "sparsity: 0.5 -> 0.6")
+    other = _cli_args(ckpts["opt"], text_file, out)
+    _one_line_error(capsys, [*other, "--resume"], "model")
+    assert (tmp_path / "out.partial" / "progress.json").exists()  # untouched by the refusals
+    assert cli.main([*base, "--stream", "--overwrite"]) == 0  # starts again from scratch
+    assert (out / "llmprune.json").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_memory_plan_hand_count(ckpts):
+    """Tiny Llama: hidden 64, intermediate 128, 4 heads / 2 KV heads (head_dim 16), float32."""
+    from transformers import AutoConfig
+
+    from llmprune.export import SafetensorsFiles, _checkpoint_files
+    from llmprune.models import adapter_for
+    from llmprune.solvers import get_solver
+    from llmprune.streaming import _skeleton, memory_plan
+
+    src = ckpts["llama"]
+    skel = _skeleton(AutoConfig.from_pretrained(src), torch.float32, False)
+    files = SafetensorsFiles(_checkpoint_files(src))
+    recipe = PruneRecipe("sparsegpt", sparsity=0.5, nsamples=8, seqlen=32, batch_size=4)
+    plan = memory_plan(files, skel, adapter_for(skel), recipe, get_solver("sparsegpt"), None,
+                       "ram")
+    # q 64x64 + k, v 32x64 + o 64x64 + gate, up 128x64 + down 64x128 + 2 norms of 64
+    layer_params = 4096 + 2048 + 2048 + 4096 + 3 * 8192 + 2 * 64
+    assert plan.layer == layer_params * 4
+    assert plan.work == 2 * (2 * 8192) * 4  # gate+up in float32, input and result
+    # Hessians of the four input groups (64, 64, 64, 128 wide) + workspace of the largest
+    assert plan.stats == (3 * 64 * 64 + 128 * 128) * 4 + 2 * 128 * 128 * 4
+    batch = 4 * 32 * 64 * 4
+    assert plan.activations == 8 * 32 * 64 * 4 + batch
+    assert plan.outside == (2 * 300 * 64 + 64) * 4  # embed, untied lm_head, final norm
+    disk = memory_plan(files, skel, adapter_for(skel), recipe, get_solver("sparsegpt"), None,
+                       "disk")
+    assert disk.activations == 2 * batch
+    wanda = memory_plan(files, skel, adapter_for(skel), recipe, get_solver("wanda"), None, "ram")
+    assert wanda.stats == (3 * 64 + 128) * 4
+
+
+def test_stream_needs_a_local_safetensors_checkpoint(text_file, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        prune_streaming(str(tmp_path / "nope"), _recipe("wanda", text_file),
+                        str(tmp_path / "out"), progress=False)
