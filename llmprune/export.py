@@ -420,13 +420,15 @@ def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "au
             t = t.to(want)
         if t.is_floating_point():
             stored_dtype = stored_dtype or t.dtype
-        keep = masks.get(name) if masks else None
-        if keep is not None and keep.dtype == torch.uint8:
-            keep = compact.unpack_bits(keep, t.shape[-1]).view(t.shape)
+        keep = masks.get(name) if masks else None  # bool, or packed: kept packed (cheaper)
         if keep is not None:
-            if tuple(keep.shape) != tuple(t.shape):
-                raise CorruptCheckpointError(f"mask of {name} has shape {tuple(keep.shape)} but "
-                                             f"the weight is {tuple(t.shape)}")
+            want_shape = tuple(t.shape) if keep.dtype != torch.uint8 else \
+                (*t.shape[:-1], (t.shape[-1] + 7) // 8)
+            if tuple(keep.shape) != want_shape or (keep.dtype == torch.uint8 and t.dim() != 2):
+                shown = tuple(keep.shape) if keep.dtype != torch.uint8 else \
+                    (*keep.shape[:-1], f"{keep.shape[-1]} bytes")
+                raise CorruptCheckpointError(f"mask of {name} has shape {shown} but the weight "
+                                             f"is {tuple(t.shape)}")
         if fmt == "compact":
             enc = compact.choose(t, keep, source.nm)
         else:
@@ -436,10 +438,12 @@ def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "au
                             "the checkpoint was changed after pruning; re-prune it, or export "
                             "with --pattern to take the masks from its zeros")
         if keep is not None and fmt == "dense":
-            out_masks[name], mask_shapes[name] = compact.pack_bits(keep), tuple(t.shape)
+            out_masks[name] = torch.from_numpy(compact.as_bits(keep, t.shape[1]))
+            mask_shapes[name] = tuple(t.shape)
+        is_nm = source.nm is not None and keep is not None and (enc.encoding == "nm" or (
+            t.dim() == 2 and compact.nm_fits(compact.as_bool(keep, t.shape[1]), *source.nm)))
         pattern = "dense" if keep is None else (
-            f"{source.nm[0]}:{source.nm[1]}" if source.nm and (
-                enc.encoding == "nm" or compact.nm_fits(keep, *source.nm)) else "unstructured")
+            f"{source.nm[0]}:{source.nm[1]}" if is_nm else "unstructured")
         info = {"encoding": enc.encoding, "pattern": pattern, "shape": list(t.shape),
                 "dtype": str(t.dtype).removeprefix("torch."), "bytes": enc.nbytes,
                 "dense_bytes": t.numel() * t.element_size()}

@@ -46,14 +46,27 @@ def test_round_trip_is_bit_exact(out, groups, dtype, kind, ratio, nm, seed):
     # Kept weights can be anything, including -0.0, +-inf and NaN: they must survive verbatim.
     weight.view(-1)[0] = -0.0 if keep.view(-1)[0] else weight.view(-1)[0]
 
-    for enc in (compact.encode_bitmask(weight, keep),
-                compact.encode_nm(weight, keep, n, m) if compact.nm_fits(keep, n, m) else None,
-                compact.choose(weight, keep, (n, m))):
-        if enc is None:
-            continue
-        back = compact.decode(enc.encoding, enc.parts, enc.shape, enc.n, enc.m)
-        assert back.dtype == dtype and back.shape == weight.shape
-        assert torch.equal(_bits(back), _bits(weight)), enc.encoding
+    fits = compact.nm_fits(keep, n, m)
+    # every encoder takes the mask as bool or packed (as the masks file holds it)
+    for mask in (keep, compact.pack_bits(keep)):
+        for enc in (compact.encode_bitmask(weight, mask),
+                    compact.encode_nm(weight, mask, n, m) if fits else None,
+                    compact.choose(weight, mask, (n, m))):
+            if enc is None:
+                continue
+            back = compact.decode(enc.encoding, enc.parts, enc.shape, enc.n, enc.m)
+            assert back.dtype == dtype and back.shape == weight.shape
+            assert torch.equal(_bits(back), _bits(weight)), enc.encoding
+            if enc.encoding == "bitmask":  # the stored mask is the pruning mask, bit for bit
+                assert torch.equal(compact.unpack_bits(enc.parts["bitmask"], cols), keep)
+            if enc.encoding == "nm":  # every kept weight has a slot, n slots per group
+                slots = compact.nm_keep(enc.parts["indices"], (out, cols), n, m)
+                assert bool((slots | ~keep).all())
+                assert bool((slots.view(out, -1, m).sum(-1) == n).all())
+        if not fits:  # a mask that is not N:M is refused, not encoded wrongly
+            assert compact.choose(weight, mask, (n, m)).encoding != "nm"
+            with pytest.raises(ValueError):
+                compact.encode_nm(weight, mask, n, m)
 
 
 def test_special_values_survive():
@@ -72,6 +85,43 @@ def test_nm_slots_hand_case():
     assert enc.parts["values"].tolist() == [[5.0, 7.0, 9.0, 0.0]]
     # indices 1, 3, 0, 1 at 2 bits each, little-endian: 1 | 3<<2 | 0<<4 | 1<<6 = 77
     assert enc.parts["indices"].tolist() == [[77]]
+
+
+def test_nm_hand_cases_from_packed_masks():
+    # 1:4 over 16 inputs keeps positions 2, 0, 3, 1 of its groups: 2-bit indices, four a byte:
+    # 2 | 0<<2 | 3<<4 | 1<<6 = 114
+    w = torch.zeros(1, 16)
+    for col in (2, 4, 11, 13):
+        w[0, col] = col + 1.0
+    enc = compact.encode_nm(w, compact.pack_bits(w != 0), 1, 4)
+    assert enc.parts["values"].tolist() == [[3.0, 5.0, 12.0, 14.0]]
+    assert enc.parts["indices"].tolist() == [[114]]
+    # 4:8 keeping positions 1, 2, 5, 7: 4-bit indices, two a byte: 1 | 2<<4 = 33, 5 | 7<<4 = 117
+    w = torch.tensor([[0.0, 1.0, 2.0, 0.0, 0.0, 5.0, 0.0, 7.0]], dtype=torch.bfloat16)
+    enc = compact.encode_nm(w, compact.pack_bits(w != 0), 4, 8)
+    assert enc.parts["values"].tolist() == [[1.0, 2.0, 5.0, 7.0]]
+    assert enc.parts["indices"].tolist() == [[33, 117]]
+    # a group keeping 3 of 4 is not 2:4, whichever way the mask comes
+    w = torch.tensor([[1.0, 2.0, 3.0, 0.0, 1.0, 0.0, 0.0, 1.0]])
+    assert compact.choose(w, compact.pack_bits(w != 0), (2, 4)).encoding != "nm"
+    with pytest.raises(ValueError):
+        compact.encode_nm(w, compact.pack_bits(w != 0), 2, 4)
+
+
+def test_packed_mask_padding_bits_are_ignored():
+    # 3 columns: the 5 padding bits of the mask byte are set, but they are no weight's
+    w = torch.tensor([[1.0, 0.0, 2.0]])
+    enc = compact.encode_bitmask(w, torch.tensor([[0b11111101]], dtype=torch.uint8))
+    assert enc.parts["bitmask"].tolist() == [[0b101]]
+    assert enc.parts["row_offsets"].tolist() == [0, 2]
+    assert enc.parts["values"].tolist() == [1.0, 2.0]
+
+
+def test_count_true_of_packed_masks():
+    gen = torch.Generator().manual_seed(3)
+    for cols in (8, 64, 13):
+        keep = torch.rand(7, cols, generator=gen) < 0.4
+        assert compact.count_true(compact.pack_bits(keep)) == int(keep.sum())
 
 
 def test_bitmask_hand_case():
