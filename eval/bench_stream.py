@@ -106,7 +106,8 @@ def child(args) -> None:
     shutil.rmtree(out.parent / f"{out.name}.partial", ignore_errors=True)
     t = time.perf_counter()
     meta = prune_streaming(str(CACHE), recipe, str(out), overwrite=True, progress=False,
-                           max_layers=args.layers, activations_offload=args.offload)
+                           max_layers=args.layers, activations_offload=args.offload,
+                           max_memory=args.limit)
     wall = time.perf_counter() - t
     print("RESULT " + json.dumps({"peak_rss": vm("VmHWM"), "peak_vm": vm("VmPeak"),
                                   "wall_s": wall, "meta": meta}), flush=True)
@@ -138,7 +139,8 @@ def main() -> None:
     params = sum(int(__import__("math").prod(files.shape(n))) for n in files.entries)
     results = {"model": {"path": str(CACHE.relative_to(ROOT.parent)), **SHAPE,
                          "parameters": params, "bytes_on_disk": disk, "dtype": "bfloat16"},
-               "limit": f"prlimit --as={args.limit} (RLIMIT_AS, address space)",
+               "limit": "prlimit --as=LIMIT (RLIMIT_AS, address space; about 0.7 GiB of it "
+                        "is torch's and triton's mapped libraries), --max-memory LIMIT",
                "threads": "torch.set_num_threads(1), OMP_NUM_THREADS=1 (shared 2-core machine)",
                "calibration": "2 x 128 tokens, WikiText-2 valid.txt", "runs": {}}
     from llmprune.export import parse_size
@@ -147,27 +149,29 @@ def main() -> None:
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         out = ROOT / ".cache" / f"bench-stream-{method}"
         cmd = ["prlimit", f"--as={limit}", "--", sys.executable, __file__, "--child", method,
-               "--out", str(out), "--offload", args.offload]
+               "--out", str(out), "--offload", args.offload, "--limit", args.limit]
         if args.layers:
             cmd += ["--layers", str(args.layers)]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(proc.stdout[-3000:], proc.stderr[-3000:])
-            results["runs"][method] = {"failed": True, "returncode": proc.returncode,
-                                       "stderr_tail": proc.stderr[-2000:]}
+            results["runs"][f"{method}@{args.limit}"] = {
+                "failed": True, "returncode": proc.returncode, "limit": args.limit,
+                "layers_requested": args.layers, "wall_s": wall,
+                "stderr_tail": proc.stderr[-1500:]}
             continue
         res = json.loads(line[len("RESULT "):])
         meta = res["meta"]
         plan = meta["streaming"]["memory_plan"]
         # what the issue names: largest layer + activations + solver statistics (+ the float32
         # working copies the solver needs), and the process itself before any weight is read
-        estimate = plan["layer"] + plan["work"] + plan["activations"] + plan["stats"]
+        estimate = plan["layer_phase"]
         layer_s = meta["streaming"]["layer_seconds_this_process"]
-        run = {"layers_pruned": len(layer_s), "layers_total": SHAPE["num_hidden_layers"],
+        run = {"limit": args.limit, "layers_pruned": len(layer_s), "layers_total": SHAPE["num_hidden_layers"],
                "peak_rss_bytes": res["peak_rss"], "peak_address_space_bytes": res["peak_vm"],
                "estimate_bytes": estimate, "process_base_bytes": plan["base"],
                "memory_plan": plan,
@@ -176,7 +180,7 @@ def main() -> None:
                "wall_s": wall, "prune_s": res["wall_s"],
                "seconds_per_layer": layer_s, "mean_seconds_per_layer": sum(layer_s) / len(layer_s),
                "sparsity": meta["sparsity"], "timings": meta["timings"]}
-        results["runs"][method] = run
+        results["runs"][f"{method}@{args.limit}"] = run
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.parent / f"{out.name}.partial", ignore_errors=True)
         gib = 2**30
@@ -188,6 +192,8 @@ def main() -> None:
               f"{run['mean_seconds_per_layer']:.1f} s/layer, model {params / 1e9:.2f}B params, "
               f"{disk / 1e9:.2f} GB on disk", flush=True)
     dest = ROOT / "results" / "bench_stream.json"
+    if dest.exists():  # runs of other methods / limits measured before are kept
+        results["runs"] = {**json.loads(dest.read_text()).get("runs", {}), **results["runs"]}
     dest.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {dest}")
 
