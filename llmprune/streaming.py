@@ -404,6 +404,18 @@ def _check_resume(progress: dict, fingerprint: dict, work: Path) -> None:
                         "--overwrite to start again")
 
 
+def _finished(work: Path, out: Path) -> bool:
+    """Whether ``out`` is the finished output of the run recorded in ``work`` (the process was
+    killed between the final rename and removing the work directory)."""
+    try:
+        run_id = json.loads((work / "progress.json").read_text())["run_id"]
+        meta = json.loads((out / META_FILE).read_text())
+    except (OSError, ValueError, KeyError):
+        return False
+    meta = meta.get("source_meta") or meta  # a compact export keeps the run's meta inside
+    return (meta.get("streaming") or {}).get("run_id") == run_id
+
+
 def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = False,
                     resume: bool = False, max_memory: str | None = None,
                     activations_offload: str = "ram", export: str = "dense",
@@ -434,6 +446,8 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     budget = parse_memory(max_memory) if max_memory else None
     out = Path(output).expanduser().resolve()
     work = work_dir(out)
+    if _finished(work, out):
+        shutil.rmtree(work)  # killed after the final rename: the output is complete
     if resume and work.exists() and out.exists() and not overwrite:
         raise UserError(f"--output {output} exists and {work} too; pass --overwrite with "
                         "--resume to replace the old output when the resumed run completes")
@@ -491,7 +505,8 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     (work / "model").mkdir(parents=True, exist_ok=True)
     (work / "masks").mkdir(exist_ok=True)
     if state is None:
-        state = {"version": PROGRESS_VERSION, "fingerprint": fingerprint, "completed": -1,
+        state = {"version": PROGRESS_VERSION, "run_id": os.urandom(8).hex(),
+                 "fingerprint": fingerprint, "completed": -1,
                  "layers": [], "timings": {}, "memory_plan": plan.as_dict()}
         _write_json(work / "progress.json", state)
     else:
@@ -614,7 +629,8 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
                     **{f"prune_{k}": v for k, v in timings.items()}},
         "streaming": {"activations_offload": activations_offload, "max_memory": max_memory,
                       "memory_plan": plan.as_dict(), "layer_seconds_this_process": layer_seconds,
-                      "resumed_after_layer": None if start == 0 else start - 1},
+                      "resumed_after_layer": None if start == 0 else start - 1,
+                      "run_id": state["run_id"]},
     }
     if max_layers is not None and n_layers < len(layers):
         return meta  # a benchmark of the first layers: no checkpoint is assembled

@@ -226,3 +226,25 @@ def test_stream_needs_a_local_safetensors_checkpoint(text_file, tmp_path):
     with pytest.raises(UserError, match="not found"):
         prune_streaming(str(tmp_path / "nope"), _recipe("wanda", text_file),
                         str(tmp_path / "out"), progress=False)
+
+
+def test_leftover_of_a_finished_run_is_cleared(ckpts, text_file, tmp_path):
+    """Killed between the final rename and removing OUTPUT.partial: the output is complete, so the
+    leftover (recognised by the run id in both) is removed, and the output is kept."""
+    out = tmp_path / "out"
+    recipe = PruneRecipe("magnitude", sparsity=0.5)
+    meta = prune_streaming(str(ckpts["llama"]), recipe, str(out), progress=False)
+    work = tmp_path / "out.partial"
+    work.mkdir()
+    (work / "progress.json").write_text(json.dumps({"run_id": meta["streaming"]["run_id"]}))
+    before = _tensors(out)
+    with pytest.raises(UserError, match="already exists"):
+        prune_streaming(str(ckpts["llama"]), recipe, str(out), progress=False, resume=True)
+    assert not work.exists()
+    assert all(same_bits(before[k], v) for k, v in _tensors(out).items())
+    # another run's record is not taken for finished: it is refused, not removed
+    work.mkdir()
+    (work / "progress.json").write_text(json.dumps({"run_id": "another"}))
+    with pytest.raises(UserError, match="--overwrite"):
+        prune_streaming(str(ckpts["llama"]), recipe, str(out), progress=False, resume=True)
+    assert work.exists()
