@@ -152,6 +152,7 @@ class Source:
     meta: dict | None  # the pruning run's llmprune.json (recipe, layers, ...)
     copy_files: list[Path] = field(default_factory=list)  # tokenizer etc.
     nm: tuple[int, int] | None = None
+    count: int | None = None  # how many tensors ``tensors`` yields (at most), when known
 
 
 def _checkpoint_files(src: Path) -> list[Path]:
@@ -259,13 +260,13 @@ def dir_source(src: Path) -> Source:
                 yield name, dense
         # masks fill in as tensors are read; the exporter looks a tensor's mask up after reading
         return Source(tensors(), config, masks, meta.get("source_meta"), copy_files,
-                      _nm_of(meta.get("source_meta")))
+                      _nm_of(meta.get("source_meta")), len(meta.get("tensors") or {}) or None)
     masks = read_masks(src)
     if meta is not None and masks is None:
         log.warning("%s has llmprune.json but no %s (made by an older llmprune?); pass --pattern "
                     "to derive the masks from the zeros", src, MASKS_FILE)
-    return Source(_iter_safetensors(_checkpoint_files(src)), config, masks, meta, copy_files,
-                  _nm_of(meta))
+    files = SafetensorsFiles(_checkpoint_files(src))
+    return Source(iter(files), config, masks, meta, copy_files, _nm_of(meta), len(files.entries))
 
 
 def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None,
@@ -274,9 +275,11 @@ def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None
     keep bits by module name, as :class:`llmprune.calibrate.Report` holds them."""
     keep = None if masks is None else {f"{name}.weight": bits for name, bits in masks.items()}
 
+    state = model.state_dict()
+
     def tensors():
         seen: set[int] = set()
-        for name, t in model.state_dict().items():
+        for name, t in state.items():
             if t.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) are saved once
                 continue
             seen.add(t.data_ptr())
@@ -284,7 +287,8 @@ def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None
     copy_files = []
     if tokenizer_dir is not None:
         copy_files = [p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()]
-    return Source(tensors(), model.config.to_dict(), keep, meta, copy_files, _nm_of(meta))
+    return Source(tensors(), model.config.to_dict(), keep, meta, copy_files, _nm_of(meta),
+                  len(state))
 
 
 def pattern_masks(src: Path, config: dict, pattern: str) -> tuple[dict, tuple[int, int] | None]:
@@ -323,57 +327,128 @@ def pattern_masks(src: Path, config: dict, pattern: str) -> tuple[dict, tuple[in
 
 
 # ----------------------------------------------------------------------------- writer
-class _ShardWriter:
-    """Collects encoded tensors into shards. Every stored tensor's sha256 is computed on a second
-    thread while the main thread encodes the next one (hashlib releases the GIL), so checksums
-    cost no extra pass over the output and the loader can check each tensor as it reads it."""
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
-    def __init__(self, out: Path, prefix: str, max_bytes: int, header: dict):
+
+def _raw(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class _ShardWriter:
+    """Writes encoded tensors into safetensors shards as they come, tensor by tensor.
+
+    A second thread hashes (sha256) and writes each tensor's bytes while the main thread encodes
+    the next one (hashlib and file writes release the GIL), so checksums cost no extra pass over
+    the output, writing overlaps encoding, and memory holds a few tensors rather than a shard.
+    A shard's data go after room reserved for its header (the safetensors format lets a header
+    end in spaces); the header is written into that room once the shard is complete or, should
+    it not fit, the shard is rewritten once with the header in front."""
+
+    IN_FLIGHT = 4  # tensors handed to the I/O thread and not yet written
+
+    def __init__(self, out: Path, prefix: str, max_bytes: int, header: dict,
+                 expected: int | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.out, self.prefix, self.max_bytes, self.header = out, prefix, max_bytes, header
         self.pool = ThreadPoolExecutor(max_workers=1)
-        self.hashes: dict[str, object] = {}  # stored tensor name -> Future[str]
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_meta: dict[str, dict] = {}
-        self.pending_bytes = 0
+        self.hashes: dict[str, object] = {}  # stored tensor name -> Future[str], then str
+        self.in_flight: list = []
         self.files: list[Path] = []
         self.where: dict[str, int] = {}  # stored tensor name -> shard number
         self.tensor_shard: dict[str, int] = {}  # source tensor name -> shard number
+        self.expected = expected  # source tensors still to come, when the source knows
+        self.per_tensor = 1024  # header bytes reserved per tensor, until a shard has shown more
+        self.most_tensors = None  # tensors in the fullest shard so far
+        self.handle = None
+
+    def _open(self) -> None:
+        left = self.expected or 64
+        if self.most_tensors is not None:
+            left = min(left, 2 * self.most_tensors)
+        self.reserve = 8 + -(-(4096 + self.per_tensor * max(left, 1)) // 8) * 8
+        self.path = self.out / f".shard-{len(self.files) + 1}.part"
+        self.handle = open(self.path, "wb")
+        self.entries: dict[str, dict] = {}
+        self.meta: dict[str, dict] = {}
+        self.data_bytes = 0
+
+    @staticmethod
+    def _put(fd: int, offset: int, t: torch.Tensor) -> str:
+        raw = _raw(t)
+        done = 0
+        while done < len(raw):
+            done += os.pwrite(fd, raw[done:], offset + done)
+        return hashlib.sha256(raw).hexdigest()
 
     def add(self, name: str, enc: compact.Encoded, info: dict) -> None:
-        if self.pending and self.pending_bytes + enc.nbytes > self.max_bytes:
+        if self.handle is not None and self.entries and \
+                self.data_bytes + enc.nbytes > self.max_bytes:
             self.flush()
+        if self.handle is None:
+            self._open()
         for suffix, t in enc.parts.items():
             key = f"{name}.{suffix}" if suffix else name
-            self.pending[key] = t.contiguous()
+            t = t.detach().contiguous()
+            end = self.data_bytes + t.numel() * t.element_size()
+            self.entries[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                                 "data_offsets": [self.data_bytes, end]}
+            self.hashes[key] = self.pool.submit(self._put, self.handle.fileno(),
+                                                self.reserve + self.data_bytes, t)
+            self.in_flight.append(self.hashes[key])
             self.where[key] = len(self.files)
-            self.hashes[key] = self.pool.submit(sha256_tensor, self.pending[key])
-        self.pending_meta[name] = info
+            self.data_bytes = end
+        while len(self.in_flight) > self.IN_FLIGHT:  # bounds the memory held by pending writes
+            self.in_flight.pop(0).result()
+        self.meta[name] = info
         self.tensor_shard[name] = len(self.files)
-        self.pending_bytes += enc.nbytes
+        if self.expected is not None:  # a hint that proves short is dropped
+            self.expected = self.expected - 1 or None
 
     def flush(self) -> None:
-        if not self.pending:
+        if self.handle is None:
             return
-        path = self.out / f".shard-{len(self.files) + 1}.part"
-        meta = dict(self.header)
-        for key in self.pending:  # the tensors must stay alive until hashed
+        for key in self.entries:  # raises here if a write failed
             self.hashes[key] = self.hashes[key].result()
-        if self.pending_meta and self.header.get("llmprune_format"):
-            meta["llmprune_tensors"] = json.dumps(self.pending_meta, separators=(",", ":"))
-        save_file(self.pending, str(path), meta)
-        self.files.append(path)
-        self.pending, self.pending_meta, self.pending_bytes = {}, {}, 0
+        self.in_flight = []
+        meta = dict(self.header)
+        if self.meta and self.header.get("llmprune_format"):
+            meta["llmprune_tensors"] = json.dumps(self.meta, separators=(",", ":"))
+        head = json.dumps({"__metadata__": meta, **self.entries}, separators=(",", ":")).encode()
+        room, need = self.reserve - 8, len(head)
+        if len(head) <= room:
+            head += b" " * (room - len(head))
+            os.pwrite(self.handle.fileno(), len(head).to_bytes(8, "little") + head, 0)
+            self.handle.close()
+        else:  # the reserved room is too small: rewrite the shard once, header first
+            self.handle.close()
+            head += b" " * (-(8 + len(head)) % 8)  # keep the data 8-byte aligned
+            tmp = self.path.with_suffix(".part2")
+            with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+                dst.write(len(head).to_bytes(8, "little") + head)
+                src.seek(self.reserve)
+                shutil.copyfileobj(src, dst, 1 << 24)
+            os.replace(tmp, self.path)
+        self.per_tensor = max(self.per_tensor, -(-need * 5 // (4 * max(len(self.meta), 1))))
+        self.most_tensors = max(self.most_tensors or 0, len(self.meta))
+        self.files.append(self.path)
+        self.handle = None
         pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
         if pause:
             print(f"llmprune-test: wrote shard {len(self.files)}", flush=True)
             time.sleep(pause)
 
+    def close(self) -> None:
+        """Stop the I/O thread and close the open shard (on success and on error alike)."""
+        self.pool.shutdown(wait=True)
+        if self.handle is not None:
+            self.handle.close()
+
     def finish(self, single_name: str | None) -> list[str]:
         """Rename the shards to their final ``prefix-0000k-of-0000n.safetensors`` names."""
         self.flush()
-        self.pool.shutdown()
+        self.close()
         n = len(self.files)
         names = []
         for k, path in enumerate(self.files, 1):
@@ -399,8 +474,6 @@ def _config_with_dtype(config: dict, dtype: torch.dtype) -> dict:
 def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "auto",
            max_shard_size: str | int = "5GB", progress: bool = True) -> dict:
     """Write ``source`` into ``out_dir`` (a fresh temporary directory the caller renames)."""
-    from tqdm.auto import tqdm
-
     check_export_args(fmt, dtype)
     want = DTYPES.get(dtype)
     t0 = time.perf_counter()
@@ -408,7 +481,17 @@ def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "au
     if fmt == "compact":
         header.update(llmprune_format=COMPACT_FORMAT, llmprune_format_version=str(FORMAT_VERSION))
     writer = _ShardWriter(out_dir, "llmprune" if fmt == "compact" else "model",
-                          parse_size(max_shard_size), header)
+                          parse_size(max_shard_size), header, source.count)
+    try:
+        return _export(source, out_dir, fmt, want, writer, t0, progress)
+    finally:
+        writer.close()
+
+
+def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
+            writer: _ShardWriter, t0: float, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
     masks = source.masks
     tensors: dict[str, dict] = {}
     out_masks: dict[str, torch.Tensor] = {}

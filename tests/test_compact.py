@@ -181,3 +181,18 @@ def test_large_m_uses_sort_path():
     w = torch.randn(8, 64, generator=gen) * keep
     enc = compact.encode_nm(w, keep, 5, 16)
     assert torch.equal(compact.decode("nm", enc.parts, enc.shape, 5, 16), w)
+
+
+def test_2of4_index_bytes_for_every_valid_mask_byte():
+    # all 36 mask bytes with two kept in each nibble: the index byte is the kept positions,
+    # 2 bits each, low group first: p0 | p1 << 2 | q0 << 4 | q1 << 6
+    import numpy as np
+
+    pairs = [(a, b) for a in range(4) for b in range(a + 1, 4)]
+    masks, want = [], []
+    for p0, p1 in pairs:
+        for q0, q1 in pairs:
+            masks.append((1 << p0 | 1 << p1) | (1 << q0 | 1 << q1) << 4)
+            want.append(p0 | p1 << 2 | q0 << 4 | q1 << 6)
+    got = compact._indices_2of4(np.array(masks, np.uint8))
+    assert got.tolist() == want

@@ -289,3 +289,49 @@ def test_load_pretrained_with_kernels(pruned, tmp_path):
         assert torch.equal(plain(ids).logits, fast(ids).logits)  # auto on CPU runs dense
     with pytest.raises(llmprune.UserError, match="kernels must be"):
         llmprune.load_pretrained(out, kernels="fast")
+
+
+@pytest.mark.parametrize("expected", [None, 1, 500])
+def test_shard_writer_files_are_plain_safetensors(tmp_path, monkeypatch, expected):
+    """The writer reserves room for each shard's header before the data; a header that outgrows
+    it (expected=1 with 120 long names) makes it rewrite the shard. Either way safetensors reads
+    every tensor back, and the checksums are those of the tensors' bytes."""
+    import hashlib
+    import shutil
+
+    from llmprune import compact
+    from llmprune.export import _ShardWriter
+
+    copies = []
+    real_copy = shutil.copyfileobj
+    monkeypatch.setattr(shutil, "copyfileobj", lambda *a: (copies.append(1), real_copy(*a)))
+    gen = torch.Generator().manual_seed(0)
+    made = {}
+    writer = _ShardWriter(tmp_path, "t", 10_000, {"format": "pt", "llmprune_format": "x"},
+                          expected)
+    for i in range(120):
+        dtype = [torch.float32, torch.bfloat16, torch.uint8, torch.int32][i % 4]
+        t = (torch.randn(i % 7 + 1, 13, generator=gen) * 50).to(dtype)
+        name = f"model.layers.{i}.a_rather_long_module_name_to_grow_the_header.weight"
+        made[name] = t
+        writer.add(name, compact.Encoded("plain", {"": t}, tuple(t.shape)), {"i": i})
+    names = writer.finish(None)
+    assert len(names) > 1  # 10 kB shards
+    assert bool(copies) == (expected == 1)  # the too-small hint forced one rewrite
+    seen = {}
+    for shard in names:
+        path = tmp_path / shard
+        raw = path.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        assert (8 + n) % 8 == 0  # data 8-byte aligned
+        header = json.loads(raw[8: 8 + n])
+        assert json.loads(header["__metadata__"]["llmprune_tensors"])  # per-tensor info
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                seen[key] = f.get_tensor(key)
+    assert seen.keys() == made.keys()
+    for name, t in made.items():
+        assert torch.equal(seen[name], t) and seen[name].dtype == t.dtype
+        want = hashlib.sha256(t.numpy().tobytes() if t.dtype != torch.bfloat16
+                              else t.view(torch.int16).numpy().tobytes()).hexdigest()
+        assert writer.hashes[name] == want
