@@ -171,7 +171,8 @@ def main() -> None:
         # working copies the solver needs), and the process itself before any weight is read
         estimate = plan["layer_phase"]
         layer_s = meta["streaming"]["layer_seconds_this_process"]
-        run = {"limit": args.limit, "layers_pruned": len(layer_s), "layers_total": SHAPE["num_hidden_layers"],
+        run = {"limit": args.limit, "layers_pruned": len(layer_s),
+               "layers_total": SHAPE["num_hidden_layers"],
                "peak_rss_bytes": res["peak_rss"], "peak_address_space_bytes": res["peak_vm"],
                "estimate_bytes": estimate, "process_base_bytes": plan["base"],
                "memory_plan": plan,
@@ -187,7 +188,8 @@ def main() -> None:
         print(f"{method}: {run['layers_pruned']}/{run['layers_total']} layers, peak RSS "
               f"{res['peak_rss'] / gib:.2f} GiB (address space {res['peak_vm'] / gib:.2f} GiB, "
               f"limit {limit / gib:.2f} GiB), estimate {estimate / gib:.2f} GiB "
-              f"(+ process {plan['base'] / gib:.2f} GiB), ratio {run['ratio_peak_to_estimate']:.2f}"
+              f"(+ process {plan['base'] / gib:.2f} GiB), "
+              f"ratio {run['ratio_peak_to_estimate']:.2f}"
               f" ({run['ratio_peak_minus_base_to_estimate']:.2f} without the process base), "
               f"{run['mean_seconds_per_layer']:.1f} s/layer, model {params / 1e9:.2f}B params, "
               f"{disk / 1e9:.2f} GB on disk", flush=True)

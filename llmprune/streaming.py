@@ -470,17 +470,6 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     check_target(skel, adapter, target)
     solver = get_solver(recipe.method, **_solver_options(recipe))
     calib_dtype = resolve_calib_dtype(recipe, solver, skel)
-    plan = memory_plan(files, skel, adapter, recipe, solver, calib_dtype, activations_offload)
-    if budget is not None and plan.total > budget:
-        raise UserError(
-            f"--max-memory {max_memory} is too small: this run needs about {_gib(plan.total)} "
-            f"(process {_gib(plan.base)} + largest layer {_gib(plan.layer)} + activations "
-            f"{_gib(plan.activations)} + solver statistics {_gib(plan.stats)} + solver working "
-            f"memory {_gib(plan.work)} for {plan.peak_group}; embeddings etc. "
-            f"{_gib(plan.outside)} while capturing); raise --max-memory, lower --nsamples/"
-            "--seqlen/--batch-size, or add --activations-offload disk")
-    if budget is not None:
-        _prefer_mmap()
     from transformers import AutoTokenizer
 
     tokenizer = None
@@ -492,6 +481,19 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load the tokenizer of {model_name}: {exc}") from None
         calib_ids, calib_info = calibration_ids(tokenizer, recipe)
+    # after the tokenizer and the calibration ids, which the process base then includes; still
+    # before any weight is read
+    plan = memory_plan(files, skel, adapter, recipe, solver, calib_dtype, activations_offload)
+    if budget is not None and plan.total > budget:
+        raise UserError(
+            f"--max-memory {max_memory} is too small: this run needs about {_gib(plan.total)} "
+            f"(process {_gib(plan.base)} + largest layer {_gib(plan.layer)} + activations "
+            f"{_gib(plan.activations)} + solver statistics {_gib(plan.stats)} + solver working "
+            f"memory {_gib(plan.work)} for {plan.peak_group}; embeddings etc. "
+            f"{_gib(plan.outside)} while capturing); raise --max-memory, lower --nsamples/"
+            "--seqlen/--batch-size, or add --activations-offload disk")
+    if budget is not None:
+        _prefer_mmap()
     fingerprint = _fingerprint(recipe, resolved, files, calib_info)
 
     state = None
@@ -560,52 +562,61 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
 
     bar = tqdm(range(start, n_layers), desc=f"{solver.name} (streaming)", unit="layer",
                disable=not progress)
-    for i in bar:
-        t_layer = time.perf_counter()
-        layer = layers[i]
-        t = time.perf_counter()
-        _load_layer(skel, layer, f"{prefix}{i}.", files, by_layer.get(i, []))
-        report.add_time("read", time.perf_counter() - t)
-        report.masks = {}
-        n_before = len(report.layers)
-        if solver.needs_calibration:
-            prune_layer(layer, i, adapter, solver, target, inputs, opts, report,
-                        propagate=i + 1 < len(layers))
-        else:
-            from .calibrate import _solve_group
-
-            with torch.no_grad():
-                for group in adapter.groups:
-                    _solve_group(layer, None, adapter, i, group, solver, None, target, report)
-        t = time.perf_counter()
-        state_dict = {f"{prefix}{i}.{k}": v for k, v in layer.state_dict().items()}
-        names = [n for n in by_layer.get(i, []) if n in state_dict] + \
-            [n for n in state_dict if n not in by_layer.get(i, [])]
-        write_safetensors(work / "model" / f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors",
-                          names, state_dict.__getitem__, kill_layer=i)
-        shapes = {f"{r.name}.weight": list(r.shape) for r in report.layers[n_before:]}
-        masks = {f"{k}.weight": v for k, v in report.masks.items()}
-        write_safetensors(work / "masks" / f"layer-{i:05d}.safetensors", list(masks),
-                          masks.__getitem__, {"shapes": json.dumps(shapes)})
-        if inputs is not None and i + 1 < len(layers):
-            if isinstance(inputs, DiskActivations):
-                inputs.flip()
+    try:
+        for i in bar:
+            t_layer = time.perf_counter()
+            layer = layers[i]
+            t = time.perf_counter()
+            _load_layer(skel, layer, f"{prefix}{i}.", files, by_layer.get(i, []))
+            report.add_time("read", time.perf_counter() - t)
+            report.masks = {}
+            n_before = len(report.layers)
+            if solver.needs_calibration:
+                prune_layer(layer, i, adapter, solver, target, inputs, opts, report,
+                            propagate=i + 1 < len(layers))
             else:
-                for b, (h, _) in enumerate(inputs):
-                    save_hidden(work / f"acts-{(i + 1) % 2}", b, h)
-        report.add_time("write", time.perf_counter() - t)
-        del state_dict, masks
-        _to_meta(layer)
-        state["completed"] = i
-        state["layers"].extend({"name": r.name, "shape": list(r.shape), "pruned": r.pruned}
-                               for r in report.layers[n_before:])
-        for k, v in report.timings.items():
-            timings[k] = timings.get(k, 0.0) + v
-        report.timings = {}
-        layer_seconds.append(time.perf_counter() - t_layer)
-        state["timings"] = timings
-        _write_json(work / "progress.json", state)
-        _maybe_kill(i, "after")
+                from .calibrate import _solve_group
+
+                with torch.no_grad():
+                    for group in adapter.groups:
+                        _solve_group(layer, None, adapter, i, group, solver, None, target, report)
+            t = time.perf_counter()
+            state_dict = {f"{prefix}{i}.{k}": v for k, v in layer.state_dict().items()}
+            names = [n for n in by_layer.get(i, []) if n in state_dict] + \
+                [n for n in state_dict if n not in by_layer.get(i, [])]
+            write_safetensors(work / "model" / f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors",
+                              names, state_dict.__getitem__, kill_layer=i)
+            shapes = {f"{r.name}.weight": list(r.shape) for r in report.layers[n_before:]}
+            masks = {f"{k}.weight": v for k, v in report.masks.items()}
+            write_safetensors(work / "masks" / f"layer-{i:05d}.safetensors", list(masks),
+                              masks.__getitem__, {"shapes": json.dumps(shapes)})
+            if inputs is not None and i + 1 < len(layers):
+                if isinstance(inputs, DiskActivations):
+                    inputs.flip()
+                else:
+                    for b, (h, _) in enumerate(inputs):
+                        save_hidden(work / f"acts-{(i + 1) % 2}", b, h)
+            report.add_time("write", time.perf_counter() - t)
+            del state_dict, masks
+            _to_meta(layer)
+            state["completed"] = i
+            state["layers"].extend({"name": r.name, "shape": list(r.shape), "pruned": r.pruned}
+                                   for r in report.layers[n_before:])
+            for k, v in report.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+            report.timings = {}
+            layer_seconds.append(time.perf_counter() - t_layer)
+            state["timings"] = timings
+            _write_json(work / "progress.json", state)
+            _maybe_kill(i, "after")
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "allocate memory" not in str(exc):
+            raise
+        raise UserError(
+            f"out of memory while pruning layer {state['completed'] + 1} (estimated need "
+            f"{_gib(plan.total)}, see --max-memory); layers up to {state['completed']} are "
+            f"recorded in {work}: free memory or raise the limit and rerun with --resume") \
+            from None
     bar.close()
     del inputs
 

@@ -1,5 +1,5 @@
-"""The streaming engine (llmprune/streaming.py): the same bits as the in-memory engine, crash resume
-after SIGKILL, refusals, and the memory plan against a hand count."""
+"""The streaming engine (llmprune/streaming.py): the same bits as the in-memory engine, crash
+resume after SIGKILL, refusals, and the memory plan against a hand count."""
 
 from __future__ import annotations
 
@@ -248,3 +248,27 @@ def test_leftover_of_a_finished_run_is_cleared(ckpts, text_file, tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         prune_streaming(str(ckpts["llama"]), recipe, str(out), progress=False, resume=True)
     assert work.exists()
+
+
+def test_out_of_memory_is_one_line_and_resumable(ckpts, text_file, tmp_path, monkeypatch):
+    import llmprune.streaming as streaming
+
+    recipe = _recipe("wanda", text_file)
+    ref = tmp_path / "ref"
+    prune_streaming(str(ckpts["llama"]), recipe, str(ref), progress=False)
+    real = streaming.prune_layer
+
+    def failing(layer, i, *args, **kwargs):
+        if i == 1:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                               "allocate memory: you tried to allocate 201326592 bytes.")
+        return real(layer, i, *args, **kwargs)
+    monkeypatch.setattr(streaming, "prune_layer", failing)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"out of memory while pruning layer 1 .*--resume"):
+        prune_streaming(str(ckpts["llama"]), recipe, str(out), progress=False)
+    monkeypatch.setattr(streaming, "prune_layer", real)
+    meta = prune_streaming(str(ckpts["llama"]), recipe, str(out), progress=False, resume=True)
+    assert meta["streaming"]["resumed_after_layer"] == 0
+    a, b = _tensors(ref), _tensors(out)
+    assert sorted(a) == sorted(b) and all(same_bits(a[k], b[k]) for k in a)
