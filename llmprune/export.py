@@ -18,8 +18,9 @@ It also holds a ``model.safetensors.index.json`` whose every entry points at a f
 ``from_pretrained`` then fails with that name in its error instead of loading garbage.
 :func:`load_pretrained` restores the dense pruned weights bit for bit.
 
-Exports stream: tensors are read from the source one at a time and written out a shard at a
-time, so peak memory is about one shard plus one tensor. Output goes to a temporary sibling
+Exports stream: tensors are read from the source one at a time and written into their shard as
+soon as they are encoded (sha256 and the write on a second thread, overlapping the encoding of
+the next), so peak memory is a few tensors, not a shard. Output goes to a temporary sibling
 directory that is renamed into place only after ``llmprune.json`` (written last) is complete.
 Nothing here uses pickle.
 """
