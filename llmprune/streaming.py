@@ -269,9 +269,10 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
             # factor and the triangular inverse (6 in x in float32)
             work = 3 * w32 + 6 * in_f * in_f * 4
         else:
-            # float32 copies in and pruned weights out (2x), plus scores and the selection's
-            # workspace for one member at a time (2x the largest)
-            work = 2 * w32 + 2 * big32
+            # float32 copies in and pruned weights out (2x the group), plus, for one member at
+            # a time, its scores and torch.kthvalue's workspace (a copy of the scores and int64
+            # indices: 3x) -- 4x the largest member
+            work = 2 * w32 + 4 * big32
         if alive + work > best[1] + best[2]:
             best = (g, alive, work, ",".join(adapter.groups[g]))
     _, stats, work, peak_group = best
