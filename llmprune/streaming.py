@@ -300,7 +300,9 @@ def _prefer_mmap() -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD = -3
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 2)  # M_ARENA_MAX: helper threads share arenas (64 MiB reserved each)
     except (OSError, AttributeError):
         pass
 
@@ -445,6 +447,8 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
                         "--max-memory/--resume/--activations-offload, or use --allocation "
                         "uniform")
     budget = parse_memory(max_memory) if max_memory else None
+    if budget is not None:
+        _prefer_mmap()  # first: the tokenizer and the calibration text must not grow the heap
     out = Path(output).expanduser().resolve()
     work = work_dir(out)
     if _finished(work, out):
@@ -493,8 +497,6 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
             f"memory {_gib(plan.work)} for {plan.peak_group}; embeddings etc. "
             f"{_gib(plan.outside)} while capturing); raise --max-memory, lower --nsamples/"
             "--seqlen/--batch-size, or add --activations-offload disk")
-    if budget is not None:
-        _prefer_mmap()
     fingerprint = _fingerprint(recipe, resolved, files, calib_info)
 
     state = None
