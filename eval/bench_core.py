@@ -8,7 +8,10 @@ so its peak RSS (ru_maxrss: load + prune) is its own. Both pruned models are the
 same perplexity code: the first 16 windows of 1024 tokens of test.txt.
 
 It also times the floor for sequential pruning: two dense forward passes of every decoder layer
-over the same calibration batches, in float32 and in bfloat16.
+over the same calibration batches, in float32 and in bfloat16. The machine is shared and its
+speed drifts by 10% and more within minutes, so each solver run is also bracketed by two floor
+runs in the dtype its forward passes used (one right before, one right after, fresh processes),
+and ``ours/floor_adjacent`` divides by their mean.
 
     .venv/bin/python eval/bench_core.py                      # everything (about 30 minutes)
     .venv/bin/python eval/bench_core.py --solvers wanda --patterns 2:4 --skip-peer
@@ -70,6 +73,7 @@ def worker_ours(args) -> dict:
             "save_seconds": time.perf_counter() - t, "peak_rss_mib_after_prune": rss_prune,
             "peak_rss_mib": peak_rss_mib(), "sparsity": report.sparsity,
             "breakdown": report.timings, "torch_threads": torch.get_num_threads(),
+            "forward_dtype": report.calib_dtype,
             "calib_dtype": args.calib_dtype, "true_sequential": args.true_sequential,
             "batch_size": args.batch_size}
 
@@ -184,7 +188,17 @@ def main() -> None:
                           "--calib-dtype", args.calib_dtype, "--batch-size", str(args.batch_size)]
             if args.true_sequential:
                 cmd.append("--true-sequential")
+            adjacent = not args.skip_floor and method != "magnitude"
+            floor_dt = ("bf16" if args.calib_dtype == "bf16" else "fp32")
+            if adjacent and args.calib_dtype == "auto":  # what auto picks here (a dry resolve)
+                floor_dt = _auto_forward_dtype(method)
+            floors = []
+            if adjacent:
+                floors.append(_floor(base, work, floor_dt))
             row["ours"] = run_worker(cmd, out_json)
+            if adjacent:
+                floors.append(_floor(base, work, floor_dt))
+                row["floor_adjacent"] = {"dtype": floor_dt, "seconds": floors}
             row["ours"]["perplexity"] = ppl_of(out)
             if method != "magnitude" and not args.skip_peer:
                 pout = work / f"peer-{method}-{pattern.replace(':', 'of')}"
@@ -206,6 +220,23 @@ def main() -> None:
     print(f"\nwrote {args.json}")
 
 
+def _floor(base: list[str], work: Path, dtype: str) -> float:
+    out_json = work / f"floor-adjacent-{dtype}.json"
+    return run_worker(base + ["--worker", "floor", "--calib-dtype", dtype, "--out-json",
+                              str(out_json)], out_json)["floor_seconds"]
+
+
+def _auto_forward_dtype(method: str) -> str:
+    """The dtype `--calib-dtype auto` gives ``method`` on this machine, for an fp32 model."""
+    import torch
+
+    from llmprune.api import _bf16_is_fast
+    from llmprune.solvers import get_solver
+
+    wanted = get_solver(method).auto_calib_dtype
+    return "bf16" if wanted == torch.bfloat16 and _bf16_is_fast("cpu") else "fp32"
+
+
 def _summary(row: dict, floor: dict) -> dict:
     o, p = row["ours"], row.get("peer")
     s = {"method": row["method"], "pattern": row["pattern"],
@@ -213,6 +244,10 @@ def _summary(row: dict, floor: dict) -> dict:
          "ours_rss_mib": round(o["peak_rss_mib"])}
     for dt, f in floor.items():
         s[f"ours/floor_{dt}"] = round(o["prune_seconds"] / f, 3)
+    if "floor_adjacent" in row:
+        fa = row["floor_adjacent"]
+        s["ours/floor_adjacent"] = round(o["prune_seconds"] / (sum(fa["seconds"]) / 2), 3)
+        s["floor_adjacent_dtype"] = fa["dtype"]
     if p:
         s.update(peer_s=round(p["prune_seconds"], 1), peer_ppl=round(p["perplexity"], 3),
                  peer_rss_mib=round(p["peak_rss_mib"]),
@@ -223,14 +258,17 @@ def _summary(row: dict, floor: dict) -> dict:
 def _table(results: dict) -> str:
     floor = results["floor"]
     head = ("| method | pattern | ours s | peer s | ours/peer | ours ppl | peer ppl | "
-            "ours RSS MiB | peer RSS MiB | " + " | ".join(f"ours/floor {d}" for d in floor) + " |")
-    lines = [head, "|" + "---|" * (9 + len(floor))]
+            "ours RSS MiB | peer RSS MiB | " + " | ".join(f"ours/floor {d}" for d in floor)
+            + " | ours/floor adjacent |")
+    lines = [head, "|" + "---|" * (10 + len(floor))]
     for row in results["runs"]:
         s = _summary(row, floor)
         lines.append("| " + " | ".join(str(s.get(k, "-")) for k in (
             "method", "pattern", "ours_s", "peer_s", "time_ratio", "ours_ppl", "peer_ppl",
             "ours_rss_mib", "peer_rss_mib")) + " | " + " | ".join(
-            str(s.get(f"ours/floor_{d}", "-")) for d in floor) + " |")
+            str(s.get(f"ours/floor_{d}", "-")) for d in floor) + " | "
+            + (f"{s['ours/floor_adjacent']} ({s['floor_adjacent_dtype']})"
+               if "ours/floor_adjacent" in s else "-") + " |")
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ def time_prefill(model, ids: torch.Tensor, clock: str = "wall") -> float:
 
 
 @torch.no_grad()
-def time_decode(model, ids: torch.Tensor, clock: str = "wall") -> float:
+def time_decode(model, ids: torch.Tensor, clock: str = "wall", cache: str = "dynamic") -> float:
     """Seconds for the decode steps after the prefill (127 forward passes for 128 tokens)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -78,7 +78,8 @@ def time_decode(model, ids: torch.Tensor, clock: str = "wall") -> float:
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                          logits_processor=LogitsProcessorList([Stamp()]),
-                         pad_token_id=model.config.eos_token_id)
+                         pad_token_id=model.config.eos_token_id,
+                         **({"cache_implementation": "static"} if cache == "static" else {}))
     assert out.shape[1] - ids.shape[1] == NEW_TOKENS and len(stamps) == NEW_TOKENS
     return stamps[-1] - stamps[0]
 
@@ -104,6 +105,10 @@ def main() -> int:
                     help="wall: wall-clock seconds (the protocol); cpu: this process's CPU "
                          "seconds (time.process_time), which other processes on a shared "
                          "machine do not inflate -- meaningful with --threads 1")
+    ap.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                    help="KV cache of generate(): dynamic (transformers' default: grows by "
+                         "concatenation, copying the cache every step) or static "
+                         "(cache_implementation='static': preallocated, written in place)")
     ap.add_argument("--speed-only", action="store_true",
                     help="skip the perplexity round trips and the non-uniform export")
     ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "bench_structured_speed.json"))
@@ -129,7 +134,7 @@ def main() -> int:
     if args.heads is not None and args.mlp is not None:
         target["sparsity"] = None
     result: dict = {"load_average_at_start": os.getloadavg(), "model": "smollm2-135m", "dtype": "float32", "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "machine": platform.processor() or
+                    "threads": torch.get_num_threads(), "cache": args.cache, "machine": platform.processor() or
                     platform.machine(), "importance": args.importance, "target": target,
                     "command": " ".join(["eval/bench_structured_speed.py", *sys.argv[1:]])}
     dense_params = decoder_linear_params(dense)
@@ -182,12 +187,12 @@ def main() -> int:
     models = {"dense": dense, "shrunk": reloaded}
     for m in models.values():  # warm-up
         time_prefill(m, prompt)
-        time_decode(m, prompt[:, :64])
+        time_decode(m, prompt[:, :64], cache=args.cache)
     times = {name: {"prefill": [], "decode": []} for name in models}
     for r in range(args.repeats):
         for name, m in models.items():
             times[name]["prefill"].append(time_prefill(m, prompt, args.clock))
-            times[name]["decode"].append(time_decode(m, prompt, args.clock))
+            times[name]["decode"].append(time_decode(m, prompt, args.clock, args.cache))
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
             f"{n} prefill {PREFILL / t['prefill'][-1]:.0f} tok/s decode "
             f"{(NEW_TOKENS - 1) / t['decode'][-1]:.1f} tok/s" for n, t in times.items()),
