@@ -615,11 +615,13 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     except (MemoryError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and "allocate memory" not in str(exc):
             raise
+        done = state["completed"]
+        kept = f"layers 0-{done} are recorded in {work}" if done >= 0 else \
+            f"the calibration setup is recorded in {work}"
         raise UserError(
-            f"out of memory while pruning layer {state['completed'] + 1} (estimated need "
-            f"{_gib(plan.total)}, see --max-memory); layers up to {state['completed']} are "
-            f"recorded in {work}: free memory or raise the limit and rerun with --resume") \
-            from None
+            f"out of memory while pruning layer {done + 1} (estimated need "
+            f"{_gib(plan.total)}, see --max-memory); {kept}: free memory or raise the limit "
+            "and rerun with --resume") from None
     bar.close()
     del inputs
 
