@@ -12,8 +12,10 @@ from .masks import Sparsity  # noqa: E402
 # `from llmprune.perp import ...`, through sys.modules)
 from .perp import PerpConfig, perp, perp_checkpoint  # noqa: E402
 from .recipe import PruneRecipe  # noqa: E402
+from .streaming import prune_streaming  # noqa: E402
 from .structured import prune_structured, save_structured  # noqa: E402
 
 __all__ = ["PruneRecipe", "Report", "Sparsity", "UserError", "calibration_ids", "export_checkpoint",
            "load_model", "load_pretrained", "PerpConfig", "perp", "perp_checkpoint",
-           "prune", "prune_checkpoint", "prune_structured", "save_structured", "__version__"]
+           "prune", "prune_checkpoint", "prune_streaming", "prune_structured", "save_structured",
+           "__version__"]
