@@ -119,6 +119,9 @@ def main() -> None:
     ap.add_argument("--patterns", default="0.5,2:4")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-floor", action="store_true")
+    ap.add_argument("--floor-dtypes", default="fp32,bf16",
+                    help="dtypes of the once-per-run floor (the adjacent floors around each "
+                         "solver run use the solver's own forward dtype); empty for none")
     ap.add_argument("--calib-dtype", default="auto", help="llmprune's --calib-dtype")
     ap.add_argument("--true-sequential", action="store_true")
     ap.add_argument("--batch-size", type=int, default=4, help="llmprune's --batch-size")
@@ -169,7 +172,7 @@ def main() -> None:
 
     base = [sys.executable, __file__, "--ckpt", str(ckpt), "--calib-ids", str(calib_file)]
     if not args.skip_floor:
-        for dt in ("fp32", "bf16"):
+        for dt in [d for d in args.floor_dtypes.split(",") if d]:
             out_json = work / f"floor-{dt}.json"
             results["floor"][dt] = run_worker(
                 base + ["--worker", "floor", "--calib-dtype", dt, "--out-json", str(out_json)],
