@@ -265,9 +265,10 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
         alive = stat_bytes[g] if recipe.true_sequential else sum(stat_bytes[g:])
         if solver.name == "sparsegpt":
             # weights: the float32 copies, their concatenation and the working clone (3x);
-            # inverse_hessian_factor: H's clone, eye, the flipped H, H + damping, its Cholesky
-            # factor and the triangular inverse (6 in x in float32)
-            work = 3 * w32 + 6 * in_f * in_f * 4
+            # inverse_hessian_factor: J H J damped in place (later reused as the identity),
+            # its Cholesky factor and the triangular inverse (3 in x in float32; H itself is
+            # counted in the statistics, and copied only when it has dead inputs)
+            work = 3 * w32 + 3 * in_f * in_f * 4
         else:
             # float32 copies in and pruned weights out (2x the group), plus, for one member at
             # a time, its scores and torch.kthvalue's workspace (a copy of the scores and int64

@@ -78,16 +78,27 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     With J the reversal permutation and J H J = L L^T, U = J L^{-1} J: one Cholesky and one
     triangular inverse instead of Cholesky, inverse and a second Cholesky.
     If the factorisation fails (H numerically singular), lambda is multiplied by 10 and retried;
-    each retry is logged. Returns (U, the damping fraction actually used).
+    each retry is logged. Returns (U, the damping fraction actually used). ``h`` is not modified.
+
+    Memory: at most three [in, in] matrices besides ``h`` are alive at once (J H J damped in place,
+    L, and L^{-1}; the identity reuses J H J's buffer), which for a 28672-wide down_proj is what
+    decides whether a layer fits (eval/bench_stream.py). Adding lambda to the diagonal in place
+    gives the same bits as adding lambda * I.
     """
     diag_mean = torch.mean(torch.diag(h))
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    reversed_h = h.flip(0, 1)
+    work = h.flip(0, 1)  # J H J (a copy)
+    base = work.diagonal().clone()
     frac = percdamp
     for _ in range(MAX_DAMP_RETRIES):
-        chol, info = torch.linalg.cholesky_ex(reversed_h + (frac * diag_mean) * eye)
+        work.diagonal().copy_(base + frac * diag_mean)
+        chol, info = torch.linalg.cholesky_ex(work)
         if int(info) == 0:
-            return torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1), frac
+            eye = work.zero_()
+            eye.diagonal().fill_(1.0)
+            inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+            del chol, eye, work
+            return inv.flip(0, 1), frac
+        del chol
         log.warning("Cholesky failed with damping %.3g of mean(diag H); retrying with %.3g",
                     frac, frac * 10)
         frac *= 10
@@ -103,12 +114,14 @@ def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity,
     Returns (pruned weight, mask with True = pruned, damping fraction used).
     """
     w = weight.to(STATS_DTYPE).clone()
-    h = h.to(STATS_DTYPE).clone()
+    h = h.to(STATS_DTYPE)
     rows, cols = w.shape
     row_splits = row_splits or [rows]
     # Inputs that never fire carry no information: their weights can go for free (Sec. 3).
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    if bool(dead.any()):  # copy H only when it must change (it is [in, in])
+        h = h.clone()
+        h[dead, dead] = 1.0
     w[:, dead] = 0.0
     u, frac = inverse_hessian_factor(h, percdamp)
 
