@@ -124,16 +124,41 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
     return report
 
 
-def resolved_recipe(recipe: PruneRecipe, report: Report) -> PruneRecipe:
+def resolved_recipe(recipe: PruneRecipe, forward_dtype: str | None) -> PruneRecipe:
     """``recipe`` with ``calib_dtype: auto`` replaced by the dtype the forward passes really ran
     in. ``auto`` picks bf16 only where bf16 is fast (CPUs with avx512_bf16/AMX, most GPUs), so
     the same recipe gives slightly different weights on different machines (SparseGPT 50% on
     smollm2-135m: perplexity 31.48 with bf16 passes, 31.60 with fp32); the recipe.yaml written
-    next to a result spells the dtype out so that it reproduces the result anywhere."""
-    if recipe.calib_dtype != "auto" or report.calib_dtype is None:
+    next to a result spells the dtype out so that it reproduces the result anywhere.
+    ``forward_dtype``: ``str(torch dtype)`` of the passes (``Report.calib_dtype``), None if none
+    ran."""
+    if recipe.calib_dtype != "auto" or forward_dtype is None:
         return recipe
     names = {str(dt): key for key, dt in CALIB_DTYPES.items() if dt is not None}
-    return replace(recipe, calib_dtype=names.get(report.calib_dtype, "auto"))
+    return replace(recipe, calib_dtype=names.get(forward_dtype, "auto"))
+
+
+def prune_meta(model_name: str, resolved: str, recipe: PruneRecipe, report: Report,
+               calib_info: dict | None, evaluation: dict | None, timings: dict) -> dict:
+    """The llmprune.json of a dense pruning output (in-memory and streaming engines alike)."""
+    return {
+        "format": "llmprune-dense",
+        "format_version": 1,
+        "source_model": model_name,
+        "resolved_model": resolved,
+        "recipe": recipe.to_dict(),
+        # the recipe with `calib_dtype: auto` resolved; recipe.yaml holds this one
+        "recipe_resolved": resolved_recipe(recipe, report.calib_dtype).to_dict(),
+        "target": recipe.target.label,
+        "sparsity": report.sparsity,
+        "allocation": report.allocation,
+        "layers": {r.name: {"shape": list(r.shape), "sparsity": r.sparsity} for r in report.layers},
+        "calibration": (dict(calib_info, forward_dtype=report.calib_dtype)
+                        if calib_info else None),
+        "eval": evaluation,
+        "versions": _versions(),
+        "timings": timings,
+    }
 
 
 def needs_calibration(recipe: PruneRecipe) -> bool:
@@ -222,7 +247,7 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
                    parallel=parallel, device_map=device_map)
     timings["prune"] = time.perf_counter() - t
     timings.update({f"prune_{k}": v for k, v in report.timings.items()})
-    ran = resolved_recipe(recipe, report)
+    ran = resolved_recipe(recipe, report.calib_dtype)
 
     if eval_ids is not None:
         t = time.perf_counter()
@@ -231,25 +256,9 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
         timings["eval_pruned"] = time.perf_counter() - t
         print(f"pruned perplexity: {results['pruned_perplexity']:.4f}", flush=True)
 
-    meta = {
-        "format": "llmprune-dense",
-        "format_version": 1,
-        "source_model": model_name,
-        "resolved_model": resolved,
-        "recipe": recipe.to_dict(),
-        # the recipe with `calib_dtype: auto` resolved; recipe.yaml holds this one
-        "recipe_resolved": ran.to_dict(),
-        "target": recipe.target.label,
-        "sparsity": report.sparsity,
-        "allocation": report.allocation,
-        "layers": {r.name: {"shape": list(r.shape), "sparsity": r.sparsity} for r in report.layers},
-        "calibration": (dict(calib_info, forward_dtype=report.calib_dtype)
-                        if calib_info else None),
-        "eval": ({"data": eval_ppl, "seqlen": eval_seqlen, "max_windows": eval_max_windows,
-                  **results} if eval_ppl else None),
-        "versions": _versions(),
-        "timings": timings,
-    }
+    meta = prune_meta(model_name, resolved, recipe, report, calib_info,
+                      {"data": eval_ppl, "seqlen": eval_seqlen, "max_windows": eval_max_windows,
+                       **results} if eval_ppl else None, timings)
     if parallel is not None:
         meta["data_parallel"] = {"world_size": parallel.world_size}
         if not main:

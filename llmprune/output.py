@@ -73,13 +73,19 @@ def atomic_dir(output: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_dir(tmp, output)
+
+
+def publish_dir(done: Path, output: Path) -> None:
+    """Rename the finished directory ``done`` to ``output``; an existing ``output`` (allowed by
+    --overwrite) is moved aside first and removed only after the rename."""
     if output.exists():
         trash = output.parent / f".{output.name}.old-{os.getpid()}"
         os.replace(output, trash)
-        os.replace(tmp, output)
+        os.replace(done, output)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.replace(tmp, output)
+        os.replace(done, output)
 
 
 def check_file_output(path: str | Path) -> Path:

@@ -49,9 +49,10 @@ from tqdm.auto import tqdm
 from .calibrate import (EngineOptions, LinearReport, Report, capture_inputs, check_target,
                         prune_layer)
 from .errors import UserError
-from .export import (MASKS_FILE, META_FILE, SafetensorsFiles, _checkpoint_files, _WEIGHT_FILE_RE,
-                     parse_size)
+from .export import (_ST_DTYPES, _ST_NAMES, MASKS_FILE, META_FILE, SafetensorsFiles,
+                     _checkpoint_files, _WEIGHT_FILE_RE, parse_size)
 from .models import adapter_for
+from .output import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,6 @@ PROGRESS_VERSION = 1
 # Test hook of the kill test: "K" kills the process with SIGKILL right after layer K is recorded,
 # "K:mid" in the middle of writing layer K's shard (before its rename).
 KILL_ENV = "LLMPRUNE_TEST_KILL_AFTER_LAYER"
-
-_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-             torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-             torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-             "U8": 1, "BOOL": 1}
 
 
 def work_dir(out: Path) -> Path:
@@ -104,7 +99,7 @@ def write_safetensors(path: Path, names: list[str], get, metadata: dict | None =
     offset = 0
     for name in names:
         dtype, shape = spec(name)
-        n = _ST_SIZES[dtype]
+        n = _ST_DTYPES[dtype].itemsize
         for d in shape:
             n *= d
         specs[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
@@ -429,8 +424,8 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     """Prune checkpoint ``model_name`` layer by layer straight from its safetensors files into
     ``output`` (see the module docstring). ``max_layers`` (benchmarks only) prunes just the
     first N layers and writes no checkpoint. Returns the metadata written (llmprune.json)."""
-    from .api import (_check_device, _versions, calibration_ids, needs_calibration,
-                      resolve_calib_dtype, _solver_options)
+    from .api import (_check_device, _solver_options, calibration_ids, needs_calibration,
+                      prune_meta, resolve_calib_dtype)
     from .export import check_export_args
     from .loading import load_config, resolve
     from .output import check_output
@@ -627,28 +622,16 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     del inputs
 
     rows = [LinearReport(r["name"], tuple(r["shape"]), r["pruned"]) for r in state["layers"]]
-    summary = Report(layers=rows)
-    meta = {
-        "format": "llmprune-dense",
-        "format_version": 1,
-        "source_model": model_name,
-        "resolved_model": resolved,
-        "recipe": recipe.to_dict(),
-        "target": target.label,
-        "sparsity": summary.sparsity,
-        "allocation": None,
-        "layers": {r.name: {"shape": list(r.shape), "sparsity": r.sparsity} for r in rows},
-        "calibration": (dict(calib_info, forward_dtype=str(calib_dtype or _stored_dtype(files)))
-                        if calib_info else None),
-        "eval": None,
-        "versions": _versions(),
-        "timings": {"prune": time.perf_counter() - t_start,
-                    **{f"prune_{k}": v for k, v in timings.items()}},
-        "streaming": {"activations_offload": activations_offload, "max_memory": max_memory,
-                      "memory_plan": plan.as_dict(), "layer_seconds_this_process": layer_seconds,
-                      "resumed_after_layer": None if start == 0 else start - 1,
-                      "run_id": state["run_id"]},
-    }
+    summary = Report(layers=rows, calib_dtype=str(calib_dtype or _stored_dtype(files))
+                     if calib_info else None)
+    meta = prune_meta(model_name, resolved, recipe, summary, calib_info, None,
+                      {"prune": time.perf_counter() - t_start,
+                       **{f"prune_{k}": v for k, v in timings.items()}})
+    meta["streaming"] = {"activations_offload": activations_offload, "max_memory": max_memory,
+                         "memory_plan": plan.as_dict(),
+                         "layer_seconds_this_process": layer_seconds,
+                         "resumed_after_layer": None if start == 0 else start - 1,
+                         "run_id": state["run_id"]}
     if max_layers is not None and n_layers < len(layers):
         return meta  # a benchmark of the first layers: no checkpoint is assembled
     t = time.perf_counter()
@@ -691,9 +674,10 @@ def _assemble(work: Path, src: Path, out: Path, files: SafetensorsFiles, outside
                 path.name not in (META_FILE, MASKS_FILE):
             shutil.copy2(path, model_dir / path.name)
     if recipe_yaml is None:
+        from .recipe import PruneRecipe
         from .runner import dump
 
-        recipe_yaml = dump(model_name, recipe,
+        recipe_yaml = dump(model_name, PruneRecipe.from_dict(meta["recipe_resolved"]),
                            {"format": export, "dtype": export_dtype}
                            if (export, export_dtype) != ("dense", "auto") else None, None)
     (model_dir / "recipe.yaml").write_text(recipe_yaml)
@@ -708,13 +692,7 @@ def _assemble(work: Path, src: Path, out: Path, files: SafetensorsFiles, outside
         final.mkdir()
         export_dir(dir_source(model_dir), final, export, export_dtype, max_shard_size, progress)
         (final / "recipe.yaml").write_text(recipe_yaml)
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(final, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(final, out)
+    publish_dir(final, out)
     shutil.rmtree(work, ignore_errors=True)
 
 

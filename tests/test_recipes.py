@@ -103,9 +103,10 @@ def test_smollm2_2of4_recipe_end_to_end_and_reproducible(tmp_path):
     assert ppl["value"] < 80  # 2:4 SparseGPT on 2 windows; dense is about 20
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("bf16_fast", [True, False])
 def test_recipe_yaml_spells_out_the_auto_calib_dtype(tmp_path, checkpoint_dir, text_file,
-                                                     monkeypatch, bf16_fast):
+                                                     monkeypatch, bf16_fast, stream):
     """`--calib-dtype auto` means bf16 passes for SparseGPT only where bf16 is fast, so the same
     flags give different weights on different CPUs. The recipe.yaml written next to the result
     names the dtype that was used, so rerunning it on another machine repeats the result."""
@@ -115,8 +116,9 @@ def test_recipe_yaml_spells_out_the_auto_calib_dtype(tmp_path, checkpoint_dir, t
     out = tmp_path / "out"
     assert main(["-q", "sparsegpt", "--model", str(checkpoint_dir), "--sparsity", "0.5",
                  "--nsamples", "4", "--seqlen", "16", "--calib-data", str(text_file),
-                 "--output", str(out)]) == 0
+                 "--output", str(out)] + (["--stream"] if stream else [])) == 0
     meta = json.loads((out / "llmprune.json").read_text())
+    assert ("streaming" in meta) == stream
     solver = yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["sparsegpt"]
     want = "bf16" if bf16_fast else "fp32"
     assert meta["recipe"]["calib_dtype"] == "auto"  # what was asked
