@@ -522,7 +522,7 @@ def _read_compact(src: Path, meta: dict, name: str, verify: bool):
     """``(values, indices)`` of weight ``name`` straight from the compact shards."""
     from safetensors import safe_open
 
-    from .export import CorruptCheckpointError, sha256_tensor
+    from .export import CorruptCheckpointError, checksum_algo, tensor_checksum
 
     info = meta["tensors"][name]
     path = src / info["shard"]
@@ -532,9 +532,10 @@ def _read_compact(src: Path, meta: dict, name: str, verify: bool):
     except Exception as exc:  # safetensors raises its own error types
         raise CorruptCheckpointError(f"cannot read {name} from {path}: {exc}") from None
     if verify:
+        algo = checksum_algo(meta)
         for s, t in parts.items():
-            if sha256_tensor(t) != info.get("sha256", {}).get(s):
-                raise CorruptCheckpointError(f"{path} fails the sha256 checksum of tensor "
+            if tensor_checksum(t, algo) != info.get(algo, {}).get(s):
+                raise CorruptCheckpointError(f"{path} fails the {algo} checksum of tensor "
                                              f"{name}.{s}: re-export the checkpoint")
     return parts["values"], parts["indices"]
 

@@ -53,7 +53,8 @@ def test_compact_round_trip_is_bit_exact(pruned, tmp_path, pattern, dtype):
     assert main(["-q", "export", str(pruned[pattern]), "--format", "compact", "--dtype", dtype,
                  "--output", str(out)]) == 0
     meta = json.loads((out / "llmprune.json").read_text())
-    assert meta["format"] == "llmprune-compact" and meta["format_version"] == 1
+    assert meta["format"] == "llmprune-compact" and meta["format_version"] == 2
+    assert meta["tensor_checksum"] == "xxh3_128"
     assert meta["recipe"]["method"] == "wanda"
     want_enc = "nm" if pattern == "2:4" else "bitmask"
     linears = {k: v for k, v in meta["tensors"].items() if "layers" in k and "proj" in k}
@@ -223,6 +224,41 @@ def test_damaged_shard_gives_one_clear_line(pruned, tmp_path, capsys, damage):
     assert len(err.splitlines()) == 1 and shard.name in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("damage", [None, "flip"])
+def test_version_1_exports_with_sha256_still_load(pruned, tmp_path, monkeypatch, damage):
+    """Format version 1 stored a sha256 per tensor and no ``tensor_checksum`` field; such an
+    export (written here with sha256 and the field removed) loads bit for bit, and a flipped
+    bit in its data is still caught, by sha256."""
+    import hashlib
+
+    import llmprune.export as ex
+
+    monkeypatch.setattr(ex, "TENSOR_CHECKSUM", "sha256")
+    out = tmp_path / "v1"
+    assert main(["-q", "export", str(pruned["2:4"]), "--dtype", "bf16", "--output", str(out)]) == 0
+    meta = json.loads((out / "llmprune.json").read_text())
+    assert meta.pop("tensor_checksum") == "sha256"
+    meta["format_version"] = 1
+    (out / "llmprune.json").write_text(json.dumps(meta))
+    name = "model.layers.0.mlp.down_proj.weight"
+    shard = out / meta["tensors"][name]["shard"]
+    with safe_open(str(shard), "pt") as f:  # the stored sha256 is that of the stored bytes
+        values = f.get_tensor(name + ".values")
+    assert meta["tensors"][name]["sha256"]["values"] == \
+        hashlib.sha256(values.view(torch.int16).numpy().tobytes()).hexdigest()
+    monkeypatch.setattr(ex, "TENSOR_CHECKSUM", "xxh3_128")
+    if damage:
+        data = bytearray(shard.read_bytes())
+        data[-3] ^= 0x01  # in the data, past the header
+        shard.write_bytes(bytes(data))
+        with pytest.raises(CorruptCheckpointError, match="sha256 checksum"):
+            llmprune.load_pretrained(out)
+        return
+    loaded = llmprune.load_pretrained(out).state_dict()
+    for key, t in _dense_state(pruned["2:4"]).items():
+        assert same_bits(loaded[key], t.to(torch.bfloat16)), key
+
+
 def test_sigkill_midway_leaves_nothing_that_looks_complete(pruned, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, LLMPRUNE_TEST_PAUSE_AFTER_SHARD="60")
@@ -296,7 +332,7 @@ def test_shard_writer_files_are_plain_safetensors(tmp_path, monkeypatch, expecte
     """The writer reserves room for each shard's header before the data; a header that outgrows
     it (expected=1 with 120 long names) makes it rewrite the shard. Either way safetensors reads
     every tensor back, and the checksums are those of the tensors' bytes."""
-    import hashlib
+    import xxhash
     import shutil
 
     from llmprune import compact
@@ -332,6 +368,6 @@ def test_shard_writer_files_are_plain_safetensors(tmp_path, monkeypatch, expecte
     assert seen.keys() == made.keys()
     for name, t in made.items():
         assert torch.equal(seen[name], t) and seen[name].dtype == t.dtype
-        want = hashlib.sha256(t.numpy().tobytes() if t.dtype != torch.bfloat16
-                              else t.view(torch.int16).numpy().tobytes()).hexdigest()
+        want = xxhash.xxh3_128(t.numpy().tobytes() if t.dtype != torch.bfloat16
+                               else t.view(torch.int16).numpy().tobytes()).hexdigest()
         assert writer.hashes[name] == want

@@ -122,3 +122,28 @@ def test_sparsegpt_dead_inputs_are_zeroed():
     got, mask, _ = sparsegpt_prune(w, x.T @ x, TWO_FOUR, blocksize=8)
     assert (got[:, 3] == 0).all() and mask[:, 3].all()
     assert ((got != 0).view(4, 4, 4).sum(-1) <= 2).all()
+
+
+@pytest.mark.parametrize("n", [40, 256, 600])
+def test_hessian_lower_block_accumulation_is_x_transpose_x(n, monkeypatch):
+    """Hessian.add accumulates only the lower block triangle; full() gives the whole X^T X,
+    exactly symmetric, against a float64 product (blocks of 256 rows, and of 64 here too)."""
+    import llmprune.solvers.sparsegpt as sg
+
+    for block in (256, 64):
+        monkeypatch.setattr(sg, "HESSIAN_BLOCK", block)
+        torch.manual_seed(n)
+        xs = [torch.randn(3, 50, n) for _ in range(3)]
+        hs = sg.Hessian(torch.zeros(n, n))
+        for x in xs:
+            hs.add(x)
+        if n > block:  # the strict upper block triangle was never written
+            assert float(hs.h[:block, block:].abs().max()) == 0.0
+        full = hs.full()
+        assert full is hs.h and hs.tokens == 450
+        assert torch.equal(full, full.T)
+        ref = sum(x.reshape(-1, n).double().T @ x.reshape(-1, n).double() for x in xs)
+        torch.testing.assert_close(full.double(), ref, rtol=1e-5, atol=1e-3)
+        hs.add(xs[0])  # adding after full() and mirroring again stays right
+        ref = ref + xs[0].reshape(-1, n).double().T @ xs[0].reshape(-1, n).double()
+        torch.testing.assert_close(hs.full().double(), ref, rtol=1e-5, atol=1e-3)
