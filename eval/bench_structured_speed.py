@@ -177,8 +177,11 @@ def main() -> int:
                                         "head_dim", "intermediate_size")}}
     if args.speed_only:
         result["round_trip_uniform"] = {"skipped": "--speed-only"}
-    print(f"round trip (uniform, plain from_pretrained): perplexity {ppl_before:.6f} before "
-          f"save, {ppl_after:.6f} after reload (identical: {ppl_before == ppl_after})", flush=True)
+        print("round trip (uniform): skipped (--speed-only)", flush=True)
+    else:
+        print(f"round trip (uniform, plain from_pretrained): perplexity {ppl_before:.6f} before "
+              f"save, {ppl_after:.6f} after reload (identical: {ppl_before == ppl_after})",
+              flush=True)
     del shrunk
 
     # -- speed, interleaved
