@@ -13,8 +13,14 @@
 
 With ``true_sequential`` the groups of a layer (q/k/v, then o, then gate/up, then down) are
 calibrated and pruned one after another, so each group sees the outputs of the already pruned
-groups before it. A calibration pass stops as soon as the last statistic it needs is collected,
-so the first pass never pays for the tail of the layer.
+groups before it. That order needs only ONE forward pass per layer (:class:`_Lockstep`): every
+calibration batch runs the layer in its own thread, the threads take turns in batch order, and
+each waits at the first linear of every group until all batches have added their statistics
+there; the last one prunes the group and the pass goes on with the pruned weights. The pass's
+output is already the pruned layer's output, so there is no separate propagation pass. The
+statistics are added in the same (batch) order as by the multi-pass schedule, so both give
+bit-identical results (tested); the price is that every batch's live activations are held at
+once (``EngineOptions.fused=False`` keeps the multi-pass schedule).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import copy
 import ctypes
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,6 +99,9 @@ class EngineOptions:
     # placement puts a layer on its device(s) (.place(layer)) and back (.release(layer)).
     collect_stats: Callable | None = None
     placement: object | None = None
+    # true_sequential in one lock-step forward pass per layer (see the module docstring);
+    # False = one calibration pass per group plus a propagation pass (the same results)
+    fused: bool = True
 
 
 class _Catcher(nn.Module):
@@ -248,6 +258,117 @@ def _collect_stats(layer: nn.Module, groups: list[tuple[str, ...]], inputs: list
     return stats
 
 
+class _Aborted(Exception):
+    """Raised in a batch thread when another batch thread failed."""
+
+
+class _Lockstep:
+    """One forward pass of ``layer`` per calibration batch, each in its own thread, run one at a
+    time in batch order, meeting at the first linear of every input group.
+
+    Forward pre-hooks on every linear of a group (its members read the same input, whichever is
+    called first) add the batch's input to the group's statistics and hand the turn to the next
+    batch. The last batch to arrive calls ``solve(g, stats)``, which prunes the group's weights in
+    place, and hands the turn back to batch 0, whose linear then runs with the pruned weights.
+    Only the thread holding the turn computes, so the threads never compete for the cores, and
+    each group's statistics are summed in batch order 0, 1, ..., n-1, exactly as a separate
+    calibration pass would (bit-identical results)."""
+
+    def __init__(self, layer: nn.Module, groups: list[tuple[str, ...]], solver: Solver,
+                 solve: Callable[[int, object], None]):
+        self.layer, self.groups, self.solver, self.solve = layer, groups, solver, solve
+        self.cond = threading.Condition()
+        self.local = threading.local()
+        self.stats: list = []
+        self.arrived = [0] * len(groups)
+        self.solved = [False] * len(groups)
+        self.turn: int | None = 0
+        self.alive: list[bool] = []
+        self.error: BaseException | None = None
+
+    # -- turn keeping (callers hold self.cond) --
+    def _pass_turn(self, b: int) -> None:
+        n = len(self.alive)
+        self.turn = next(((b + k) % n for k in range(1, n + 1) if self.alive[(b + k) % n]), None)
+        self.cond.notify_all()
+
+    def _wait_turn(self, b: int) -> None:
+        self.cond.wait_for(lambda: self.turn == b or self.error is not None)
+        if self.error is not None:
+            raise _Aborted
+
+    def _solve_ready(self) -> None:
+        """Solve every group that all live batches have reached (normally the one just reached;
+        also one that a batch finishing without reaching it leaves complete)."""
+        n_alive = sum(self.alive)
+        for g in range(len(self.groups)):
+            if not self.solved[g] and self.arrived[g] and self.arrived[g] == n_alive:
+                self.solve(g, self.stats[g])
+                self.stats[g] = None  # free a Hessian as soon as its group is solved
+                self.solved[g] = True
+
+    def _hook(self, g: int, _mod, args) -> None:
+        if self.solved[g]:
+            return
+        b = self.local.batch
+        self.stats[g].add(args[0])
+        self.arrived[g] += 1
+        self._solve_ready()
+        self._pass_turn(b)
+        self._wait_turn(b)
+
+    def _run_batch(self, b: int, inputs: list) -> None:
+        with torch.no_grad(), self.cond:  # grad mode is per thread: set it in each
+            self.local.batch = b
+            try:
+                self._wait_turn(b)
+                hidden, kwargs = inputs[b]
+                out = self.layer(hidden, **kwargs)
+                inputs[b] = (out[0] if isinstance(out, tuple) else out, kwargs)
+                del hidden, out
+            except _Aborted:
+                pass
+            except BaseException as e:  # noqa: BLE001 - re-raised by run() in the caller
+                if self.error is None:
+                    self.error = e
+                self.cond.notify_all()
+            finally:
+                self.alive[b] = False
+                if self.error is None:
+                    try:
+                        self._solve_ready()
+                    except BaseException as e:  # noqa: BLE001
+                        self.error = e
+                self._pass_turn(b)
+
+    def run(self, inputs: list) -> None:
+        """Replace every ``inputs[b]``'s hidden state by the pruned layer's output, in place."""
+        for g, group in enumerate(self.groups):
+            lin = self.layer.get_submodule(group[0])
+            self.stats.append(self.solver.new_stats(lin.in_features, lin.weight.device))
+        hooks = [self.layer.get_submodule(name).register_forward_pre_hook(
+                     lambda mod, args, _g=g: self._hook(_g, mod, args))
+                 for g, group in enumerate(self.groups) for name in group]
+        self.alive = [True] * len(inputs)
+        threads = [threading.Thread(target=self._run_batch, args=(b, inputs),
+                                    name=f"llmprune-batch-{b}", daemon=True)
+                   for b in range(len(inputs))]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for h in hooks:
+                h.remove()
+        if self.error is not None:
+            raise self.error
+        for g in range(len(self.groups)):  # groups no batch reached: solve on what there is
+            if not self.solved[g]:
+                self.solve(g, self.stats[g])
+                self.solved[g] = True
+
+
 @torch.no_grad()
 def prune_layerwise(model: nn.Module, adapter: Adapter, solver: Solver, target: Sparsity,
                     ids: torch.Tensor, opts: EngineOptions) -> Report:
@@ -284,6 +405,21 @@ def prune_layer(layer: nn.Module, i: int, adapter: Adapter, solver: Solver, targ
         # Forward passes in a cheaper dtype; the solver still reads and writes the
         # original (master) weights in float32.
         fwd_layer = copy.deepcopy(layer).to(opts.calib_dtype)
+    if opts.true_sequential and opts.fused and opts.collect_stats is None:
+        t = time.perf_counter()
+        solve_seconds = 0.0
+
+        def solve(g, stats):
+            nonlocal solve_seconds
+            ts = time.perf_counter()
+            _solve_group(layer, fwd_layer, adapter, i, adapter.groups[g], solver, stats, target,
+                         report)
+            solve_seconds += time.perf_counter() - ts
+
+        _Lockstep(fwd_layer, list(adapter.groups), solver, solve).run(inputs)
+        report.add_time("calibrate_forward", time.perf_counter() - t - solve_seconds)
+        report.add_time("solve", solve_seconds)
+        schedule, propagate = [], False  # the lock-step pass's outputs are already propagated
     for phase in schedule:
         t = time.perf_counter()
         stats = (opts.collect_stats or _collect_stats)(fwd_layer, phase, inputs, solver, device)

@@ -162,3 +162,48 @@ def test_auto_calib_dtype_policy(calib_ids):
     assert resolve_calib_dtype(PruneRecipe("sparsegpt", sparsity=0.5, calib_dtype="fp32"),
                                get_solver("sparsegpt"), model) == torch.float32
     assert resolve_calib_dtype(sg, get_solver("sparsegpt"), model.to(torch.bfloat16)) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,sparsity,pattern,dtype", [
+    ("sparsegpt", 0.5, None, "fp32"), ("sparsegpt", None, "2:4", "bf16"),
+    ("wanda", 0.5, None, "fp32"), ("wanda", None, "4:8", "fp32")])
+def test_true_sequential_one_pass_equals_multi_pass(family, method, sparsity, pattern, dtype,
+                                                    calib_ids, monkeypatch):
+    """The lock-step single forward pass gives bit-identical weights to the schedule that runs
+    one calibration pass per group and a propagation pass, and runs each layer once per batch."""
+    import functools
+
+    import llmprune.api as api
+
+    recipe = PruneRecipe(method, sparsity=sparsity, pattern=pattern, true_sequential=True,
+                         batch_size=3, calib_dtype=dtype)
+    fused, multi = tiny_model(family), tiny_model(family)
+    calls = []
+    for layer in adapter_for(fused).layers(fused):
+        layer.register_forward_pre_hook(lambda *a: calls.append(1))
+    llmprune.prune(fused, recipe, calib_ids=calib_ids, progress=False)
+    n_layers = len(adapter_for(fused).layers(fused))
+    n_batches = -(-calib_ids.shape[0] // 3)
+    assert len(calls) == n_layers * n_batches  # one forward per batch per layer, no more
+    monkeypatch.setattr(api, "EngineOptions", functools.partial(api.EngineOptions, fused=False))
+    llmprune.prune(multi, recipe, calib_ids=calib_ids, progress=False)
+    for (n, la), (_, lb) in zip(_linears(fused), _linears(multi)):
+        assert torch.equal(la.weight, lb.weight), n
+    assert any(bool((la.weight == 0).any()) for _, la in _linears(fused))
+
+
+def test_one_pass_error_in_a_batch_reaches_the_caller(calib_ids):
+    """A batch thread that fails does not leave the other batch threads waiting forever."""
+    model = tiny_model("llama")
+    layer = adapter_for(model).layers(model)[1]
+    seen = []
+
+    def fail_on_third(_mod, _args):
+        seen.append(1)
+        if len(seen) == 3:
+            raise RuntimeError("boom in batch 2")
+    layer.mlp.down_proj.register_forward_pre_hook(fail_on_third)
+    with pytest.raises(RuntimeError, match="boom in batch 2"):
+        llmprune.prune(model, PruneRecipe("wanda", sparsity=0.5, true_sequential=True,
+                                          batch_size=2), calib_ids=calib_ids, progress=False)
