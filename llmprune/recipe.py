@@ -27,7 +27,7 @@ class PruneRecipe:
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 4
-    true_sequential: bool = False
+    true_sequential: bool = True  # q/k/v, then o, then gate/up, then down (calibrate.py)
     calib_dtype: str = "auto"  # dtype of calibration forward passes; statistics are float32
     blocksize: int = 128  # sparsegpt
     percdamp: float = 0.01  # sparsegpt

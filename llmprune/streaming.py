@@ -514,9 +514,13 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
         log.info("resuming %s after layer %d", work, state["completed"])
 
     torch.manual_seed(recipe.seed)
+    # true-sequential's one-pass schedule holds every batch's activations inside the layer:
+    # never with activations on disk, and within --max-memory beyond the plan (same results)
     opts = EngineOptions(device=recipe.device, batch_size=recipe.batch_size,
                          true_sequential=recipe.true_sequential, calib_dtype=calib_dtype,
-                         keep_masks=True, progress=progress)
+                         keep_masks=True, progress=progress,
+                         fused=False if activations_offload == "disk" else None,
+                         fuse_budget=None if budget is None else max(budget - plan.total, 0))
     prefix = adapter.layers_path + "."
     by_layer: dict[int, list[str]] = {}
     outside_names: list[str] = []

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -197,7 +198,8 @@ def test_memory_plan_hand_count(ckpts):
     src = ckpts["llama"]
     skel = _skeleton(AutoConfig.from_pretrained(src), torch.float32, False)
     files = SafetensorsFiles(_checkpoint_files(src))
-    recipe = PruneRecipe("sparsegpt", sparsity=0.5, nsamples=8, seqlen=32, batch_size=4)
+    recipe = PruneRecipe("sparsegpt", sparsity=0.5, nsamples=8, seqlen=32, batch_size=4,
+                         true_sequential=False)
     plan = memory_plan(files, skel, adapter_for(skel), recipe, get_solver("sparsegpt"), None,
                        "ram")
     # q 64x64 + k, v 32x64 + o 64x64 + gate, up 128x64 + down 64x128 + 2 norms of 64
@@ -221,6 +223,11 @@ def test_memory_plan_hand_count(ckpts):
     assert wanda.peak_group == "mlp.gate_proj,mlp.up_proj"
     assert wanda.stats == (64 + 128) * 4
     assert wanda.work == 2 * (2 * 128 * 64 * 4) + 4 * 128 * 64 * 4
+    # true-sequential: each group's statistics are collected just before its solve, so only
+    # gate/up's column norms are alive then
+    ts = memory_plan(files, skel, adapter_for(skel), replace(recipe, true_sequential=True),
+                     get_solver("wanda"), None, "ram")
+    assert ts.peak_group == wanda.peak_group and ts.stats == 64 * 4
 
 
 def test_stream_needs_a_local_safetensors_checkpoint(text_file, tmp_path):
