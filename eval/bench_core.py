@@ -123,7 +123,8 @@ def main() -> None:
                     help="dtypes of the once-per-run floor (the adjacent floors around each "
                          "solver run use the solver's own forward dtype); empty for none")
     ap.add_argument("--calib-dtype", default="auto", help="llmprune's --calib-dtype")
-    ap.add_argument("--true-sequential", action="store_true")
+    ap.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
+                    help="llmprune's --true-sequential (its default) or --no-true-sequential")
     ap.add_argument("--batch-size", type=int, default=4, help="llmprune's --batch-size")
     ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_core.json"))
     # worker mode (internal)
@@ -189,8 +190,7 @@ def main() -> None:
             cmd = base + ["--worker", "ours", "--method", method, "--pattern", pattern,
                           "--output", str(out), "--out-json", str(out_json),
                           "--calib-dtype", args.calib_dtype, "--batch-size", str(args.batch_size)]
-            if args.true_sequential:
-                cmd.append("--true-sequential")
+            cmd.append("--true-sequential" if args.true_sequential else "--no-true-sequential")
             adjacent = not args.skip_floor and method != "magnitude"
             floor_dt = ("bf16" if args.calib_dtype == "bf16" else "fp32")
             if adjacent and args.calib_dtype == "auto":  # what auto picks here (a dry resolve)

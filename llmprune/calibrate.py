@@ -100,9 +100,9 @@ class EngineOptions:
     collect_stats: Callable | None = None
     placement: object | None = None
     # true_sequential in one lock-step forward pass per layer (see the module docstring):
-    # None = when the activations it holds fit ``fuse_budget`` bytes (default: half the memory
-    # available on the compute device), True = always, False = never, i.e. one calibration
-    # pass per group plus a propagation pass. Both give bit-identical results.
+    # None = when the activations it holds fit ``fuse_budget`` bytes (default: a quarter of
+    # the memory available on the compute device), True = always, False = never, i.e. one
+    # calibration pass per group plus a propagation pass. Both give bit-identical results.
     fused: bool | None = None
     fuse_budget: int | None = None
 
@@ -298,7 +298,8 @@ def _use_lockstep(layer: nn.Module, groups, inputs: list, opts: EngineOptions,
     budget = opts.fuse_budget
     if budget is None:
         free = available_bytes(device)
-        budget = free // 2 if free is not None else need
+        # a quarter: the solve (a Hessian and its factorisation) needs room beside them
+        budget = free // 4 if free is not None else need
     if need > budget:
         log.info("true-sequential: %.0f MiB of activations exceed the %.0f MiB budget, so each "
                  "group gets its own calibration pass (same result, slower)",

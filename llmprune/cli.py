@@ -111,10 +111,10 @@ def _add_solver(sub, name: str) -> None:
                    help="within a layer, calibrate and prune q/k/v, then o, then gate/up, "
                         "then down, each seeing the already pruned ones (default). It runs "
                         "each layer once per batch, holding every batch's activations inside "
-                        "the layer at once where they fit half the free memory (else one pass "
-                        "per group). --no-true-sequential: all groups from one dense pass, then "
-                        "a second pass to propagate (measured on smollm2-135m: 2.5x slower "
-                        "SparseGPT, higher perplexity)")
+                        "the layer at once where they fit a quarter of the free memory (else "
+                        "one pass per group). --no-true-sequential: all groups from one dense "
+                        "pass, then a second pass to propagate (measured on smollm2-135m: "
+                        "2.5x slower SparseGPT, higher perplexity)")
     p.add_argument("--calib-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="dtype of the calibration forward passes (statistics and the solve "
                         "stay float32); auto = bf16 for sparsegpt on an fp32 model where bf16 "
