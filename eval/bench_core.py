@@ -13,6 +13,7 @@ speed drifts by 10% and more within minutes, so each solver run is also brackete
 runs in the dtype its forward passes used (one right before, one right after, fresh processes),
 and ``ours/floor_adjacent`` divides by their mean.
 
+    bash eval/bench_setup.sh      # llmprune's workers run in the README main command's install
     .venv/bin/python eval/bench_core.py                      # everything (about 30 minutes)
     .venv/bin/python eval/bench_core.py --solvers wanda --patterns 2:4 --skip-peer
 
@@ -34,6 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PY = ROOT / "eval" / ".peer-venv" / "bin" / "python"
+# The environment of the README's main command (`pip install -e .`, no test extras), made by
+# eval/bench_setup.sh. The test extra adds triton (for the kernel tests), which torch._dynamo
+# imports whenever it is installed: +110 MiB of peak RSS that a user's install does not have
+# and the peer's environment does not have either.
+BENCH_PY = ROOT / "eval" / ".bench-venv" / "bin" / "python"
 NSAMPLES, SEQLEN = 32, 512
 EVAL_SEQLEN, EVAL_WINDOWS = 1024, 16
 
@@ -126,6 +132,9 @@ def main() -> None:
     ap.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True,
                     help="llmprune's --true-sequential (its default) or --no-true-sequential")
     ap.add_argument("--batch-size", type=int, default=4, help="llmprune's --batch-size")
+    ap.add_argument("--ours-python", help="python for llmprune's and the floor's workers "
+                    "(default: eval/.bench-venv, made by eval/bench_setup.sh, if it exists, "
+                    "else this one)")
     ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_core.json"))
     # worker mode (internal)
     ap.add_argument("--worker", choices=["ours", "floor"])
@@ -171,7 +180,10 @@ def main() -> None:
     del model
     print(f"dense perplexity {results['dense_perplexity']:.3f}", flush=True)
 
-    base = [sys.executable, __file__, "--ckpt", str(ckpt), "--calib-ids", str(calib_file)]
+    ours_py = args.ours_python or (str(BENCH_PY) if BENCH_PY.exists() else sys.executable)
+    results["ours_python"] = ours_py
+    print(f"ours and the floor run in {ours_py}", flush=True)
+    base = [ours_py, __file__, "--ckpt", str(ckpt), "--calib-ids", str(calib_file)]
     if not args.skip_floor:
         for dt in [d for d in args.floor_dtypes.split(",") if d]:
             out_json = work / f"floor-{dt}.json"
