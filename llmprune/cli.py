@@ -113,8 +113,8 @@ def _add_solver(sub, name: str) -> None:
                         "each layer once per batch, holding every batch's activations inside "
                         "the layer at once where they fit a quarter of the free memory (else "
                         "one pass per group). --no-true-sequential: all groups from one dense "
-                        "pass, then a second pass to propagate (measured on smollm2-135m: "
-                        "2.5x slower SparseGPT, higher perplexity)")
+                        "pass, then a second pass to propagate (on smollm2-135m: slower, "
+                        "and higher perplexity in 3 of 4 settings)")
     p.add_argument("--calib-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="dtype of the calibration forward passes (statistics and the solve "
                         "stay float32); auto = bf16 for sparsegpt on an fp32 model where bf16 "
