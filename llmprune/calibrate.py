@@ -330,12 +330,19 @@ class _Lockstep:
         self.arrived = [0] * len(groups)
         self.solved = [False] * len(groups)
         self.scheduler = None
+        widths = [layer.get_submodule(group[0]).in_features for group in groups]
+        self.widest = max(range(len(groups)), key=lambda g: (widths[g], g))
 
     def _hook(self, g: int, _mod, args) -> None:
         if self.solved[g]:
             return
         self.stats[g].add(args[0])
         self.arrived[g] += 1
+        if g == self.widest:
+            # the batches hold the most here (the MLP's intermediate activations): trimming
+            # between them returns the heap's free gaps before the next batch adds its own
+            # (smollm2-135m Wanda: peak RSS -100 MiB for +6% time; at every group: +22% time)
+            _release_free_heap()
         self.scheduler.switch()  # wait here until the scheduler has solved group g
         if not self.solved[g]:
             raise RuntimeError("a lock-step batch resumed before its group was solved")
