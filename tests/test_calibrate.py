@@ -208,3 +208,34 @@ def test_one_pass_error_in_a_batch_reaches_the_caller(calib_ids):
     with pytest.raises(RuntimeError, match="boom in batch 2"):
         llmprune.prune(model, PruneRecipe("wanda", sparsity=0.5, true_sequential=True,
                                           batch_size=2), calib_ids=calib_ids, progress=False)
+
+
+def test_true_sequential_falls_back_to_one_pass_per_group_over_budget(calib_ids, monkeypatch):
+    """Where the lock-step pass's activations exceed the budget, each group gets its own
+    calibration pass (more forward calls) and the weights are the same bit for bit."""
+    import functools
+
+    import llmprune.api as api
+    from llmprune.calibrate import lockstep_bytes
+
+    recipe = PruneRecipe("wanda", sparsity=0.5, batch_size=4)
+    fused, tight = tiny_model("llama"), tiny_model("llama")
+    counts = {}
+    for name, model in (("fused", fused), ("tight", tight)):
+        counts[name] = []
+        for layer in adapter_for(model).layers(model):
+            layer.register_forward_pre_hook(lambda *a, _c=counts[name]: _c.append(1))
+    llmprune.prune(fused, recipe, calib_ids=calib_ids, progress=False)
+    monkeypatch.setattr(api, "EngineOptions",
+                        functools.partial(api.EngineOptions, fuse_budget=1))
+    llmprune.prune(tight, recipe, calib_ids=calib_ids, progress=False)
+    n_batches = -(-calib_ids.shape[0] // 4)
+    assert len(counts["fused"]) == 2 * n_batches
+    # 4 group passes per layer, plus a propagation pass but after the last layer
+    assert len(counts["tight"]) == (4 + 1 + 4) * n_batches
+    for (n, la), (_, lb) in zip(_linears(fused), _linears(tight)):
+        assert torch.equal(la.weight, lb.weight), n
+    # the estimate: tokens x (4 x hidden + widest input) x 4 bytes for this float32 model
+    layer = adapter_for(fused).layers(fused)[0]
+    inputs = [(torch.zeros(4, 16, 64), {}), (torch.zeros(2, 16, 64), {})]
+    assert lockstep_bytes(layer, adapter_for(fused).groups, inputs) == 6 * 16 * (4 * 64 + 128) * 4
