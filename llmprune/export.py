@@ -560,7 +560,8 @@ def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
                 "dtype": str(t.dtype).removeprefix("torch."), "bytes": enc.nbytes,
                 "dense_bytes": t.numel() * t.element_size()}
         if keep is not None:
-            info["sparsity"] = 1.0 - compact.count_true(keep) / max(keep.numel(), 1)
+            # over the weight's elements: a packed mask has 1/8 as many (bytes, not bits)
+            info["sparsity"] = 1.0 - compact.count_true(keep) / max(t.numel(), 1)
         if enc.encoding == "nm":
             info.update(n=enc.n, m=enc.m)
         writer.add(name, enc, info)

@@ -61,6 +61,10 @@ def test_compact_round_trip_is_bit_exact(pruned, tmp_path, pattern, dtype):
     assert linears and all(v["encoding"] == want_enc for v in linears.values())
 
     dense = _dense_state(pruned[pattern])
+    for name, info in linears.items():  # recorded per tensor: the fraction of its weights pruned
+        assert info["sparsity"] == pytest.approx(float((dense[name] == 0).float().mean()),
+                                                 abs=1e-3), name
+        assert info["sparsity"] == pytest.approx(0.5, abs=0.02), name
     model = llmprune.load_pretrained(out)
     loaded = model.state_dict()
     for name, t in dense.items():
