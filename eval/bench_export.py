@@ -118,7 +118,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", default="magnitude")
     ap.add_argument("--patterns", default="2:4,0.5")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="fresh processes per cost operation (sub-second operations on a shared "
+                         "machine: medians of 3 moved by 2x between runs)")
     ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_export.json"))
     ap.add_argument("--worker", choices=["save", "export-mem", "export-disk"])
     ap.add_argument("--shard", default="5GB")
