@@ -16,7 +16,7 @@ calibrated and pruned one after another, so each group sees the outputs of the a
 groups before it. That order needs only ONE forward pass per layer (:class:`_Lockstep`): every
 calibration batch runs the layer in its own greenlet, the batches take turns in batch order, and
 each waits at the first linear of every group until all batches have added their statistics
-there; the last one prunes the group and the pass goes on with the pruned weights. The pass's
+there; then the group is pruned and the pass goes on with the pruned weights. The pass's
 output is already the pruned layer's output, so there is no separate propagation pass. The
 statistics are added in the same (batch) order as by the multi-pass schedule, so both give
 bit-identical results (tested); the price is that every batch's live activations are held at
@@ -330,8 +330,8 @@ class _Lockstep:
         self.arrived = [0] * len(groups)
         self.solved = [False] * len(groups)
         self.scheduler = None
-        widths = [layer.get_submodule(group[0]).in_features for group in groups]
-        self.widest = max(range(len(groups)), key=lambda g: (widths[g], g))
+        self.inputs_of = [layer.get_submodule(group[0]) for group in groups]  # one per group
+        self.widest = max(range(len(groups)), key=lambda g: (self.inputs_of[g].in_features, g))
 
     def _hook(self, g: int, _mod, args) -> None:
         if self.solved[g]:
@@ -361,9 +361,8 @@ class _Lockstep:
         """Replace every ``inputs[b]``'s hidden state by the pruned layer's output, in place."""
         from greenlet import getcurrent, greenlet
 
-        for group in self.groups:
-            lin = self.layer.get_submodule(group[0])
-            self.stats.append(self.solver.new_stats(lin.in_features, lin.weight.device))
+        self.stats = [self.solver.new_stats(lin.in_features, lin.weight.device)
+                      for lin in self.inputs_of]
         hooks = [self.layer.get_submodule(name).register_forward_pre_hook(
                      lambda mod, args, _g=g: self._hook(_g, mod, args))
                  for g, group in enumerate(self.groups) for name in group]
@@ -375,19 +374,13 @@ class _Lockstep:
             inputs[b] = (out[0] if isinstance(out, tuple) else out, kwargs)
 
         batches = [greenlet(forward) for _ in inputs]
-        started = [False] * len(batches)
         try:
             while True:
                 alive = 0
                 for b, gl in enumerate(batches):
-                    if gl.dead:
-                        continue
-                    if started[b]:
-                        gl.switch()
-                    else:
-                        started[b] = True
-                        gl.switch(b)
-                    alive += not gl.dead
+                    if not gl.dead:
+                        gl.switch(b)  # starts forward(b); later resumes it (b is ignored)
+                        alive += not gl.dead
                 if alive == 0:
                     break
                 before = sum(self.solved)
