@@ -350,8 +350,10 @@ def test_dispatch_table_is_measured_once_and_cached(tmp_path, monkeypatch):
 
 @interp
 def test_measure_backends_for_real(tmp_path):
+    # median of 5: with 2 reps one preemption of a dense call (seen once in a fresh-clone run
+    # sharing the 2 cores with another job) made dense look slower than the interpreter
     entry = measure_backends("cpu", torch.float32, (32, 64), ["dense", "triton"], buckets=(1, 8),
-                             reps=2, warmup=1)
+                             reps=5, warmup=1)
     assert entry["buckets"] == [1, 8] and set(entry["ms"]) == {"dense", "triton"}
     assert all(t > 0 for times in entry["ms"].values() for t in times)
     assert entry["choice"] == ["dense", "dense"]  # the interpreter never beats F.linear
