@@ -170,6 +170,8 @@ def main() -> None:
         # what the issue names: largest layer + activations + solver statistics (+ the float32
         # working copies the solver needs), and the process itself before any weight is read
         estimate = plan["layer_phase"]
+        # the issue's formula, without the solver's working memory
+        formula = plan["layer"] + plan["activations"] + plan["stats"]
         layer_s = meta["streaming"]["layer_seconds_this_process"]
         run = {"limit": args.limit, "layers_pruned": len(layer_s),
                "layers_total": SHAPE["num_hidden_layers"],
@@ -178,6 +180,9 @@ def main() -> None:
                "memory_plan": plan,
                "ratio_peak_to_estimate": res["peak_rss"] / estimate,
                "ratio_peak_minus_base_to_estimate": (res["peak_rss"] - plan["base"]) / estimate,
+               "formula_bytes": formula,
+               "ratio_peak_to_formula": res["peak_rss"] / formula,
+               "ratio_peak_minus_base_to_formula": (res["peak_rss"] - plan["base"]) / formula,
                "wall_s": wall, "prune_s": res["wall_s"],
                "seconds_per_layer": layer_s, "mean_seconds_per_layer": sum(layer_s) / len(layer_s),
                "sparsity": meta["sparsity"], "timings": meta["timings"]}
@@ -190,7 +195,10 @@ def main() -> None:
               f"limit {limit / gib:.2f} GiB), estimate {estimate / gib:.2f} GiB "
               f"(+ process {plan['base'] / gib:.2f} GiB), "
               f"ratio {run['ratio_peak_to_estimate']:.2f}"
-              f" ({run['ratio_peak_minus_base_to_estimate']:.2f} without the process base), "
+              f" ({run['ratio_peak_minus_base_to_estimate']:.2f} without the process base); "
+              f"layer + activations + statistics {formula / gib:.2f} GiB, peak over it "
+              f"{run['ratio_peak_to_formula']:.2f} ({run['ratio_peak_minus_base_to_formula']:.2f}"
+              f" without the process base), "
               f"{run['mean_seconds_per_layer']:.1f} s/layer, model {params / 1e9:.2f}B params, "
               f"{disk / 1e9:.2f} GB on disk", flush=True)
     dest = ROOT / "results" / "bench_stream.json"

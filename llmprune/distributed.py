@@ -209,7 +209,7 @@ class _BroadcastSolver:
                       for w in weights]
         out = []
         for res in solved:
-            weight = res.weight.contiguous()
+            weight = res.weight.to(torch.float32).contiguous()  # the other ranks' dtype
             mask = res.mask.to(torch.uint8).contiguous()  # bool is not a gloo/nccl type
             dist.broadcast(weight, src=0)
             dist.broadcast(mask, src=0)

@@ -53,6 +53,8 @@ from .export import (_ST_DTYPES, _ST_NAMES, MASKS_FILE, META_FILE, SafetensorsFi
                      _checkpoint_files, _WEIGHT_FILE_RE, parse_size)
 from .models import adapter_for
 from .output import publish_dir
+from .solvers.sparsegpt import FACTOR_BLOCK
+from .solvers.wanda import CHUNK_BYTES as WANDA_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -245,30 +247,35 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
     stored = next(first.parameters()).dtype
     if calib_dtype is not None and calib_dtype != stored:
         layer += layer // stored.itemsize * calib_dtype.itemsize
-    # (in_features, float32 bytes of the group's weights, of its largest member) per group
+    # (in_features, float32 bytes of the group's weights, elements of its largest member)
     groups = []
     for group in adapter.groups:
         lins = [first.get_submodule(n) for n in group]
         groups.append((lins[0].in_features, sum(lin.weight.numel() for lin in lins) * 4,
-                       max(lin.weight.numel() for lin in lins) * 4))
+                       max(lin.weight.numel() for lin in lins)))
     stat_bytes = [(in_f * in_f * 4 if solver.name == "sparsegpt" else in_f * 4)
                   if solver.needs_calibration else 0 for in_f, _, _ in groups]
     best = (-1, 0, 0, "")
-    for g, (in_f, w32, big32) in enumerate(groups):
+    for g, (in_f, w32, big) in enumerate(groups):
         # statistics still alive when group g is solved: all groups are collected in one pass
         # and each is freed once solved (true-sequential: only group g's)
         alive = stat_bytes[g] if recipe.true_sequential else sum(stat_bytes[g:])
         if solver.name == "sparsegpt":
-            # weights: the float32 copies, their concatenation and the working clone (3x);
-            # inverse_hessian_factor: J H J damped in place (later reused as the identity),
-            # its Cholesky factor and the triangular inverse (3 in x in float32; H itself is
-            # counted in the statistics, and copied only when it has dead inputs)
-            work = 3 * w32 + 3 * in_f * in_f * 4
+            # the group's float32 working copy, its mask (bool) and the report's inverted copy
+            # of it; the factorisation runs inside the Hessian (counted in the statistics)
+            # with [in, 2 x 128] panels, and the sweep has [rows, blocksize] blocks
+            rows = w32 // (4 * in_f)
+            work = (w32 + 2 * (w32 // 4) + 2 * min(FACTOR_BLOCK, in_f) * in_f * 4
+                    + 8 * rows * min(recipe.blocksize, in_f) * 4)
+        elif solver.name == "magnitude":
+            # one member at a time, whole: float32 copy, |W|, the selection's copy of it, the
+            # pruned copy (float32), and the mask (bool, and the report's inverted copy)
+            work = 4 * big * 4 + 2 * big
         else:
-            # float32 copies in and pruned weights out (2x the group), plus, for one member at
-            # a time, its scores and torch.kthvalue's workspace (a copy of the scores and int64
-            # indices: 3x) -- 4x the largest member
-            work = 2 * w32 + 4 * big32
+            # one member at a time: its pruned copy (stored dtype) and its mask (bool, and the
+            # report's inverted copy), plus a chunk of rows in float32 with its scores and
+            # the selection's workspace (6 chunks)
+            work = big * stored.itemsize + 2 * big + 6 * min(WANDA_CHUNK_BYTES, big * 4)
         if alive + work > best[1] + best[2]:
             best = (g, alive, work, ",".join(adapter.groups[g]))
     _, stats, work, peak_group = best

@@ -147,3 +147,49 @@ def test_hessian_lower_block_accumulation_is_x_transpose_x(n, monkeypatch):
         hs.add(xs[0])  # adding after full() and mirroring again stays right
         ref = ref + xs[0].reshape(-1, n).double().T @ xs[0].reshape(-1, n).double()
         torch.testing.assert_close(hs.full().double(), ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("n,block", [(5, 128), (128, 128), (300, 64), (515, 128), (257, 16)])
+def test_inverse_hessian_factor_in_place_against_float64(n, block, monkeypatch):
+    """The blocked in-place factorisation (flip, Cholesky, triangular inverse, flip) gives an
+    upper U with U^T U = (H + lambda I)^-1, against float64 linalg.inv; inplace=True returns
+    ``h``'s own buffer, and inplace=False leaves ``h`` as it was."""
+    import llmprune.solvers.sparsegpt as sg
+
+    monkeypatch.setattr(sg, "FACTOR_BLOCK", block)
+    torch.manual_seed(n)
+    x = torch.randn(2 * n + 7, n) @ (torch.eye(n) + 0.1 * torch.randn(n, n))
+    h = x.T @ x
+    keep = h.clone()
+    u, frac = inverse_hessian_factor(h, 0.01)
+    assert torch.equal(h, keep) and frac == 0.01
+    hd = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(n, dtype=torch.float64)
+    want = torch.linalg.inv(hd)
+    assert torch.equal(u, u.triu())
+    got = u.double().T @ u.double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+    ptr = h.data_ptr()
+    u2, _ = inverse_hessian_factor(h, 0.01, inplace=True)
+    assert u2.data_ptr() == ptr
+    torch.testing.assert_close(u2, u, rtol=0, atol=0)
+
+
+def test_inverse_hessian_factor_retry_restores_h_from_the_upper_triangle(monkeypatch, caplog):
+    """A failure in a late block (after earlier blocks were factored in place) is undone from the
+    untouched upper triangle and the saved diagonal blocks: the retried factor is that of the
+    original H with the larger damping."""
+    import llmprune.solvers.sparsegpt as sg
+
+    monkeypatch.setattr(sg, "FACTOR_BLOCK", 16)
+    torch.manual_seed(3)
+    n = 70
+    x = torch.randn(200, n)
+    h = x.T @ x
+    h[0, 0] = -30.0  # row 0 is the *last* after the reversal, so blocks 0-3 succeed first
+    with caplog.at_level(logging.WARNING):
+        u, frac = inverse_hessian_factor(h, 0.01)
+    assert frac > 0.01 and "Cholesky failed" in caplog.text
+    hd = h.double() + frac * torch.diag(h.double()).mean() * torch.eye(n, dtype=torch.float64)
+    want = torch.linalg.inv(hd)
+    got = u.double().T @ u.double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-4

@@ -205,11 +205,17 @@ def test_memory_plan_hand_count(ckpts):
     # q 64x64 + k, v 32x64 + o 64x64 + gate, up 128x64 + down 64x128 + 2 norms of 64
     layer_params = 4096 + 2048 + 2048 + 4096 + 3 * 8192 + 2 * 64
     assert plan.layer == layer_params * 4
-    # the peak is down_proj's solve (in 128): its Hessian is the only statistic still alive,
-    # next to 3 float32 copies of its 64x128 weight and 6 in x in matrices of the factorisation
-    assert plan.peak_group == "mlp.down_proj"
-    assert plan.stats == 128 * 128 * 4
-    assert plan.work == 3 * 64 * 128 * 4 + 3 * 128 * 128 * 4
+    # The factorisation runs inside the Hessian, with [in, 2 x min(128, in)] panels. Besides
+    # it, a solve holds one float32 copy of the group's weights, their mask and the mask's
+    # inverted copy (bool), and the sweep's [rows, min(blocksize, in)] blocks (8 float32 ones).
+    # down_proj (64x128): Hessian 128x128, the only statistic alive then;
+    # gate+up (256x64): their 64x64 Hessian and down_proj's, both collected in the same pass.
+    down = 64 * 128 * 4 + 2 * 64 * 128 + 2 * 128 * 128 * 4 + 8 * 64 * 128 * 4
+    gate_up = 256 * 64 * 4 + 2 * 256 * 64 + 2 * 64 * 64 * 4 + 8 * 256 * 64 * 4
+    assert 128 * 128 * 4 + down < (64 * 64 + 128 * 128) * 4 + gate_up
+    assert plan.peak_group == "mlp.gate_proj,mlp.up_proj"
+    assert plan.stats == (64 * 64 + 128 * 128) * 4
+    assert plan.work == gate_up
     batch = 4 * 32 * 64 * 4
     assert plan.activations == 8 * 32 * 64 * 4 + batch
     assert plan.outside == (2 * 300 * 64 + 64) * 4  # embed, untied lm_head, final norm
@@ -217,17 +223,19 @@ def test_memory_plan_hand_count(ckpts):
                        "disk")
     assert disk.activations == 2 * batch
     wanda = memory_plan(files, skel, adapter_for(skel), recipe, get_solver("wanda"), None, "ram")
-    # Wanda's peak: gate+up (2 x 128x64) in and out in float32 + one member's scores and
-    # kthvalue workspace (values copy + int64 indices); the column norms of gate/up (64) and
-    # down (128) are still alive
+    # Wanda's peak: one member of gate/up at a time (128x64, the largest linear; down_proj's is
+    # as large but fewer statistics are alive then): its pruned copy in the stored dtype, its
+    # mask and inverted mask (bool), and 6 float32 chunks of rows (here the whole matrix); the
+    # column norms of gate/up (64) and down (128) are still alive
     assert wanda.peak_group == "mlp.gate_proj,mlp.up_proj"
     assert wanda.stats == (64 + 128) * 4
-    assert wanda.work == 2 * (2 * 128 * 64 * 4) + 4 * 128 * 64 * 4
+    assert wanda.work == 128 * 64 * 4 + 2 * 128 * 64 + 6 * 128 * 64 * 4
     # true-sequential: each group's statistics are collected just before its solve, so only
-    # gate/up's column norms are alive then
+    # the solved group's column norms are alive: down_proj's (128) then, with the same work
     ts = memory_plan(files, skel, adapter_for(skel), replace(recipe, true_sequential=True),
                      get_solver("wanda"), None, "ram")
-    assert ts.peak_group == wanda.peak_group and ts.stats == 64 * 4
+    assert ts.peak_group == "mlp.down_proj" and ts.stats == 128 * 4
+    assert ts.work == wanda.work
 
 
 def test_stream_needs_a_local_safetensors_checkpoint(text_file, tmp_path):

@@ -8,6 +8,7 @@ each solver's module; the calibration engine (``llmprune.calibrate``) does all o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
@@ -20,7 +21,7 @@ STATS_DTYPE = torch.float32
 
 @dataclass
 class Solved:
-    weight: torch.Tensor  # [out, in] float32, zeros where mask is True
+    weight: torch.Tensor  # [out, in] float32 (or the input's dtype if exact), zeros where pruned
     mask: torch.Tensor  # [out, in] bool, True = pruned
 
 
@@ -37,8 +38,11 @@ class Solver(Protocol):
     def new_stats(self, in_features: int, device: torch.device) -> Stats | None: ...
 
     def solve_group(self, weights: list[torch.Tensor], stats: Any, target: Sparsity,
-                    names: list[str]) -> list[Solved]:
-        """Prune the float32 ``[out, in]`` weights of one input group (they share ``stats``)."""
+                    names: list[str]) -> Iterable[Solved]:
+        """Prune the ``[out, in]`` weights (the model's own tensors, in its dtype: read them,
+        never write them) of one input group, which share ``stats``; a solver may consume
+        ``stats``. One result per weight, in order; a generator lets the engine store each
+        result before the next one is computed."""
 
 
 SOLVERS: dict[str, type] = {}

@@ -31,4 +31,5 @@ class Magnitude:
         return None
 
     def solve_group(self, weights, stats, target, names):
-        return [magnitude_prune(w, target) for w in weights]
+        for w in weights:
+            yield magnitude_prune(w.to(torch.float32), target)

@@ -49,7 +49,8 @@ class Hessian:
     ``[i0, i1)`` (``HESSIAN_BLOCK`` rows) gets X[:, i0:i1]^T X[:, :i1]. For a 1536-wide input
     that is 21 of 36 blocks, and X^T X costs about as much as a dense forward pass of the layer
     (eval/bench_core.py breakdown), so this is the calibration pass's largest saving.
-    :meth:`full` mirrors the lower triangle into the upper one, in place, before a solve.
+    :meth:`full` mirrors the lower triangle into the upper one, in place, before a solve. The
+    solve (:meth:`SparseGPT.solve_group`) then consumes the buffer.
     Partial sums (another process's, :mod:`llmprune.distributed`) add up block by block alike.
     """
 
@@ -100,63 +101,150 @@ def _one_cpu_thread(device: torch.device, enabled: bool = True):
         torch.set_num_threads(old)
 
 
-def inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+FACTOR_BLOCK = 128  # columns per block of the in-place Cholesky factorisation and inversion
+
+
+def _flip_inplace(a: torch.Tensor, block: int = 256) -> None:
+    """``a <- J a J`` (rows and columns reversed) in place, with ``block`` rows of temporary."""
+    n = a.shape[0]
+    half = n // 2
+    for i0 in range(0, half, block):
+        i1 = min(i0 + block, half)
+        top = a[i0:i1].flip(0, 1)  # a copy
+        a[i0:i1] = a[n - i1:n - i0].flip(0, 1)
+        a[n - i1:n - i0] = top
+    if n % 2:
+        a[half] = a[half].flip(0)
+
+
+def _mirror_upper_to_lower(a: torch.Tensor, block: int) -> None:
+    n = a.shape[0]
+    for i0 in range(0, n, block):
+        i1 = min(i0 + block, n)
+        a[i1:, i0:i1] = a[i0:i1, i1:].T
+
+
+def _cholesky_inplace(a: torch.Tensor, block: int = FACTOR_BLOCK) -> bool:
+    """Lower Cholesky factor of the symmetric ``a``, written over its lower triangle (right-looking
+    blocked algorithm: factor a diagonal block, solve the panel below it, update the trailing lower
+    triangle). The strict upper triangle *outside* the diagonal blocks is never written, so it
+    still holds the input there; that is what lets a failed attempt be undone without a copy of
+    ``a``. Returns False (``a`` partly overwritten) when a block is not positive definite."""
+    n = a.shape[0]
+    for j0 in range(0, n, block):
+        j1 = min(j0 + block, n)
+        ljj, info = torch.linalg.cholesky_ex(a[j0:j1, j0:j1])
+        if int(info) != 0:
+            return False
+        a[j0:j1, j0:j1] = ljj  # zeros above the diagonal of this block
+        if j1 == n:
+            break
+        # panel L21 = A21 L11^-T, i.e. L21 L11^T = A21
+        a[j1:, j0:j1] = torch.linalg.solve_triangular(ljj.T, a[j1:, j0:j1], upper=True,
+                                                      left=False)
+        panel = a[j1:, j0:j1]
+        for i0 in range(j1, n, block):  # A22 -= L21 L21^T, lower block triangle only
+            i1 = min(i0 + block, n)
+            a[i0:i1, j1:i1].addmm_(panel[i0 - j1:i1 - j1], panel[:i1 - j1].T, alpha=-1.0)
+    return True
+
+
+def _invert_lower_inplace(a: torch.Tensor, block: int = FACTOR_BLOCK) -> None:
+    """``a <- a^-1`` for a lower-triangular ``a`` with zeros above the diagonal, in place, by
+    block columns from the right: for L = [[A, 0], [B, C]], L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]],
+    with C^-1 already in place. Temporaries: one [n, block] panel."""
+    n = a.shape[0]
+    starts = list(range(0, n, block))
+    for j0 in reversed(starts):
+        j1 = min(j0 + block, n)
+        ajj = a[j0:j1, j0:j1].clone()
+        if j1 < n:
+            t = torch.linalg.solve_triangular(ajj, a[j1:, j1:] @ a[j1:, j0:j1], upper=False,
+                                              left=False)  # C^-1 B A^-1
+            a[j1:, j0:j1] = t.neg_()
+        eye = torch.eye(j1 - j0, dtype=a.dtype, device=a.device)
+        a[j0:j1, j0:j1] = torch.linalg.solve_triangular(ajj, eye, upper=False)
+
+
+def inverse_hessian_factor(h: torch.Tensor, percdamp: float, inplace: bool = False
+                           ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + lambda I)^{-1} (U^T U = (H + lambda I)^{-1}), with
     lambda = percdamp * mean(diag H).
 
     With J the reversal permutation and J H J = L L^T, U = J L^{-1} J: one Cholesky and one
     triangular inverse instead of Cholesky, inverse and a second Cholesky.
     If the factorisation fails (H numerically singular), lambda is multiplied by 10 and retried;
-    each retry is logged. Returns (U, the damping fraction actually used). ``h`` is not modified.
+    each retry is logged. Returns (U, the damping fraction actually used).
 
-    Memory: at most three [in, in] matrices besides ``h`` are alive at once (J H J damped in place,
-    L, and L^{-1}; the identity reuses J H J's buffer), which for a 28672-wide down_proj is what
-    decides whether a layer fits (eval/bench_stream.py). Adding lambda to the diagonal in place
-    gives the same bits as adding lambda * I.
+    Memory: everything happens inside one [in, in] buffer, plus [in, 128] panels: ``h`` itself
+    when ``inplace`` (``h`` is then overwritten by U and returned), else a copy of it. J H J is
+    formed by swapping rows in place, the blocked Cholesky leaves the strict upper triangle
+    outside its diagonal blocks untouched (a retry restores H from it and from a copy of the
+    diagonal blocks), and the triangular inverse is done in place. For a 28672-wide down_proj
+    this is what decides whether a layer fits (eval/bench_stream.py).
     """
-    diag_mean = torch.mean(torch.diag(h))
-    work = h.flip(0, 1)  # J H J (a copy)
-    base = work.diagonal().clone()
+    a = h if inplace else h.clone()
+    n = a.shape[0]
+    _flip_inplace(a)  # J H J
+    block = FACTOR_BLOCK
+    diag_blocks = [a[j0:min(j0 + block, n), j0:min(j0 + block, n)].clone()
+                   for j0 in range(0, n, block)]
+    diag = a.diagonal().clone()
+    diag_mean = torch.mean(diag)
     frac = percdamp
-    for _ in range(MAX_DAMP_RETRIES):
-        work.diagonal().copy_(base + frac * diag_mean)
-        chol, info = torch.linalg.cholesky_ex(work)
-        if int(info) == 0:
-            eye = work.zero_()
-            eye.diagonal().fill_(1.0)
-            inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-            del chol, eye, work
-            return inv.flip(0, 1), frac
-        del chol
-        log.warning("Cholesky failed with damping %.3g of mean(diag H); retrying with %.3g",
-                    frac, frac * 10)
-        frac *= 10
-    raise RuntimeError(f"Hessian is not positive definite even with damping {frac / 10:g}")
+    for attempt in range(MAX_DAMP_RETRIES):
+        if attempt:  # undo the failed attempt: H from the untouched upper triangle
+            log.warning("Cholesky failed with damping %.3g of mean(diag H); retrying with %.3g",
+                        frac, frac * 10)
+            frac *= 10
+            for j0, blk in zip(range(0, n, block), diag_blocks):
+                a[j0:j0 + blk.shape[0], j0:j0 + blk.shape[0]] = blk
+            _mirror_upper_to_lower(a, block)
+        a.diagonal().copy_(diag + frac * diag_mean)
+        if _cholesky_inplace(a, block):
+            break
+    else:
+        raise RuntimeError(f"Hessian is not positive definite even with damping {frac:g}")
+    del diag_blocks
+    for i0 in range(0, n, block):  # the rest of H above the diagonal: L is lower triangular
+        a[i0:i0 + block, i0 + block:] = 0.0
+    _invert_lower_inplace(a, block)
+    _flip_inplace(a)  # U = J L^-1 J, upper triangular
+    return a, frac
 
 
 def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity,
                     row_splits: list[int] | None = None, blocksize: int = DEFAULT_BLOCKSIZE,
-                    percdamp: float = DEFAULT_PERCDAMP) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Pure function. ``weight`` [out, in] float32 (rows of possibly several linears stacked,
-    ``row_splits`` giving each one's row count), ``h`` [in, in] float32 = sum of x x^T.
+                    percdamp: float = DEFAULT_PERCDAMP, inplace: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``weight`` [out, in] (rows of possibly several linears stacked, ``row_splits`` giving each
+    one's row count), ``h`` [in, in] float32 = sum of x x^T.
 
-    Returns (pruned weight, mask with True = pruned, damping fraction used).
+    Returns (pruned weight, float32, mask with True = pruned, damping fraction used). A pure
+    function unless ``inplace``: then ``weight`` (float32) is pruned in place and returned, and
+    ``h`` is consumed (overwritten by the factor of its inverse), so that the solve needs no
+    [in, in] or [out, in] matrix besides its inputs (the engine's call; eval/bench_stream.py).
     """
-    w = weight.to(STATS_DTYPE).clone()
-    h = h.to(STATS_DTYPE)
+    if inplace and (weight.dtype != STATS_DTYPE or h.dtype != STATS_DTYPE):
+        raise ValueError("inplace sparsegpt_prune needs float32 weight and Hessian")
+    w = weight if inplace else weight.to(STATS_DTYPE, copy=True)
+    if not inplace:
+        h = h.to(STATS_DTYPE, copy=True)
     rows, cols = w.shape
     row_splits = row_splits or [rows]
     # Inputs that never fire carry no information: their weights can go for free (Sec. 3).
     dead = torch.diag(h) == 0
-    if bool(dead.any()):  # copy H only when it must change (it is [in, in])
-        h = h.clone()
+    dead_pruned = None
+    if bool(dead.any()):
         h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+        dead_pruned = dead.unsqueeze(0) & (w != 0)
+        w[:, dead] = 0.0
     with _one_cpu_thread(w.device, enabled=cols < THREADED_FACTOR_MIN):
-        u, frac = inverse_hessian_factor(h, percdamp)
+        u, frac = inverse_hessian_factor(h, percdamp, inplace=True)
     with _one_cpu_thread(w.device):
         mask = _sweep(w, u, target, row_splits, blocksize)
-    mask |= dead.unsqueeze(0) & (weight != 0)
+    if dead_pruned is not None:
+        mask |= dead_pruned
     return w, mask, frac
 
 
@@ -230,9 +318,15 @@ class SparseGPT:
         return Hessian(torch.zeros(in_features, in_features, dtype=STATS_DTYPE, device=device))
 
     def solve_group(self, weights, stats, target, names):
+        """Consumes ``stats`` (its Hessian becomes the factor of its inverse). The float32
+        working copy of the group's weights is the only [out, in] matrix made."""
         splits = [w.shape[0] for w in weights]
-        w, mask, frac = sparsegpt_prune(torch.cat(weights), stats.full(), target, splits,
-                                        self.blocksize, self.percdamp)
+        w = torch.empty(sum(splits), weights[0].shape[1], dtype=STATS_DTYPE,
+                        device=weights[0].device)
+        for part, wi in zip(w.split(splits), weights):
+            part.copy_(wi)
+        w, mask, frac = sparsegpt_prune(w, stats.full(), target, splits, self.blocksize,
+                                        self.percdamp, inplace=True)
         if frac != self.percdamp:
             log.warning("%s: solved with damping %.3g instead of %.3g", ",".join(names), frac,
                         self.percdamp)

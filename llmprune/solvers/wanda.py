@@ -42,6 +42,26 @@ def wanda_prune(weight: torch.Tensor, col_sq: torch.Tensor, target: Sparsity) ->
     return Solved(weight.masked_fill(mask, 0.0), mask)
 
 
+CHUNK_BYTES = 8 << 20  # float32 bytes of weight rows scored at a time
+
+
+def wanda_prune_rows(weight: torch.Tensor, col_sq: torch.Tensor, target: Sparsity,
+                     chunk_bytes: int = CHUNK_BYTES) -> Solved:
+    """:func:`wanda_prune` a block of rows at a time. Rows are compared on their own (and groups
+    of M inside a row), so this is the same mask; but the float32 copy, the scores and the
+    selection's workspace exist for ``chunk_bytes`` of rows, not for the whole matrix. The
+    pruned weight keeps ``weight``'s dtype (Wanda only zeroes weights, so that is exact)."""
+    rows, cols = weight.shape
+    step = max(1, chunk_bytes // (4 * max(cols, 1)))
+    out = torch.empty_like(weight)
+    mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    for r0 in range(0, rows, step):
+        part = wanda_prune(weight[r0:r0 + step].to(STATS_DTYPE), col_sq, target)
+        out[r0:r0 + step] = part.weight
+        mask[r0:r0 + step] = part.mask
+    return Solved(out, mask)
+
+
 @register
 @dataclass
 class Wanda:
@@ -56,4 +76,5 @@ class Wanda:
         return ColumnSquares(torch.zeros(in_features, dtype=STATS_DTYPE, device=device))
 
     def solve_group(self, weights, stats, target, names):
-        return [wanda_prune(w, stats.sq, target) for w in weights]
+        for w in weights:  # one linear's result alive at a time
+            yield wanda_prune_rows(w, stats.sq, target)
