@@ -242,6 +242,47 @@ class SafetensorsFiles:
         with open(self.entries[name][0], "rb") as f:
             return self._read(f, name)
 
+    def map(self, name: str) -> torch.Tensor:
+        """The tensor, memory-mapped copy-on-write: only the pages that are touched become
+        resident (an embedding lookup of a few hundred tokens touches as many rows, and a
+        tensor that is never used costs nothing). Data not aligned to its element size is
+        read instead."""
+        import numpy as np
+
+        path, info, base = self.entries[name]
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        if end == start or (base + start) % dtype.itemsize:
+            return self.read(name)
+        try:
+            arr = np.memmap(path, dtype=np.uint8, mode="c", offset=base + start,
+                            shape=(end - start,))
+        except (OSError, ValueError) as exc:
+            raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
+        return torch.from_numpy(arr).view(dtype).reshape(info["shape"])
+
+    COPY_CHUNK = 16 << 20
+
+    def copy_bytes(self, name: str, out) -> int:
+        """Write tensor ``name``'s stored bytes to the binary file ``out`` through a
+        ``COPY_CHUNK`` buffer: no tensor and no mapping, so a tensor of any size costs 16 MB."""
+        path, info, base = self.entries[name]
+        start, end = info["data_offsets"]
+        buf = bytearray(min(self.COPY_CHUNK, max(end - start, 1)))
+        view = memoryview(buf)
+        done = 0
+        with open(path, "rb") as f:
+            f.seek(base + start)
+            while done < end - start:
+                want = min(len(buf), end - start - done)
+                got = f.readinto(view[:want])
+                if not got:
+                    raise CorruptCheckpointError(f"cannot read {path}: tensor {name} is "
+                                                 "truncated")
+                out.write(view[:got])
+                done += got
+        return done
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         """All tensors, file by file in offset order, each file opened once."""
         handle = path = None

@@ -3,16 +3,16 @@
 The model is never whole in memory:
 
 1. The model is built as a skeleton (parameters on the meta device, no memory; the small
-   computed buffers such as rotary frequencies are real). Only the tensors outside the decoder
-   layers (embeddings, final norm, lm_head) are read to capture the first layer's inputs, then
-   dropped again.
+   computed buffers such as rotary frequencies are real). The tensors outside the decoder
+   layers (embeddings, final norm, lm_head) are memory-mapped to capture the first layer's
+   inputs, so only the calibration tokens' embedding rows become resident, then dropped again.
 2. Each decoder layer is read from the checkpoint's safetensors shards, only its own tensors
    (:class:`llmprune.export.SafetensorsFiles`: ``readinto`` at the recorded offsets, not mmap, so
    the rest of a shard is never resident and a 3 GiB address-space limit is not spent on maps),
    pruned and propagated with the in-memory engine's own step
    (:func:`llmprune.calibrate.prune_layer`, hence bit-identical results), written out as that
    layer's shard of the final checkpoint, and put back on the meta device before the next one.
-3. The tensors outside the layers are copied through one at a time at the end.
+3. The tensors outside the layers are copied through, byte for byte, at the end.
 
 Crash resume: the run works in ``OUTPUT.partial/`` next to the output::
 
@@ -87,12 +87,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_safetensors(path: Path, names: list[str], get, metadata: dict | None = None,
-                      kill_layer: int | None = None, spec=None) -> int:
+                      kill_layer: int | None = None, spec=None, copy_from=None) -> int:
     """Write tensors ``get(name)`` for ``names`` into safetensors file ``path`` one tensor at a
     time, through a temporary file that is fsynced and renamed (never half-written under its
     name). ``spec(name) -> (safetensors dtype, shape)`` gives the header without calling ``get``
     (for tensors read from disk); by default it is taken from ``get(name)``, which must then be
-    cheap (resident tensors). Returns the data bytes written."""
+    cheap (resident tensors). ``copy_from`` (a :class:`SafetensorsFiles`) copies each tensor's
+    stored bytes through a bounded buffer instead of calling ``get``. Returns the data bytes
+    written."""
     if spec is None:
         def spec(name):
             t = get(name)
@@ -115,6 +117,11 @@ def write_safetensors(path: Path, names: list[str], get, metadata: dict | None =
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for k, name in enumerate(names):
+            if copy_from is not None:
+                start, end = specs[name]["data_offsets"]
+                if copy_from.copy_bytes(name, f) != end - start:
+                    raise ValueError(f"{name}: the tensor does not match its header entry")
+                continue
             t = get(name).detach().contiguous()
             if t.numel() * t.element_size() != specs[name]["data_offsets"][1] - \
                     specs[name]["data_offsets"][0]:
@@ -196,7 +203,8 @@ class MemoryPlan:
     stats: int  # solver statistics alive while the costliest input group is solved
     work: int  # the solver's working memory for that group (float32 weight copies, scores,
     #            SparseGPT's factorisation of H)
-    outside: int  # tensors outside the layers, resident only while capturing layer 0's inputs
+    outside: int  # tensors outside the layers, resident (mapped pages) while capturing layer
+    #               0's inputs; copied through a 16 MB buffer at the end
     peak_group: str = ""  # the input group whose solve is the peak
 
     @property
@@ -205,7 +213,8 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.base + max(self.layer_phase, self.outside + self.activations)
+        return self.base + max(self.layer_phase, self.outside + self.activations,
+                               SafetensorsFiles.COPY_CHUNK)
 
     def as_dict(self) -> dict:
         return {"base": self.base, "layer": self.layer, "activations": self.activations,
@@ -234,13 +243,19 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
     prefix = adapter.layers_path + "."
     per_layer: dict[int, int] = {}
     outside = 0
+    tokens = recipe.nsamples * recipe.seqlen
     for name, (_, info, _) in files.entries.items():
         start, end = info["data_offsets"]
         if name.startswith(prefix):
             i = int(name[len(prefix):].split(".")[0])
             per_layer[i] = per_layer.get(i, 0) + end - start
         else:
-            outside += end - start
+            # mapped while capturing (_load_outside): a matrix looked up by token (embeddings)
+            # has at most the calibration tokens' rows resident, each with its partial pages
+            nbytes, shape = end - start, info["shape"]
+            if len(shape) >= 2 and shape[0]:
+                nbytes = min(nbytes, tokens * (nbytes // shape[0] + 8192))
+            outside += nbytes
     layer = max(per_layer.values(), default=0)
     layers = adapter.layers(skel)
     first = layers[0]
@@ -360,8 +375,11 @@ def _stored_dtype(files: SafetensorsFiles) -> torch.dtype:
 
 
 def _load_outside(model: nn.Module, files: SafetensorsFiles, names: list[str]) -> None:
+    """The tensors outside the decoder layers, memory-mapped for the capture of layer 0's inputs:
+    the embedding lookup touches only the calibration tokens' rows, and lm_head and the final
+    norm are never touched (the forward stops at layer 0)."""
     for name in names:
-        _set_tensor(model, name, files.read(name))
+        _set_tensor(model, name, files.map(name))
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"
             and not n.startswith(adapter_for(model).layers_path + ".")]
@@ -660,7 +678,8 @@ def _assemble(work: Path, src: Path, out: Path, files: SafetensorsFiles, outside
     place. Idempotent: a run killed here redoes it on ``--resume``."""
     model_dir = work / "model"
     last = model_dir / f"model-{n_shards:05d}-of-{n_shards:05d}.safetensors"
-    write_safetensors(last, outside_names, files.read, spec=_file_spec(files))
+    # copied byte for byte through a 16 MB buffer: an embedding matrix can be larger than a layer
+    write_safetensors(last, outside_names, None, spec=_file_spec(files), copy_from=files)
     weight_map, total = {}, 0
     for k in range(1, n_shards + 1):
         shard = model_dir / f"model-{k:05d}-of-{n_shards:05d}.safetensors"

@@ -288,3 +288,35 @@ def test_out_of_memory_is_one_line_and_resumable(ckpts, text_file, tmp_path, mon
     assert meta["streaming"]["resumed_after_layer"] == 0
     a, b = _tensors(ref), _tensors(out)
     assert sorted(a) == sorted(b) and all(same_bits(a[k], b[k]) for k in a)
+
+
+def test_mapped_and_copied_tensors_equal_the_stored_ones(ckpts, tmp_path):
+    """The capture maps the tensors outside the layers (SafetensorsFiles.map) and the final
+    checkpoint copies them byte for byte (copy_bytes through a bounded buffer): both give exactly
+    what safetensors itself loads, for every tensor of the checkpoint, also with a buffer smaller
+    than a tensor; a truncated file is a clear error."""
+    import io
+
+    from llmprune.export import CorruptCheckpointError, SafetensorsFiles, _checkpoint_files
+
+    src = ckpts["llama"]
+    files = SafetensorsFiles(_checkpoint_files(src))
+    want = {}
+    for path in _checkpoint_files(src):
+        want.update(load_file(path))
+    small = SafetensorsFiles(_checkpoint_files(src))
+    small.COPY_CHUNK = 1000  # several reads per tensor
+    for name, tensor in want.items():
+        assert same_bits(files.map(name), tensor), name
+        out = io.BytesIO()
+        assert small.copy_bytes(name, out) == tensor.numel() * tensor.element_size()
+        assert out.getvalue() == tensor.contiguous().view(torch.uint8).numpy().tobytes(), name
+    broken = tmp_path / "model.safetensors"
+    data = Path(_checkpoint_files(src)[0]).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    cut = SafetensorsFiles([broken])
+    last = list(cut.entries)[-1]
+    with pytest.raises(CorruptCheckpointError, match="cannot read"):
+        cut.map(last)
+    with pytest.raises(CorruptCheckpointError, match="truncated"):
+        cut.copy_bytes(last, io.BytesIO())
