@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .compact import pack_bits, unpack_bits
+from .compact import count_true, pack_bits, unpack_bits
 from .masks import Sparsity, check_divisible
 from .models import Adapter
 from .solvers.base import Solver
@@ -221,13 +221,20 @@ def _solve_group(layer, fwd_layer, adapter, index, group, solver, stats, target,
         # copy_ into the loaded (usually memory-mapped) weight: rebinding ``.data`` instead saves
         # the copy-on-write faults (1.5 s of Wanda on smollm2-135m) but keeps the mapped pages
         # resident beside the new ones (measured: peak RSS 1050 -> 1450-1700 MiB)
-        lin.weight.copy_(res.weight)  # rounds to the weight's dtype, without a temporary
+        if res.weight.data_ptr() != lin.weight.data_ptr():  # else pruned in place
+            lin.weight.copy_(res.weight)  # rounds to the weight's dtype, without a temporary
         if fwd_layer is not None and fwd_layer is not layer:
             fwd_layer.get_submodule(name).weight.copy_(res.weight)
         full = f"{adapter.layers_path}.{index}.{name}"
-        report.layers.append(LinearReport(full, tuple(lin.weight.shape), int(res.mask.sum())))
+        if res.mask is not None:
+            pruned = int(res.mask.sum())
+            keep = pack_bits(~res.mask.cpu()) if report.masks is not None else None
+        else:
+            keep = res.keep_bits.cpu()
+            pruned = lin.weight.numel() - count_true(keep)
+        report.layers.append(LinearReport(full, tuple(lin.weight.shape), pruned))
         if report.masks is not None:
-            report.masks[full] = pack_bits(~res.mask.cpu())
+            report.masks[full] = keep
 
 
 def _collect_stats(layer: nn.Module, groups: list[tuple[str, ...]], inputs: list, solver: Solver,

@@ -210,6 +210,10 @@ class _BroadcastSolver:
         out = []
         for res in solved:
             weight = res.weight.to(torch.float32).contiguous()  # the other ranks' dtype
+            if res.mask is None:  # rank 0's solver gave packed keep bits
+                from .compact import unpack_bits
+
+                res = Solved(res.weight, ~unpack_bits(res.keep_bits, weight.shape[1]))
             mask = res.mask.to(torch.uint8).contiguous()  # bool is not a gloo/nccl type
             dist.broadcast(weight, src=0)
             dist.broadcast(mask, src=0)

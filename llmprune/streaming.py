@@ -287,10 +287,9 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
             # pruned copy (float32), and the mask (bool, and the report's inverted copy)
             work = 4 * big * 4 + 2 * big
         else:
-            # one member at a time: its pruned copy (stored dtype) and its mask (bool, and the
-            # report's inverted copy), plus a chunk of rows in float32 with its scores and
-            # the selection's workspace (6 chunks)
-            work = big * stored.itemsize + 2 * big + 6 * min(WANDA_CHUNK_BYTES, big * 4)
+            # pruned in place, a chunk of rows at a time: the chunk in float32 with its scores
+            # and the selection's workspace (6 chunks), and the packed keep bits
+            work = 6 * min(WANDA_CHUNK_BYTES, big * 4) + big // 8
         if alive + work > best[1] + best[2]:
             best = (g, alive, work, ",".join(adapter.groups[g]))
     _, stats, work, peak_group = best

@@ -193,3 +193,23 @@ def test_inverse_hessian_factor_retry_restores_h_from_the_upper_triangle(monkeyp
     want = torch.linalg.inv(hd)
     got = u.double().T @ u.double()
     assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("target", [HALF, TWO_FOUR, Sparsity.parse(0.3, None)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wanda_rows_in_place_equals_whole_matrix(target, dtype):
+    """The engine's Wanda (in place, a few rows at a time, packed keep bits) prunes exactly
+    what the whole-matrix wanda_prune does: rows are compared on their own."""
+    from llmprune.compact import pack_bits
+    from llmprune.solvers.wanda import wanda_prune_rows
+
+    torch.manual_seed(5)
+    w = torch.randn(37, 24).to(dtype)
+    sq = torch.rand(24) * 10
+    ref = wanda_prune(w.float(), sq, target)
+    got_w = w.clone()
+    res = wanda_prune_rows(got_w, sq, target, chunk_bytes=5 * 24 * 4)  # 5 rows per chunk
+    assert res.weight.data_ptr() == got_w.data_ptr() and res.mask is None
+    assert torch.equal(res.keep_bits, pack_bits(~ref.mask))
+    assert torch.equal(got_w, ref.weight.to(dtype))
+    assert int((got_w == 0).sum()) >= int(ref.mask.sum())

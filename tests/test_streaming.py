@@ -224,12 +224,12 @@ def test_memory_plan_hand_count(ckpts):
     assert disk.activations == 2 * batch
     wanda = memory_plan(files, skel, adapter_for(skel), recipe, get_solver("wanda"), None, "ram")
     # Wanda's peak: one member of gate/up at a time (128x64, the largest linear; down_proj's is
-    # as large but fewer statistics are alive then): its pruned copy in the stored dtype, its
-    # mask and inverted mask (bool), and 6 float32 chunks of rows (here the whole matrix); the
-    # column norms of gate/up (64) and down (128) are still alive
+    # as large but fewer statistics are alive then), pruned in place: 6 float32 chunks of rows
+    # (here the whole matrix) and the packed keep bits; the column norms of gate/up (64) and
+    # down (128) are still alive
     assert wanda.peak_group == "mlp.gate_proj,mlp.up_proj"
     assert wanda.stats == (64 + 128) * 4
-    assert wanda.work == 128 * 64 * 4 + 2 * 128 * 64 + 6 * 128 * 64 * 4
+    assert wanda.work == 6 * 128 * 64 * 4 + 128 * 64 // 8
     # true-sequential: each group's statistics are collected just before its solve, so only
     # the solved group's column norms are alive: down_proj's (128) then, with the same work
     ts = memory_plan(files, skel, adapter_for(skel), replace(recipe, true_sequential=True),

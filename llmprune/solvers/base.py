@@ -21,8 +21,10 @@ STATS_DTYPE = torch.float32
 
 @dataclass
 class Solved:
-    weight: torch.Tensor  # [out, in] float32 (or the input's dtype if exact), zeros where pruned
-    mask: torch.Tensor  # [out, in] bool, True = pruned
+    weight: torch.Tensor  # [out, in] float32 (or the input's dtype if exact), zeros where pruned;
+    #                       may be the input tensor itself, pruned in place
+    mask: torch.Tensor | None  # [out, in] bool, True = pruned
+    keep_bits: torch.Tensor | None = None  # or the keep mask packed (compact.pack_bits)
 
 
 class Stats(Protocol):
@@ -39,10 +41,10 @@ class Solver(Protocol):
 
     def solve_group(self, weights: list[torch.Tensor], stats: Any, target: Sparsity,
                     names: list[str]) -> Iterable[Solved]:
-        """Prune the ``[out, in]`` weights (the model's own tensors, in its dtype: read them,
-        never write them) of one input group, which share ``stats``; a solver may consume
-        ``stats``. One result per weight, in order; a generator lets the engine store each
-        result before the next one is computed."""
+        """Prune the ``[out, in]`` weights (the model's own tensors, in its dtype) of one input
+        group, which share ``stats``; a solver may consume ``stats``, and may prune a weight in
+        place (its result's weight is then that tensor). One result per weight, in order; a
+        generator lets the engine store each result before the next one is computed."""
 
 
 SOLVERS: dict[str, type] = {}

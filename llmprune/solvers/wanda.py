@@ -47,19 +47,24 @@ CHUNK_BYTES = 8 << 20  # float32 bytes of weight rows scored at a time
 
 def wanda_prune_rows(weight: torch.Tensor, col_sq: torch.Tensor, target: Sparsity,
                      chunk_bytes: int = CHUNK_BYTES) -> Solved:
-    """:func:`wanda_prune` a block of rows at a time. Rows are compared on their own (and groups
-    of M inside a row), so this is the same mask; but the float32 copy, the scores and the
-    selection's workspace exist for ``chunk_bytes`` of rows, not for the whole matrix. The
-    pruned weight keeps ``weight``'s dtype (Wanda only zeroes weights, so that is exact)."""
+    """:func:`wanda_prune` a block of rows at a time, *in place*: ``weight`` (any float dtype) is
+    pruned and returned, with the keep mask packed (``compact.pack_bits``). Rows are compared on
+    their own (and groups of M inside a row), so this is the same mask; but the float32 copy,
+    the scores and the selection's workspace exist for ``chunk_bytes`` of rows, not for the
+    whole matrix, and no pruned copy or bool mask of the whole matrix is made. Wanda only zeroes
+    weights, so pruning in the weight's own dtype is exact."""
+    from ..compact import pack_bits
+
     rows, cols = weight.shape
     step = max(1, chunk_bytes // (4 * max(cols, 1)))
-    out = torch.empty_like(weight)
-    mask = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    bits = []
     for r0 in range(0, rows, step):
-        part = wanda_prune(weight[r0:r0 + step].to(STATS_DTYPE), col_sq, target)
-        out[r0:r0 + step] = part.weight
-        mask[r0:r0 + step] = part.mask
-    return Solved(out, mask)
+        part = weight[r0:r0 + step]
+        mask = select_mask(wanda_scores(part.to(STATS_DTYPE), col_sq), target, per_row=True)
+        part.masked_fill_(mask, 0.0)
+        bits.append(pack_bits(~mask.cpu()))
+    keep = torch.cat(bits) if bits else torch.zeros(0, (cols + 7) // 8, dtype=torch.uint8)
+    return Solved(weight, None, keep_bits=keep)
 
 
 @register
@@ -76,5 +81,5 @@ class Wanda:
         return ColumnSquares(torch.zeros(in_features, dtype=STATS_DTYPE, device=device))
 
     def solve_group(self, weights, stats, target, names):
-        for w in weights:  # one linear's result alive at a time
+        for w in weights:  # pruned in place, one linear at a time
             yield wanda_prune_rows(w, stats.sq, target)
