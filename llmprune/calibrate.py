@@ -227,14 +227,18 @@ def _solve_group(layer, fwd_layer, adapter, index, group, solver, stats, target,
             fwd_layer.get_submodule(name).weight.copy_(res.weight)
         full = f"{adapter.layers_path}.{index}.{name}"
         if res.mask is not None:
-            pruned = int(res.mask.sum())
-            keep = pack_bits(~res.mask.cpu()) if report.masks is not None else None
+            # count_true, not mask.sum(): torch sums a bool tensor through an int64 copy of it
+            mask = res.mask.cpu()
+            pruned = count_true(mask)
+            keep = pack_bits(~mask) if report.masks is not None else None
+            del mask
         else:
             keep = res.keep_bits.cpu()
             pruned = lin.weight.numel() - count_true(keep)
         report.layers.append(LinearReport(full, tuple(lin.weight.shape), pruned))
         if report.masks is not None:
             report.masks[full] = keep
+        del res  # before the next result is computed (a solver may yield them one by one)
 
 
 def _collect_stats(layer: nn.Module, groups: list[tuple[str, ...]], inputs: list, solver: Solver,
@@ -343,6 +347,9 @@ class _Lockstep:
     def _hook(self, g: int, _mod, args) -> None:
         if self.solved[g]:
             return
+        if self.stats[g] is None:  # made when the first batch arrives: earlier groups' are gone
+            self.stats[g] = self.solver.new_stats(self.inputs_of[g].in_features,
+                                                  self.inputs_of[g].weight.device)
         self.stats[g].add(args[0])
         self.arrived[g] += 1
         if g == self.widest:
@@ -368,8 +375,7 @@ class _Lockstep:
         """Replace every ``inputs[b]``'s hidden state by the pruned layer's output, in place."""
         from greenlet import getcurrent, greenlet
 
-        self.stats = [self.solver.new_stats(lin.in_features, lin.weight.device)
-                      for lin in self.inputs_of]
+        self.stats = [None] * len(self.groups)
         hooks = [self.layer.get_submodule(name).register_forward_pre_hook(
                      lambda mod, args, _g=g: self._hook(_g, mod, args))
                  for g, group in enumerate(self.groups) for name in group]
@@ -403,7 +409,11 @@ class _Lockstep:
                     gl.throw()
         for g in range(len(self.groups)):  # groups no batch reached: solve on what there is
             if not self.solved[g]:
-                self.solve(g, self.stats[g])
+                lin = self.inputs_of[g]
+                stats = self.stats[g]
+                if stats is None:
+                    stats = self.solver.new_stats(lin.in_features, lin.weight.device)
+                self.solve(g, stats)
                 self.solved[g] = True
 
 

@@ -54,6 +54,7 @@ from .export import (_ST_DTYPES, _ST_NAMES, MASKS_FILE, META_FILE, SafetensorsFi
 from .models import adapter_for
 from .output import publish_dir
 from .solvers.sparsegpt import FACTOR_BLOCK
+from .solvers.sparsegpt import STACK_BYTES as SPARSEGPT_STACK_BYTES
 from .solvers.wanda import CHUNK_BYTES as WANDA_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
@@ -279,8 +280,10 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
             # the group's float32 working copy, its mask (bool) and the report's inverted copy
             # of it; the factorisation runs inside the Hessian (counted in the statistics)
             # with [in, 2 x 128] panels, and the sweep has [rows, blocksize] blocks
-            rows = w32 // (4 * in_f)
-            work = (w32 + 2 * (w32 // 4) + 2 * min(FACTOR_BLOCK, in_f) * in_f * 4
+            # (or of its largest member alone, for groups larger than STACK_BYTES)
+            swept = w32 if w32 <= SPARSEGPT_STACK_BYTES else big * 4
+            rows = swept // (4 * in_f)
+            work = (swept + 2 * (swept // 4) + 2 * min(FACTOR_BLOCK, in_f) * in_f * 4
                     + 8 * rows * min(recipe.blocksize, in_f) * 4)
         elif solver.name == "magnitude":
             # one member at a time, whole: float32 copy, |W|, the selection's copy of it, the

@@ -213,3 +213,29 @@ def test_wanda_rows_in_place_equals_whole_matrix(target, dtype):
     assert torch.equal(res.keep_bits, pack_bits(~ref.mask))
     assert torch.equal(got_w, ref.weight.to(dtype))
     assert int((got_w == 0).sum()) >= int(ref.mask.sum())
+
+
+@pytest.mark.parametrize("target", [HALF, TWO_FOUR])
+def test_sparsegpt_group_one_linear_at_a_time_equals_stacked(target, monkeypatch):
+    """Above STACK_BYTES the engine's SparseGPT sweeps a group's linears one at a time with the
+    group's one factor of H^-1; that is the same computation as sweeping them stacked."""
+    import llmprune.solvers.sparsegpt as sg
+
+    torch.manual_seed(7)
+    x = torch.randn(400, 48) @ (torch.eye(48) + 0.2 * torch.randn(48, 48))
+    weights = [torch.randn(16, 48), torch.randn(8, 48), torch.randn(8, 48)]
+    solver = sg.SparseGPT(blocksize=16)
+
+    def run():
+        stats = solver.new_stats(48, torch.device("cpu"))
+        stats.add(x)
+        return list(solver.solve_group(weights, stats, target, ["a", "b", "c"]))
+
+    stacked = run()
+    monkeypatch.setattr(sg, "STACK_BYTES", 0)
+    separate = run()
+    for a, b in zip(stacked, separate):
+        assert torch.equal(a.mask, b.mask)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+    ref, ref_mask, _ = sparsegpt_prune(torch.cat(weights), x.T @ x, target, [16, 8, 8], 16)
+    assert torch.equal(torch.cat([b.mask for b in separate]), ref_mask)

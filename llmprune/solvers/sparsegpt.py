@@ -39,6 +39,8 @@ DEFAULT_BLOCKSIZE = 128
 HESSIAN_BLOCK = 256  # rows per block of the lower-triangular X^T X accumulation
 THREADED_FACTOR_MIN = 1024
 MAX_DAMP_RETRIES = 6
+# a group's rows are swept in one float32 copy up to this size, else one linear at a time
+STACK_BYTES = 64 << 20
 
 
 @dataclass
@@ -213,6 +215,35 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float, inplace: bool = Fal
     return a, frac
 
 
+def _mark_dead(h: torch.Tensor) -> torch.Tensor | None:
+    """Inputs that never fire carry no information: their weights can go for free (Sec. 3).
+    Sets H's diagonal to 1 there (in place); returns their mask, or None if there are none."""
+    dead = torch.diag(h) == 0
+    if not bool(dead.any()):
+        return None
+    h[dead, dead] = 1.0
+    return dead
+
+
+def _prune_rows(w: torch.Tensor, u: torch.Tensor, dead: torch.Tensor | None, target: Sparsity,
+                row_splits: list[int], blocksize: int) -> torch.Tensor:
+    """The column sweep over float32 ``w`` in place; returns the mask (True = pruned)."""
+    dead_pruned = None
+    if dead is not None:
+        dead_pruned = dead.unsqueeze(0) & (w != 0)
+        w[:, dead] = 0.0
+    with _one_cpu_thread(w.device):
+        mask = _sweep(w, u, target, row_splits, blocksize)
+    if dead_pruned is not None:
+        mask |= dead_pruned
+    return mask
+
+
+def _factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    with _one_cpu_thread(h.device, enabled=h.shape[0] < THREADED_FACTOR_MIN):
+        return inverse_hessian_factor(h, percdamp, inplace=True)
+
+
 def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity,
                     row_splits: list[int] | None = None, blocksize: int = DEFAULT_BLOCKSIZE,
                     percdamp: float = DEFAULT_PERCDAMP, inplace: bool = False
@@ -222,29 +253,16 @@ def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity,
 
     Returns (pruned weight, float32, mask with True = pruned, damping fraction used). A pure
     function unless ``inplace``: then ``weight`` (float32) is pruned in place and returned, and
-    ``h`` is consumed (overwritten by the factor of its inverse), so that the solve needs no
-    [in, in] or [out, in] matrix besides its inputs (the engine's call; eval/bench_stream.py).
+    ``h`` is consumed (overwritten by the factor of its inverse).
     """
     if inplace and (weight.dtype != STATS_DTYPE or h.dtype != STATS_DTYPE):
         raise ValueError("inplace sparsegpt_prune needs float32 weight and Hessian")
     w = weight if inplace else weight.to(STATS_DTYPE, copy=True)
     if not inplace:
         h = h.to(STATS_DTYPE, copy=True)
-    rows, cols = w.shape
-    row_splits = row_splits or [rows]
-    # Inputs that never fire carry no information: their weights can go for free (Sec. 3).
-    dead = torch.diag(h) == 0
-    dead_pruned = None
-    if bool(dead.any()):
-        h[dead, dead] = 1.0
-        dead_pruned = dead.unsqueeze(0) & (w != 0)
-        w[:, dead] = 0.0
-    with _one_cpu_thread(w.device, enabled=cols < THREADED_FACTOR_MIN):
-        u, frac = inverse_hessian_factor(h, percdamp, inplace=True)
-    with _one_cpu_thread(w.device):
-        mask = _sweep(w, u, target, row_splits, blocksize)
-    if dead_pruned is not None:
-        mask |= dead_pruned
+    dead = _mark_dead(h)
+    u, frac = _factor(h, percdamp)
+    mask = _prune_rows(w, u, dead, target, row_splits or [w.shape[0]], blocksize)
     return w, mask, frac
 
 
@@ -318,16 +336,28 @@ class SparseGPT:
         return Hessian(torch.zeros(in_features, in_features, dtype=STATS_DTYPE, device=device))
 
     def solve_group(self, weights, stats, target, names):
-        """Consumes ``stats`` (its Hessian becomes the factor of its inverse). The float32
-        working copy of the group's weights is the only [out, in] matrix made."""
-        splits = [w.shape[0] for w in weights]
-        w = torch.empty(sum(splits), weights[0].shape[1], dtype=STATS_DTYPE,
-                        device=weights[0].device)
-        for part, wi in zip(w.split(splits), weights):
-            part.copy_(wi)
-        w, mask, frac = sparsegpt_prune(w, stats.full(), target, splits, self.blocksize,
-                                        self.percdamp, inplace=True)
+        """Consumes ``stats``: the factor of H^-1 is computed inside the Hessian's buffer, once
+        for the group. The members' rows are swept together in one float32 copy while that copy
+        is at most ``STACK_BYTES`` (fewer, larger steps), else one member at a time, each result
+        stored before the next member's copy is made (the same computation: rows do not
+        interact, and the unstructured selection is per linear either way)."""
+        h = stats.full()
+        dead = _mark_dead(h)
+        u, frac = _factor(h, self.percdamp)
         if frac != self.percdamp:
             log.warning("%s: solved with damping %.3g instead of %.3g", ",".join(names), frac,
                         self.percdamp)
-        return [Solved(wi, mi) for wi, mi in zip(w.split(splits), mask.split(splits))]
+        splits = [w.shape[0] for w in weights]
+        cols = weights[0].shape[1]
+        if sum(splits) * cols * 4 <= STACK_BYTES:
+            w = torch.empty(sum(splits), cols, dtype=STATS_DTYPE, device=weights[0].device)
+            for part, wi in zip(w.split(splits), weights):
+                part.copy_(wi)
+            mask = _prune_rows(w, u, dead, target, splits, self.blocksize)
+            yield from (Solved(wi, mi) for wi, mi in zip(w.split(splits), mask.split(splits)))
+            return
+        for wi in weights:
+            w = wi.to(STATS_DTYPE, copy=True)
+            mask = _prune_rows(w, u, dead, target, [w.shape[0]], self.blocksize)
+            yield Solved(w, mask)
+            del w, mask
