@@ -251,7 +251,7 @@ def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity,
     """``weight`` [out, in] (rows of possibly several linears stacked, ``row_splits`` giving each
     one's row count), ``h`` [in, in] float32 = sum of x x^T.
 
-    Returns (pruned weight, float32, mask with True = pruned, damping fraction used). A pure
+    Returns (pruned float32 weight, mask with True = pruned, damping fraction used). A pure
     function unless ``inplace``: then ``weight`` (float32) is pruned in place and returned, and
     ``h`` is consumed (overwritten by the factor of its inverse).
     """
