@@ -36,8 +36,20 @@ def _keep_mask(kind, out, cols, ratio, n, m, gen):
 @given(out=st.integers(1, 40), groups=st.integers(1, 12), dtype=st.sampled_from(DTYPES),
        kind=st.sampled_from(["unstructured", "nm", "dense", "zero_rows"]),
        ratio=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.9, 0.99]),
-       nm=st.sampled_from([(2, 4), (4, 8), (1, 4), (3, 8)]), seed=st.integers(0, 2**16))
-def test_round_trip_is_bit_exact(out, groups, dtype, kind, ratio, nm, seed):
+       nm=st.sampled_from([(2, 4), (4, 8), (1, 4), (3, 8)]), seed=st.integers(0, 2**16),
+       native=st.booleans())
+def test_round_trip_is_bit_exact(out, groups, dtype, kind, ratio, nm, seed, native):
+    """Both gather paths: the native helper (where it was built) and the numpy fallback."""
+    saved = compact._native
+    if not native:
+        compact._native = None
+    try:
+        _round_trip(out, groups, dtype, kind, ratio, nm, seed)
+    finally:
+        compact._native = saved
+
+
+def _round_trip(out, groups, dtype, kind, ratio, nm, seed):
     n, m = nm
     cols = groups * m
     gen = torch.Generator().manual_seed(seed)
@@ -196,3 +208,50 @@ def test_2of4_index_bytes_for_every_valid_mask_byte():
             want.append(p0 | p1 << 2 | q0 << 4 | q1 << 6)
     got = compact._indices_2of4(np.array(masks, np.uint8))
     assert got.tolist() == want
+
+
+@pytest.mark.skipif(compact._native is None, reason="the optional native helper is not built")
+@pytest.mark.parametrize("np_dtype", ["int8", "int16", "int32", "int64"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 13), (17, 64), (64, 200), (5, 7)])
+def test_native_gather_equals_numpy_compress(np_dtype, shape):
+    """The C gather against numpy's compress on the unpacked mask (an independent computation),
+    with the count of nonzero pruned positions against a direct count, for every element
+    width, rows that end in a partial mask byte, and masks from empty to full."""
+    import numpy as np
+
+    rng = np.random.default_rng(sum(shape))
+    out_f, cols = shape
+    for density in (0.0, 0.3, 0.5, 1.0):
+        keep = rng.random(shape) < density
+        src = rng.integers(-50, 50, shape).astype(np_dtype)
+        bits = np.packbits(keep, axis=-1, bitorder="little")
+        want = np.compress(keep.ravel(), src.ravel())
+        got = np.full(want.size + 3, 99, np_dtype)  # room to spare: nothing written past nnz
+        written, stray = compact._native.gather_bits(src, bits, got, out_f, cols,
+                                                     src.itemsize)
+        assert written == want.size
+        assert (got[:written] == want).all()
+        assert stray == int(np.count_nonzero(src[~keep]))
+        if want.size:  # too small an output is refused before anything is written
+            with pytest.raises(ValueError, match="smaller"):
+                compact._native.gather_bits(src, bits, np.empty(want.size - 1, np_dtype),
+                                            out_f, cols, src.itemsize)
+
+
+def test_select_bits_counts_nonzero_pruned_positions():
+    """select_bits returns the kept values in row-major order and, with the native helper, the
+    number of pruned positions that are not +0.0 (a -0.0 counts: it would not round-trip)."""
+    import numpy as np
+
+    keep = torch.tensor([[1, 0, 1, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 0, 0, 0, 1]],
+                        dtype=torch.bool)
+    w = torch.tensor([[1.0, 0.0, 2.0, -0.0, 0, 0, 0, 5.0, 3.0, 4.0],
+                      [0.0] * 9 + [6.0]], dtype=torch.bfloat16)
+    values, stray = compact.select_bits(w, compact.pack_bits(keep).numpy())
+    assert values.tolist() == [1.0, 2.0, 3.0, 4.0, 6.0]
+    if compact._native is not None:
+        assert stray == 2  # the -0.0 and the 5.0
+    else:
+        assert stray is None
+    assert not compact.pruned_are_zero(w, keep)
+    np.testing.assert_array_equal(values.float().numpy(), [1, 2, 3, 4, 6])
