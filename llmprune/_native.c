@@ -1,6 +1,6 @@
 /* Optional native helper for compact exports (llmprune/compact.py).
  *
- * gather_bits(src, bits, out, rows, cols, esize) -> (written, stray)
+ * gather_bits(src, bits, out, rows, cols, esize, four=False) -> (written, stray)
  *
  *   src   C-contiguous rows x cols elements of esize bytes (1, 2, 4 or 8): a weight's raw bits
  *   bits  rows x ceil(cols / 8) bytes: a packed keep mask, little-endian bit order (bit j % 8 of
@@ -11,6 +11,8 @@
  * compress(unpackbits(bits), src)), and counts the elements whose bit is clear and whose raw bits
  * are not all zero ("stray": a pruned position that does not hold +0.0). Returns the number of
  * elements written and that count. One pass over src, no temporary; the GIL is released.
+ * four: a hint that most mask bytes have exactly 4 bits set (2:4 masks): those bytes then copy
+ * 4 elements, not 8; on random masks the test would be mispredicted, so it is off by default.
  *
  * numpy's compress builds an int64 index array first and does not release the GIL: on
  * smollm2-135m it took ~0.1 s of a ~0.3 s export (eval/bench_export.py). The Python fallback
@@ -46,7 +48,7 @@ static unsigned char CNT[256];
     COUNT_KERNEL(T)                                                                             \
     static void gather_##T(const T *restrict src, const unsigned char *restrict bits,          \
                            T *restrict out, Py_ssize_t rows,                                     \
-                           Py_ssize_t cols, Py_ssize_t cap, Py_ssize_t *written,                \
+                           Py_ssize_t cols, Py_ssize_t cap, int four, Py_ssize_t *written,      \
                            Py_ssize_t *stray) {                                                 \
         Py_ssize_t w = 0, row_bytes = (cols + 7) / 8, full = cols / 8;                          \
         for (Py_ssize_t r = 0; r < rows; r++) {                                                 \
@@ -55,7 +57,7 @@ static unsigned char CNT[256];
             for (Py_ssize_t k = 0; k < full; k++) {                                             \
                 const T *e = x + 8 * k;                                                         \
                 const unsigned char *p = POS[b[k]];                                             \
-                if (CNT[b[k]] == 4) { /* every byte of a 2:4 mask: a predictable branch */      \
+                if (four && CNT[b[k]] == 4) { /* 2:4: every byte, a predictable branch */     \
                     out[w] = e[p[0]]; out[w + 1] = e[p[1]]; out[w + 2] = e[p[2]];               \
                     out[w + 3] = e[p[3]];                                                       \
                 } else if (w + 8 <= cap) {                                                      \
@@ -88,7 +90,8 @@ static Py_ssize_t popcount_bytes(const unsigned char *b, Py_ssize_t n) {
 static PyObject *gather_bits(PyObject *self, PyObject *args) {
     Py_buffer src, bits, out;
     Py_ssize_t rows, cols, esize, written = 0, stray = 0;
-    if (!PyArg_ParseTuple(args, "y*y*w*nnn", &src, &bits, &out, &rows, &cols, &esize))
+    int four = 0;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnn|p", &src, &bits, &out, &rows, &cols, &esize, &four))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t row_bytes = (cols + 7) / 8;
@@ -107,10 +110,10 @@ static PyObject *gather_bits(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     switch (esize) {
-    case 1: gather_uint8_t(src.buf, bits.buf, out.buf, rows, cols, out.len / esize, &written, &stray); break;
-    case 2: gather_uint16_t(src.buf, bits.buf, out.buf, rows, cols, out.len / esize, &written, &stray); break;
-    case 4: gather_uint32_t(src.buf, bits.buf, out.buf, rows, cols, out.len / esize, &written, &stray); break;
-    default: gather_uint64_t(src.buf, bits.buf, out.buf, rows, cols, out.len / esize, &written, &stray); break;
+    case 1: gather_uint8_t(src.buf, bits.buf, out.buf, rows, cols, out.len / esize, four, &written, &stray); break;
+    case 2: gather_uint16_t(src.buf, bits.buf, out.buf, rows, cols, out.len / esize, four, &written, &stray); break;
+    case 4: gather_uint32_t(src.buf, bits.buf, out.buf, rows, cols, out.len / esize, four, &written, &stray); break;
+    default: gather_uint64_t(src.buf, bits.buf, out.buf, rows, cols, out.len / esize, four, &written, &stray); break;
     }
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nn", written, stray);
@@ -123,7 +126,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"gather_bits", gather_bits, METH_VARARGS,
-     "gather_bits(src, bits, out, rows, cols, esize) -> (written, stray): copy the elements of "
+     "gather_bits(src, bits, out, rows, cols, esize, four=False) -> (written, stray): copy the elements of "
      "src whose bit is set in the packed row-padded mask bits into out, and count the elements "
      "whose bit is clear and whose raw bits are nonzero."},
     {NULL, NULL, 0, NULL}};

@@ -117,13 +117,14 @@ def select(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(picked).view(t.dtype)
 
 
-def select_bits(t: torch.Tensor, bits: np.ndarray, nnz: int | None = None
+def select_bits(t: torch.Tensor, bits: np.ndarray, nnz: int | None = None, four: bool = False
                 ) -> tuple[torch.Tensor, int | None]:
     """``t[keep]`` (row-major, bit-exact) for a 2-D CPU ``t`` and its packed keep mask ``bits``
     (uint8 ``[out, ceil(in/8)]``, padding bits clear), and the number of pruned positions of
     ``t`` whose raw bits are not all zero (None when not counted). With the native helper both
     come from one pass over ``t`` (2.3x faster than numpy's compress on a 2:4 mask, and no
-    [out, in] bool temporary); else through :func:`select` and the unpacked mask."""
+    [out, in] bool temporary); else through :func:`select` and the unpacked mask. ``four``: most
+    mask bytes keep exactly 4 (2:4), a hint for the native copy."""
     out, cols = t.shape
     esize = t.element_size()
     if _native is not None and t.device.type == "cpu" and esize in _INT_VIEW:
@@ -133,7 +134,8 @@ def select_bits(t: torch.Tensor, bits: np.ndarray, nnz: int | None = None
         values = torch.empty(nnz, dtype=t.dtype)
         written, stray = _native.gather_bits(t.contiguous().view(tview).numpy(),
                                              np.ascontiguousarray(bits),
-                                             values.view(tview).numpy(), out, cols, esize)
+                                             values.view(tview).numpy(), out, cols, esize,
+                                             four)
         if written != nnz:  # padding bits set: not a mask this module made
             raise ValueError(f"the packed mask has {written} kept positions inside the rows, "
                              f"expected {nnz}")
@@ -315,7 +317,7 @@ def _encode_nm_bytes(weight: torch.Tensor, bits: np.ndarray, n: int, m: int) -> 
     short = bits.size and min(int(c.min()) for c in counts) < n
     padded, words = _byte_tables(n, m)
     slots = padded[bits] if short else bits  # short groups are padded with pruned positions
-    values, stray = select_bits(weight, slots, out * (cols // m * n))
+    values, stray = select_bits(weight, slots, out * (cols // m * n), four=(n, m) == (2, 4))
     word_bits = 8 // m * n * index_bits(m)
     if (n, m) == (2, 4) and not short:
         packed = _indices_2of4(bits)

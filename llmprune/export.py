@@ -71,6 +71,19 @@ class CorruptCheckpointError(UserError):
     pass
 
 
+def json_text(obj, levels: int = 2, _level: int = 0) -> str:
+    """``obj`` as JSON, dicts indented for the first ``levels`` levels (one line per tensor in
+    ``llmprune.json``'s ``tensors``) and compact below. ``json.dumps(indent=2)`` of a whole
+    export's metadata runs Python's pure-Python encoder and took ~25 ms of a ~0.2 s smollm2
+    export; this formats the deep part with the C encoder."""
+    if isinstance(obj, dict) and obj and _level < levels:
+        pad = "  " * (_level + 1)
+        items = [f"{pad}{json.dumps(str(k))}: {json_text(v, levels, _level + 1)}"
+                 for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * _level + "}"
+    return json.dumps(obj)
+
+
 def check_export_args(fmt: str, dtype: str, fmt_flag: str = "--format",
                       dtype_flag: str = "--dtype") -> None:
     if fmt not in ("dense", "compact"):
@@ -590,7 +603,9 @@ def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
                 "dense_bytes": t.numel() * t.element_size()}
         if keep is not None:
             # over the weight's elements: a packed mask has 1/8 as many (bytes, not bits)
-            info["sparsity"] = 1.0 - compact.count_true(keep) / max(t.numel(), 1)
+            kept = int(enc.parts["row_offsets"][-1]) if enc.encoding == "bitmask" else \
+                compact.count_true(keep)  # the bitmask's offsets already counted its mask
+            info["sparsity"] = 1.0 - kept / max(t.numel(), 1)
         if enc.encoding == "nm":
             info.update(n=enc.n, m=enc.m)
         writer.add(name, enc, info)
@@ -646,7 +661,7 @@ def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
         meta.pop("source_meta")
     if src_meta.get("recipe"):
         meta["recipe"] = src_meta["recipe"]
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # last: marks complete
+    (out_dir / META_FILE).write_text(json_text(meta) + "\n")  # last: marks complete
     return meta
 
 

@@ -226,12 +226,13 @@ def test_native_gather_equals_numpy_compress(np_dtype, shape):
         src = rng.integers(-50, 50, shape).astype(np_dtype)
         bits = np.packbits(keep, axis=-1, bitorder="little")
         want = np.compress(keep.ravel(), src.ravel())
-        got = np.full(want.size + 3, 99, np_dtype)  # room to spare: nothing written past nnz
-        written, stray = compact._native.gather_bits(src, bits, got, out_f, cols,
-                                                     src.itemsize)
-        assert written == want.size
-        assert (got[:written] == want).all()
-        assert stray == int(np.count_nonzero(src[~keep]))
+        for four in (False, True):  # the 2:4 hint changes the copy, never the result
+            got = np.full(want.size + 3, 99, np_dtype)  # room to spare: nothing past nnz
+            written, stray = compact._native.gather_bits(src, bits, got, out_f, cols,
+                                                         src.itemsize, four)
+            assert written == want.size
+            assert (got[:written] == want).all()
+            assert stray == int(np.count_nonzero(src[~keep]))
         if want.size:  # too small an output is refused before anything is written
             with pytest.raises(ValueError, match="smaller"):
                 compact._native.gather_bits(src, bits, np.empty(want.size - 1, np_dtype),
