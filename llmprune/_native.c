@@ -142,5 +142,12 @@ PyMODINIT_FUNC PyInit__native(void) {
             if (v >> j & 1) POS[v][c++] = (unsigned char)j;
         CNT[v] = (unsigned char)c;
     }
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    /* compact.py uses this module only when ABI matches what it expects, so a stale build (an
+     * editable install not rebuilt after an update) falls back to numpy instead of failing */
+    if (m && PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

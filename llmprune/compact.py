@@ -41,8 +41,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+NATIVE_ABI = 1  # the interface of llmprune/_native.c this module calls
 try:  # optional C helper (llmprune/_native.c), built at install time where a compiler exists
     from . import _native
+    if getattr(_native, "ABI", None) != NATIVE_ABI:  # a stale build: reinstall to rebuild it
+        _native = None
 except ImportError:  # pragma: no cover - depends on the install
     _native = None
 

@@ -256,3 +256,15 @@ def test_select_bits_counts_nonzero_pruned_positions():
         assert stray is None
     assert not compact.pruned_are_zero(w, keep)
     np.testing.assert_array_equal(values.float().numpy(), [1, 2, 3, 4, 6])
+
+
+def test_native_helper_is_built_where_a_compiler_exists():
+    """`pip install` builds llmprune/_native.c as an optional extension: where a C compiler is on
+    the PATH a missing (or stale, see NATIVE_ABI) helper means the build went wrong, and compact
+    exports would silently take the slower numpy path."""
+    import shutil
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: the numpy path is the expected one")
+    assert compact._native is not None
+    assert compact._native.ABI == compact.NATIVE_ABI
