@@ -21,7 +21,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
-#include <string.h>
 
 /* the set bits of every byte value, ascending; the unused tail repeats position 0 */
 static unsigned char POS[256][8];

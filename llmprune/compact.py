@@ -237,9 +237,9 @@ def encode_bitmask(weight: torch.Tensor, keep: torch.Tensor) -> Encoded:
     counts = _row_popcount(bits)  # kept per row, from the packed mask (1/8 of the data)
     offsets = torch.zeros(out + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=offsets[1:])
-    if weight.device.type == "cpu":
-        values, stray = select_bits(weight, bits.numpy(), int(offsets[-1]))  # row-major, [nnz]
-    else:
+    if weight.device.type == "cpu" and _native is not None:  # row-major order, [nnz]
+        values, stray = select_bits(weight, bits.numpy(), int(offsets[-1]))
+    else:  # the mask as given (a bool mask needs no round trip through the packed one)
         values, stray = select(weight, as_bool(keep, cols)), None
     if values.numel() < 2**31:
         offsets = offsets.to(torch.int32)
