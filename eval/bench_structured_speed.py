@@ -193,7 +193,9 @@ def main() -> int:
     result: dict = {"load_average_at_start": os.getloadavg(), "model": "smollm2-135m", "dtype": "float32", "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cache": args.cache, "machine": platform.processor() or
                     platform.machine(), "importance": args.importance, "target": target,
-                    "command": " ".join(["eval/bench_structured_speed.py", *sys.argv[1:]])}
+                    "command": " ".join(["eval/bench_structured_speed.py", *sys.argv[1:]]),
+                    "env": {k: v for k, v in os.environ.items()
+                            if k.startswith(("TRANSFORMERS_SDPA", "OMP_", "MKL_"))}}
     dense_params = decoder_linear_params(dense)
     lm_head = dense.get_output_embeddings().weight.numel()
 
