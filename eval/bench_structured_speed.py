@@ -30,7 +30,9 @@
    ``llmprune.load_pretrained``, perplexity before / after, and ``generate()``.
 5. An analytic bound: the parameters a forward pass reads per token (decoder linears + lm_head
    for a decode step; the decoder linears only for a prefill with ``logits_to_keep=1``), dense
-   over shrunk -- what a perfectly memory/FLOP-bound run could gain.
+   over shrunk -- what a perfectly memory/FLOP-bound run could gain -- and a measured one: the
+   decode step's linears alone (every decoder-layer ``nn.Linear`` and the lm_head on one
+   token, models interleaved), i.e. decode with no attention, KV cache or per-op overhead.
 
     .venv/bin/python eval/bench_structured_speed.py              # about 6 minutes on 2 cores
     .venv/bin/python eval/bench_structured_speed.py --repeats 3 --sparsity 0.4 --gqa kv
@@ -136,6 +138,35 @@ def compiled_decode(models: dict, prompt: torch.Tensor, repeats: int, clock: str
                      f"models; medians of {repeats} interleaved repeats after one warm-up "
                      f"generation each; clock: {clock}; torch threads: "
                      f"{torch.get_num_threads()}"}
+
+
+@torch.no_grad()
+def time_linears(models: dict, iters: int = 30, clock: str = "wall") -> dict:
+    """The decode step's matrix-vector products alone: every ``nn.Linear`` of the decoder layers
+    and the lm_head applied once to a one-token input, models interleaved, ``iters`` times.
+    What a decode step would cost with no attention, no KV cache and no per-op overhead -- the
+    ceiling of the decode speed-up on this machine. Medians and minimums of the seconds."""
+    from torch import nn
+
+    work = {}
+    for name, m in models.items():
+        lins = [x for layer in m.model.layers for x in layer.modules() if isinstance(x, nn.Linear)]
+        lins.append(m.get_output_embeddings())
+        work[name] = [(x, torch.randn(1, 1, x.in_features)) for x in lins]
+    secs: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(iters):
+        for name, pairs in work.items():
+            t = CLOCKS[clock]()
+            for lin, x in pairs:
+                lin(x)
+            secs[name].append(CLOCKS[clock]() - t)
+    med = {n: statistics.median(v) for n, v in secs.items()}
+    best = {n: min(v) for n, v in secs.items()}
+    return {"median_seconds": med, "min_seconds": best,
+            "speedup_of_medians": med["dense"] / med["shrunk"],
+            "speedup_of_best": best["dense"] / best["shrunk"],
+            "note": f"every decoder-layer nn.Linear + lm_head on one token, {iters} interleaved "
+                    "iterations: the decode speed-up with no attention, KV cache or per-op cost"}
 
 
 def decoder_linear_params(model) -> int:
@@ -295,6 +326,11 @@ def main() -> int:
         "decode_param_ratio": (dense_params + lm_head) / (shrunk_params + lm_head),
         "note": "a decode step reads every decoder linear and the (tied) lm_head; a "
                 "logits_to_keep=1 prefill runs lm_head on one position only"}
+    result["bound"]["linears_only"] = lin = time_linears(models, clock=args.clock)
+    print(f"decode step's linears alone (no attention / cache / overhead): dense "
+          f"{lin['median_seconds']['dense'] * 1e3:.1f} ms, shrunk "
+          f"{lin['median_seconds']['shrunk'] * 1e3:.1f} ms -> {lin['speedup_of_medians']:.2f}x "
+          f"(best-of {lin['speedup_of_best']:.2f}x)", flush=True)
     print(f"prefill: dense {speed['dense']['prefill_tokens_per_s']:.0f} tok/s, shrunk "
           f"{speed['shrunk']['prefill_tokens_per_s']:.0f} tok/s -> {prefill_x:.2f}x "
           f"(parameter bound {result['bound']['prefill_param_ratio']:.2f}x)")
