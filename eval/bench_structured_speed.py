@@ -34,7 +34,7 @@
    decode step's linears alone (every decoder-layer ``nn.Linear`` and the lm_head on one
    token, models interleaved), i.e. decode with no attention, KV cache or per-op overhead.
 
-    .venv/bin/python eval/bench_structured_speed.py              # about 6 minutes on 2 cores
+    .venv/bin/python eval/bench_structured_speed.py              # about 10 minutes on 2 cores
     .venv/bin/python eval/bench_structured_speed.py --repeats 3 --sparsity 0.4 --gqa kv
     # on a shared, oversubscribed machine: one thread, this process's CPU seconds
     .venv/bin/python eval/bench_structured_speed.py --threads 1 --clock cpu --speed-only \
