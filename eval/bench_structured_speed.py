@@ -95,6 +95,13 @@ def time_decode(model, ids: torch.Tensor, clock: str = "wall", cache: str = "dyn
     return stamps[-1] - stamps[0]
 
 
+def speedups(dense: list[float], shrunk: list[float]) -> tuple[float, list[float], float]:
+    """Dense over shrunk seconds: the ratio of the medians, the per-repeat ratios (each pair was
+    measured back to back, so they are less exposed to load drift) and the ratio of the bests."""
+    return (statistics.median(dense) / statistics.median(shrunk),
+            [d / s for d, s in zip(dense, shrunk)], min(dense) / min(shrunk))
+
+
 def compiled_decode(models: dict, prompt: torch.Tensor, repeats: int, clock: str) -> dict:
     """Greedy decode of every model with a static KV cache and a compiled ``forward`` -- the
     setup transformers documents for fast generation -- interleaved, ``repeats`` times after a
@@ -122,9 +129,7 @@ def compiled_decode(models: dict, prompt: torch.Tensor, repeats: int, clock: str
     out = {name: {"decode_tokens_per_s": (NEW_TOKENS - 1) / statistics.median(t),
                   "best_decode_tokens_per_s": (NEW_TOKENS - 1) / min(t), "decode_seconds": t}
            for name, t in secs.items()}
-    x = out["shrunk"]["decode_tokens_per_s"] / out["dense"]["decode_tokens_per_s"]
-    pair = [d / s for d, s in zip(secs["dense"], secs["shrunk"])]
-    best = min(secs["dense"]) / min(secs["shrunk"])
+    x, pair, best = speedups(secs["dense"], secs["shrunk"])
     print(f"decode, compiled + static cache: dense {out['dense']['decode_tokens_per_s']:.1f} "
           f"tok/s, shrunk {out['shrunk']['decode_tokens_per_s']:.1f} tok/s -> {x:.2f}x "
           f"(median of per-repeat ratios {statistics.median(pair):.2f}x, best-of "
@@ -160,11 +165,10 @@ def time_linears(models: dict, iters: int = 30, clock: str = "wall") -> dict:
             for lin, x in pairs:
                 lin(x)
             secs[name].append(CLOCKS[clock]() - t)
-    med = {n: statistics.median(v) for n, v in secs.items()}
-    best = {n: min(v) for n, v in secs.items()}
-    return {"median_seconds": med, "min_seconds": best,
-            "speedup_of_medians": med["dense"] / med["shrunk"],
-            "speedup_of_best": best["dense"] / best["shrunk"],
+    x, _, best = speedups(secs["dense"], secs["shrunk"])
+    return {"median_seconds": {n: statistics.median(v) for n, v in secs.items()},
+            "min_seconds": {n: min(v) for n, v in secs.items()},
+            "speedup_of_medians": x, "speedup_of_best": best,
             "note": f"every decoder-layer nn.Linear + lm_head on one token, {iters} interleaved "
                     "iterations: the decode speed-up with no attention, KV cache or per-op cost"}
 
@@ -297,16 +301,13 @@ def main() -> int:
                        "best_prefill_tokens_per_s": PREFILL / min(t["prefill"]),
                        "best_decode_tokens_per_s": (NEW_TOKENS - 1) / min(t["decode"]),
                        "prefill_seconds": t["prefill"], "decode_seconds": t["decode"]}
-    prefill_x = speed["shrunk"]["prefill_tokens_per_s"] / speed["dense"]["prefill_tokens_per_s"]
-    decode_x = speed["shrunk"]["decode_tokens_per_s"] / speed["dense"]["decode_tokens_per_s"]
-    # per-repeat ratios (each pair measured back to back) are less exposed to load drift
-    pair_prefill = [d / s for d, s in zip(times["dense"]["prefill"], times["shrunk"]["prefill"])]
-    pair_decode = [d / s for d, s in zip(times["dense"]["decode"], times["shrunk"]["decode"])]
+    prefill_x, pair_prefill, best_prefill = speedups(times["dense"]["prefill"],
+                                                     times["shrunk"]["prefill"])
+    decode_x, pair_decode, best_decode = speedups(times["dense"]["decode"],
+                                                  times["shrunk"]["decode"])
     result["speed"] = {**speed, "prefill_speedup": prefill_x, "decode_speedup": decode_x,
-                       "prefill_speedup_of_best": min(times["dense"]["prefill"])
-                       / min(times["shrunk"]["prefill"]),
-                       "decode_speedup_of_best": min(times["dense"]["decode"])
-                       / min(times["shrunk"]["decode"]),
+                       "prefill_speedup_of_best": best_prefill,
+                       "decode_speedup_of_best": best_decode,
                        "prefill_speedup_per_repeat": pair_prefill,
                        "decode_speedup_per_repeat": pair_decode,
                        "goal": 1.4, "goal_met": {"prefill": prefill_x >= 1.4,
