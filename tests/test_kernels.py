@@ -501,8 +501,23 @@ def test_kernels_import_without_triton_and_never_as_kernels(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     ours, kernels_origin = r.stdout.split()
-    assert Path(ours).resolve() == ROOT / "kernels" / "__init__.py"
+    assert Path(ours).resolve() == ROOT / "kernels" / "llmprune_kernels" / "__init__.py"
     assert kernels_origin == "none" or Path(kernels_origin).resolve().parent != ROOT / "kernels"
+
+
+def test_repo_root_does_not_shadow_huggingface_kernels():
+    """From the repository root (where `python -m pytest` puts '' first on sys.path), `import
+    kernels` is Hugging Face's package when installed, never this repository's kernels/ folder:
+    transformers 5.25 imports `kernels` when importing its models."""
+    code = ("import importlib.util\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            "print(spec.origin if spec and spec.origin else 'none')\n"
+            "from transformers import LlamaConfig\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    origin = r.stdout.split()[0]
+    assert origin == "none" or not Path(origin).resolve().is_relative_to(ROOT / "kernels")
 
 
 @pytest.mark.skipif(INTERP or not K.triton_installed(),
