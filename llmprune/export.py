@@ -36,7 +36,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,8 +63,6 @@ SIGNPOST = "LLMPRUNE-COMPACT-CHECKPOINT--load-it-with-llmprune.load_pretrained"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _WEIGHT_FILE_RE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.index\.json)$")
-# Test hook for the kill test: pause this many seconds after each shard is written.
-_PAUSE_ENV = "LLMPRUNE_TEST_PAUSE_AFTER_SHARD"
 
 
 class CorruptCheckpointError(UserError):
@@ -431,8 +429,9 @@ class _ShardWriter:
     it not fit, the shard is rewritten once with the header in front."""
 
     def __init__(self, out: Path, prefix: str, max_bytes: int, header: dict,
-                 expected: int | None = None):
+                 expected: int | None = None, on_shard_written=None):
         self.out, self.prefix, self.max_bytes, self.header = out, prefix, max_bytes, header
+        self.on_shard_written = on_shard_written  # called with the shard count after each shard
         self.hashes: dict[str, str] = {}  # stored tensor name -> checksum
         self.files: list[Path] = []
         self.where: dict[str, int] = {}  # stored tensor name -> shard number
@@ -506,10 +505,8 @@ class _ShardWriter:
         self.most_tensors = max(self.most_tensors or 0, len(self.meta))
         self.files.append(self.path)
         self.handle = None
-        pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
-        if pause:
-            print(f"llmprune-test: wrote shard {len(self.files)}", flush=True)
-            time.sleep(pause)
+        if self.on_shard_written is not None:
+            self.on_shard_written(len(self.files))
 
     def close(self) -> None:
         """Close the open shard (on success and on error alike)."""
@@ -543,8 +540,10 @@ def _config_with_dtype(config: dict, dtype: torch.dtype) -> dict:
 
 
 def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "auto",
-           max_shard_size: str | int = "5GB", progress: bool = True) -> dict:
-    """Write ``source`` into ``out_dir`` (a fresh temporary directory the caller renames)."""
+           max_shard_size: str | int = "5GB", progress: bool = True,
+           on_shard_written: Callable[[int], None] | None = None) -> dict:
+    """Write ``source`` into ``out_dir`` (a fresh temporary directory the caller renames).
+    ``on_shard_written(n)`` is called once shard ``n`` (counted from 1) is complete on disk."""
     check_export_args(fmt, dtype)
     want = DTYPES.get(dtype)
     t0 = time.perf_counter()
@@ -552,7 +551,7 @@ def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "au
     if fmt == "compact":
         header.update(llmprune_format=COMPACT_FORMAT, llmprune_format_version=str(FORMAT_VERSION))
     writer = _ShardWriter(out_dir, "llmprune" if fmt == "compact" else "model",
-                          parse_size(max_shard_size), header, source.count)
+                          parse_size(max_shard_size), header, source.count, on_shard_written)
     try:
         return _export(source, out_dir, fmt, want, writer, t0, progress)
     finally:
@@ -902,8 +901,10 @@ def _with_kernels(model, src: Path, kernels: str | None, verify: bool):
 # ----------------------------------------------------------------------------- entry point
 def export_checkpoint(src: str, output: str, fmt: str = "compact", dtype: str = "auto",
                       pattern: str | None = None, max_shard_size: str | int = "5GB",
-                      overwrite: bool = False, progress: bool = True) -> dict:
-    """``llmprune export``: checkpoint directory ``src`` -> ``output`` (written atomically)."""
+                      overwrite: bool = False, progress: bool = True,
+                      on_shard_written: Callable[[int], None] | None = None) -> dict:
+    """``llmprune export``: checkpoint directory ``src`` -> ``output`` (written atomically).
+    ``on_shard_written``: see :func:`export`."""
     from .loading import resolve
     from .output import atomic_dir, check_output
 
@@ -927,5 +928,5 @@ def export_checkpoint(src: str, output: str, fmt: str = "compact", dtype: str = 
                         "unstructured or --pattern N:M to take them from the checkpoint's zeros "
                         "(they are verified first)")
     with atomic_dir(out) as tmp:
-        meta = export(source, tmp, fmt, dtype, max_shard_size, progress)
+        meta = export(source, tmp, fmt, dtype, max_shard_size, progress, on_shard_written)
     return meta

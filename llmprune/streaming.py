@@ -37,8 +37,8 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,22 +60,10 @@ from .solvers.wanda import CHUNK_BYTES as WANDA_CHUNK_BYTES
 log = logging.getLogger(__name__)
 
 PROGRESS_VERSION = 1
-# Test hook of the kill test: "K" kills the process with SIGKILL right after layer K is recorded,
-# "K:mid" in the middle of writing layer K's shard (before its rename).
-KILL_ENV = "LLMPRUNE_TEST_KILL_AFTER_LAYER"
 
 
 def work_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.partial"
-
-
-def _maybe_kill(layer: int, stage: str) -> None:
-    want = os.environ.get(KILL_ENV)
-    if not want:
-        return
-    k, _, where = want.partition(":")
-    if int(k) == layer and (where or "after") == stage:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- durable files
@@ -88,7 +76,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_safetensors(path: Path, names: list[str], get, metadata: dict | None = None,
-                      kill_layer: int | None = None, spec=None, copy_from=None) -> int:
+                      on_half_written=None, spec=None, copy_from=None) -> int:
     """Write tensors ``get(name)`` for ``names`` into safetensors file ``path`` one tensor at a
     time, through a temporary file that is fsynced and renamed (never half-written under its
     name). ``spec(name) -> (safetensors dtype, shape)`` gives the header without calling ``get``
@@ -130,9 +118,9 @@ def write_safetensors(path: Path, names: list[str], get, metadata: dict | None =
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             del t
-            if kill_layer is not None and k == len(names) // 2:
+            if on_half_written is not None and k == len(names) // 2:
                 f.flush()
-                _maybe_kill(kill_layer, "mid")
+                on_half_written()
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -447,10 +435,14 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
                     activations_offload: str = "ram", export: str = "dense",
                     export_dtype: str = "auto", trust_remote_code: bool = False,
                     progress: bool = True, max_shard_size: str | int = "2GB",
-                    recipe_yaml: str | None = None, max_layers: int | None = None) -> dict:
+                    recipe_yaml: str | None = None, max_layers: int | None = None,
+                    on_layer: Callable[[int, str], None] | None = None) -> dict:
     """Prune checkpoint ``model_name`` layer by layer straight from its safetensors files into
     ``output`` (see the module docstring). ``max_layers`` (benchmarks only) prunes just the
-    first N layers and writes no checkpoint. Returns the metadata written (llmprune.json)."""
+    first N layers and writes no checkpoint. ``on_layer(i, stage)`` is called with stage "mid"
+    halfway through writing decoder layer ``i``'s shard (flushed, not yet renamed) and "after"
+    once layer ``i`` is recorded as complete (crash tests kill the process there). Returns the
+    metadata written (llmprune.json)."""
     from .api import (_check_device, _solver_options, calibration_ids, needs_calibration,
                       prune_meta, resolve_calib_dtype)
     from .export import check_export_args
@@ -615,7 +607,9 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
             names = [n for n in by_layer.get(i, []) if n in state_dict] + \
                 [n for n in state_dict if n not in by_layer.get(i, [])]
             write_safetensors(work / "model" / f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors",
-                              names, state_dict.__getitem__, kill_layer=i)
+                              names, state_dict.__getitem__,
+                              on_half_written=None if on_layer is None else
+                              (lambda i=i: on_layer(i, "mid")))
             shapes = {f"{r.name}.weight": list(r.shape) for r in report.layers[n_before:]}
             masks = {f"{k}.weight": v for k, v in report.masks.items()}
             write_safetensors(work / "masks" / f"layer-{i:05d}.safetensors", list(masks),
@@ -638,7 +632,8 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
             layer_seconds.append(time.perf_counter() - t_layer)
             state["timings"] = timings
             _write_json(work / "progress.json", state)
-            _maybe_kill(i, "after")
+            if on_layer is not None:
+                on_layer(i, "after")
     except (MemoryError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and "allocate memory" not in str(exc):
             raise

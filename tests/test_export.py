@@ -4,7 +4,6 @@ refusing compact output, --pattern on foreign checkpoints, corruption, a SIGKILL
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -265,10 +264,10 @@ def test_version_1_exports_with_sha256_still_load(pruned, tmp_path, monkeypatch,
 
 def test_sigkill_midway_leaves_nothing_that_looks_complete(pruned, tmp_path):
     out = tmp_path / "killed"
-    env = dict(os.environ, LLMPRUNE_TEST_PAUSE_AFTER_SHARD="60")
-    cmd = [sys.executable, "-m", "llmprune", "-q", "export", str(pruned["0.5"]),
-           "--max-shard-size", "30KB", "--output", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    child = Path(__file__).resolve().parent / "fault_child.py"
+    cmd = [sys.executable, str(child), "pause-after-shard", "60", "--", "-q", "export",
+           str(pruned["0.5"]), "--max-shard-size", "30KB", "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # the first shard is on disk; the export is midway
         assert "wrote shard 1" in line

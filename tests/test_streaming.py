@@ -18,7 +18,7 @@ from llmprune import cli
 from llmprune.api import prune_checkpoint
 from llmprune.errors import UserError
 from llmprune.recipe import PruneRecipe
-from llmprune.streaming import KILL_ENV, prune_streaming
+from llmprune.streaming import prune_streaming
 
 from .conftest import same_bits, tiny_config, tiny_tokenizer
 
@@ -127,8 +127,9 @@ def test_sigkill_then_resume_is_bit_exact(ckpts, text_file, tmp_path, reference,
     out = tmp_path / "out"
     args = _cli_args(ckpts["llama4"], text_file, out, "--stream", "--activations-offload",
                      offload)
-    env = dict(os.environ, OMP_NUM_THREADS="1", **{KILL_ENV: kill})
-    proc = subprocess.run([sys.executable, "-m", "llmprune", *args], cwd=REPO, env=env,
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "fault_child.py"),
+                           "kill-after-layer", kill, "--", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]  # killed by SIGKILL, not an error
     work = tmp_path / "out.partial"

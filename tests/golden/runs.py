@@ -227,9 +227,9 @@ def outputs_of(argv: list[str]) -> list[str]:
 def crash_then_resume(work: Path, argv: list[str], layer: int) -> None:
     """Run ``argv`` in a child process that is killed with SIGKILL right after decoder layer
     ``layer`` is recorded, then finish it in this process with ``--resume``."""
-    env = dict(os.environ, LLMPRUNE_TEST_KILL_AFTER_LAYER=str(layer))
-    proc = subprocess.run([sys.executable, "-m", "llmprune", "-q", *argv], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600)
+    child = REPO / "tests" / "fault_child.py"
+    proc = subprocess.run([sys.executable, str(child), "kill-after-layer", str(layer), "--",
+                           "-q", *argv], cwd=work, capture_output=True, text=True, timeout=600)
     if proc.returncode != -9:
         raise RuntimeError(f"the run to be killed exited {proc.returncode}: {proc.stderr[-2000:]}")
     run_cli(work, [*argv, "--resume"])
