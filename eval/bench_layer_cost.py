@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from llmprune.masks import Sparsity
+from llmprune.core.sparsity import Sparsity
 from llmprune.solvers.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from llmprune.solvers.wanda import wanda_prune
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from .calibrate import EngineOptions, _collect_stats, _propagate, capture_inputs
-from .errors import UserError
-from .masks import Sparsity
+from .core.errors import UserError
+from .core.sparsity import Sparsity
 from .models import Adapter
 from .solvers.wanda import ColumnSquares
 

@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .calibrate import EngineOptions, Report, check_target, prune_layerwise, prune_without_data
 from .data import ids_sha256, load_text, tokenize, windows
-from .errors import UserError
+from .core.errors import UserError
 from .models import adapter_for
 from .output import atomic_dir, check_output
 from .recipe import CALIB_DTYPES, PruneRecipe

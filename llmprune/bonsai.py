@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from .core.errors import UserError
 
 log = logging.getLogger(__name__)
 

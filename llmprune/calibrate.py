@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .compact import count_true, pack_bits, unpack_bits
-from .masks import Sparsity, check_divisible
+from .core.bits import count_true, pack_bits, unpack_bits
+from .core.sparsity import Sparsity, check_divisible
 from .models import Adapter
 from .solvers.base import Solver
 

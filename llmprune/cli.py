@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from .errors import UserError
+from .core.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):

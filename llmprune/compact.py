@@ -41,6 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .core.bits import POPCOUNT8, count_true, pack_bits, row_popcount, unpack_bits
+
 NATIVE_ABI = 1  # the interface of llmprune/_native.c this module calls
 try:  # optional C helper (llmprune/_native.c), built at install time where a compiler exists
     from . import _native
@@ -54,38 +56,6 @@ ENCODINGS = ("plain", "bitmask", "nm")
 # A compact encoding is used only when it saves at least this fraction of the plain bytes: a
 # nearly dense tensor is cheaper to keep plain than to decode.
 MIN_SAVING = 0.10
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """bool ``[out, in]`` -> uint8 ``[out, ceil(in/8)]``, little-endian bits, rows byte-padded."""
-    return torch.from_numpy(np.packbits(mask.cpu().numpy(), axis=-1, bitorder="little"))
-
-
-def unpack_bits(bits: torch.Tensor, width: int) -> torch.Tensor:
-    """uint8 ``[out, ceil(width/8)]`` -> bool ``[out, width]``."""
-    unpacked = np.unpackbits(bits.cpu().numpy(), axis=-1, count=width, bitorder="little")
-    return torch.from_numpy(unpacked.view(np.bool_))  # 0/1 bytes are valid bools
-
-
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
-def _row_popcount(bits: torch.Tensor) -> torch.Tensor:
-    """Set bits per row of a uint8 ``[out, bytes]`` tensor, as int64 ``[out]``."""
-    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        raw = bits.contiguous().numpy()
-        if raw.shape[-1] % 8 == 0:  # 8 bytes at a time: 8x fewer counts to add up
-            raw = raw.view(np.uint64)
-        return torch.from_numpy(np.bitwise_count(raw).sum(-1, dtype=np.int64))
-    return _POPCOUNT[bits.long()].sum(-1)
-
-
-def count_true(mask: torch.Tensor) -> int:
-    """``mask.sum()`` for a bool CPU tensor, through numpy (20x faster than torch here); for a
-    packed mask (uint8, see :func:`pack_bits`, padding bits clear) the number of set bits."""
-    if mask.dtype == torch.uint8:
-        return int(_row_popcount(mask.reshape(1, -1)).sum())
-    return int(np.count_nonzero(mask.contiguous().numpy()))
 
 
 def as_bits(keep: torch.Tensor, cols: int) -> np.ndarray:
@@ -132,7 +102,7 @@ def select_bits(t: torch.Tensor, bits: np.ndarray, nnz: int | None = None, four:
     esize = t.element_size()
     if _native is not None and t.device.type == "cpu" and esize in _INT_VIEW:
         if nnz is None:
-            nnz = int(_row_popcount(torch.from_numpy(bits).reshape(1, -1)).sum())
+            nnz = int(row_popcount(torch.from_numpy(bits).reshape(1, -1)).sum())
         tview, _ = _INT_VIEW[esize]
         values = torch.empty(nnz, dtype=t.dtype)
         written, stray = _native.gather_bits(t.contiguous().view(tview).numpy(),
@@ -234,7 +204,7 @@ def encode_bitmask(weight: torch.Tensor, keep: torch.Tensor) -> Encoded:
     """``keep``: bool ``[out, in]`` or packed (:func:`pack_bits`)."""
     out, cols = weight.shape
     bits = torch.from_numpy(as_bits(keep, cols))
-    counts = _row_popcount(bits)  # kept per row, from the packed mask (1/8 of the data)
+    counts = row_popcount(bits)  # kept per row, from the packed mask (1/8 of the data)
     offsets = torch.zeros(out + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=offsets[1:])
     if weight.device.type == "cpu" and _native is not None:  # row-major order, [nnz]
@@ -263,7 +233,7 @@ def _slot_table(n: int, m: int) -> torch.Tensor:
 def _popcount8(x: np.ndarray) -> np.ndarray:
     if hasattr(np, "bitwise_count"):  # numpy >= 2.0
         return np.bitwise_count(x)
-    return _POPCOUNT.numpy().astype(np.uint8)[x]
+    return POPCOUNT8.numpy().astype(np.uint8)[x]
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .masks import lowest_k_mask
+from .core.errors import UserError
+from .core.masks import lowest_k_mask
 
 RESCALES = ("dare", "darex-q", "none")
 METHODS = ("random", "magnitude")

@@ -41,7 +41,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from .core.errors import UserError
 
 Q_MODES = ("global", "per-layer")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .core.errors import DataError
 
 DATASET_NAMES = ("wikitext2", "c4", "ptb")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .errors import UserError
+from .core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .core.errors import UserError
 from .solvers.base import Solved
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class _BroadcastSolver:
         for res in solved:
             weight = res.weight.to(torch.float32).contiguous()  # the other ranks' dtype
             if res.mask is None:  # rank 0's solver gave packed keep bits
-                from .compact import unpack_bits
+                from .core.bits import unpack_bits
 
                 res = Solved(res.weight, ~unpack_bits(res.keep_bits, weight.shape[1]))
             mask = res.mask.to(torch.uint8).contiguous()  # bool is not a gloo/nccl type

@@ -45,8 +45,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import compact
-from .errors import UserError
-from .masks import Sparsity
+from .core.errors import UserError
+from .core.sparsity import Sparsity
 
 log = logging.getLogger(__name__)
 

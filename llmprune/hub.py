@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .core.errors import UserError
 
 # Hub ids and licenses of the built-in models, for the card's base_model / license.
 BUILTIN_BASES = {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .core.errors import UserError
 from .export import (_checkpoint_files, _iter_safetensors, _nm_of, is_compact, iter_compact,
                      read_masks, read_meta)
 

@@ -24,7 +24,7 @@ import difflib
 import logging
 from pathlib import Path
 
-from .errors import UserError
+from .core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelNotFoundError, UserError
+from .core.errors import ModelNotFoundError, UserError
 from .models import adapter_for_type
 
 log = logging.getLogger(__name__)

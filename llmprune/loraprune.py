@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bonsai import Target, check_nested, forced_scores, split_target
-from .errors import UserError
+from .core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .masks import lowest_k_mask
+from .core.errors import UserError
+from .core.masks import lowest_k_mask
 
 METHODS = ("task-arithmetic", "ties")
 

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import OutputExistsError, UserError
+from .core.errors import OutputExistsError, UserError
 
 
 def check_output(output: str | Path, overwrite: bool, sources: tuple[str, ...] = ()) -> Path:

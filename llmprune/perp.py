@@ -47,8 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .compact import pack_bits, unpack_bits
-from .errors import UserError
+from .core.bits import pack_bits, unpack_bits
+from .core.errors import UserError
 
 log = logging.getLogger(__name__)
 

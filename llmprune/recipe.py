@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .errors import UserError
-from .masks import Sparsity
+from .core.errors import UserError
+from .core.sparsity import Sparsity
 from .solvers import SOLVERS
 
 CALIB_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from .core.errors import UserError
 from .recipe import PruneRecipe
 from .solvers import SOLVERS
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import PatternError, UserError
+from .core.errors import PatternError, UserError
 
 log = logging.getLogger(__name__)
 

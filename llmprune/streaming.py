@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import (EngineOptions, LinearReport, Report, capture_inputs, check_target,
                         prune_layer)
-from .errors import UserError
+from .core.errors import UserError
 from .export import (_ST_DTYPES, _ST_NAMES, MASKS_FILE, META_FILE, SafetensorsFiles,
                      _checkpoint_files, _WEIGHT_FILE_RE, parse_size)
 from .models import adapter_for

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import UnsupportedArchitectureError, UserError
+from .core.errors import UnsupportedArchitectureError, UserError
 from .models import Adapter, StructuredLayout, adapter_for
 
 log = logging.getLogger(__name__)

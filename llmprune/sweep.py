@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .core.errors import UserError
 
 
 def _plot(runs: list[dict], dense: float, path: Path, title: str) -> None:

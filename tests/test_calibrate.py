@@ -6,8 +6,8 @@ import torch
 import llmprune
 from llmprune import PruneRecipe
 from llmprune.calibrate import EngineOptions, capture_inputs
-from llmprune.errors import PatternError, UnsupportedArchitectureError
-from llmprune.masks import n_pruned, nm_violations
+from llmprune.core.errors import PatternError, UnsupportedArchitectureError
+from llmprune.core.masks import n_pruned, nm_violations
 from llmprune.models import adapter_for
 
 from .conftest import FAMILIES, tiny_model

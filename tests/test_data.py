@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmprune.data import find_wikitext2, load_text, windows, wikitext2_search_path
-from llmprune.errors import DataError
+from llmprune.core.errors import DataError
 
 
 def test_consecutive_windows_follow_the_protocol():

@@ -17,7 +17,7 @@ import llmprune
 from llmprune import PruneRecipe
 from llmprune.calibrate import _collect_stats
 from llmprune.distributed import ShardedCalibration, shard_batches, shard_rows
-from llmprune.errors import UserError
+from llmprune.core.errors import UserError
 from llmprune.models import adapter_for
 
 from .conftest import VOCAB, same_bits, tiny_model

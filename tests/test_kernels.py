@@ -28,7 +28,7 @@ from torch import nn  # noqa: E402
 
 import llmprune_kernels as K  # noqa: E402
 from llmprune import compact  # noqa: E402
-from llmprune.errors import PatternError, UserError  # noqa: E402
+from llmprune.core.errors import PatternError, UserError  # noqa: E402
 from llmprune.sparse_linear import (DispatchTable, KernelError, SparseLinear,  # noqa: E402
                                     apply_kernels, choose, compress_weight, dispatch_path,
                                     measure_backends)

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from llmprune.errors import PatternError, UserError
-from llmprune.masks import Sparsity, check_divisible, nm_mask, nm_violations, unstructured_mask
+from llmprune.core.errors import PatternError, UserError
+from llmprune.core.masks import nm_mask, nm_violations, unstructured_mask
+from llmprune.core.sparsity import Sparsity, check_divisible
 
 
 def test_parse_unstructured_and_nm():
@@ -68,7 +69,7 @@ def test_check_divisible():
 
 def test_lowest_k_exact_with_ties():
     scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 2.0], [3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
-    from llmprune.masks import lowest_k_mask
+    from llmprune.core.masks import lowest_k_mask
 
     mask = lowest_k_mask(scores, 3, dim=1)
     assert mask.sum(1).tolist() == [3, 3]
@@ -80,3 +81,18 @@ def test_lowest_k_exact_with_ties():
     ref = torch.zeros_like(s, dtype=torch.bool).scatter_(1, s.topk(13, 1, largest=False).indices,
                                                           True)
     assert torch.equal(lowest_k_mask(s, 13, dim=1), ref)
+
+
+def test_old_import_paths_are_deprecated_re_exports():
+    import importlib
+    import sys
+
+    from llmprune.core import errors, masks, sparsity
+
+    for old, new, names in [("llmprune.masks", sparsity, ["Sparsity", "check_divisible"]),
+                            ("llmprune.masks", masks, ["nm_mask", "lowest_k_mask"]),
+                            ("llmprune.errors", errors, ["UserError", "PatternError"])]:
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match="moved to llmprune.core"):
+            mod = importlib.import_module(old)
+        assert all(getattr(mod, n) is getattr(new, n) for n in names)

@@ -13,7 +13,7 @@ import yaml
 
 from llmprune import PruneRecipe, prune
 from llmprune.cli import main
-from llmprune.compact import pack_bits, unpack_bits
+from llmprune.core.bits import pack_bits, unpack_bits
 from llmprune.perp import (PerpConfig, SparsityViolation, check_masks_kept, merge, perp,
                            prepare)
 
@@ -178,7 +178,7 @@ def test_training_lowers_the_calibration_loss(tokenizer, train, variant):
 
 
 def test_bad_config_values():
-    from llmprune.errors import UserError
+    from llmprune.core.errors import UserError
 
     for kwargs, msg in [({"train": "norms,wights"}, "--train"), ({"train": ""}, "--train"),
                         ({"lora_variant": "dora"}, "--lora-variant"), ({"rank": 0}, "--rank"),
@@ -188,7 +188,7 @@ def test_bad_config_values():
 
 
 def test_biases_on_a_model_without_biases_is_a_user_error():
-    from llmprune.errors import UserError
+    from llmprune.core.errors import UserError
 
     model, masks = _pruned("llama")
     with pytest.raises(UserError, match="selects no parameters"):

@@ -11,7 +11,7 @@ import llmprune
 from llmprune import PruneRecipe
 from llmprune.data import find_wikitext2, load_text, tokenize
 from llmprune.evaluate import perplexity
-from llmprune.masks import nm_violations
+from llmprune.core.masks import nm_violations
 
 pytestmark = [
     pytest.mark.real_model,

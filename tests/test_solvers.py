@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from llmprune.masks import Sparsity
+from llmprune.core.sparsity import Sparsity
 from llmprune.solvers.magnitude import magnitude_prune
 from llmprune.solvers.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from llmprune.solvers.wanda import ColumnSquares, wanda_prune
@@ -200,7 +200,7 @@ def test_inverse_hessian_factor_retry_restores_h_from_the_upper_triangle(monkeyp
 def test_wanda_rows_in_place_equals_whole_matrix(target, dtype):
     """The engine's Wanda (in place, a few rows at a time, packed keep bits) prunes exactly
     what the whole-matrix wanda_prune does: rows are compared on their own."""
-    from llmprune.compact import pack_bits
+    from llmprune.core.bits import pack_bits
     from llmprune.solvers.wanda import wanda_prune_rows
 
     torch.manual_seed(5)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from llmprune import cli
 from llmprune.api import prune_checkpoint
-from llmprune.errors import UserError
+from llmprune.core.errors import UserError
 from llmprune.recipe import PruneRecipe
 from llmprune.streaming import prune_streaming
 

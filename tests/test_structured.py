@@ -15,7 +15,7 @@ import torch
 
 from llmprune import structured as S
 from llmprune.cli import main
-from llmprune.errors import UserError
+from llmprune.core.errors import UserError
 from tests.conftest import VOCAB, random_text, tiny_config
 
 HIDDEN, HEADS, KV, HEAD_DIM, INTER, LAYERS = 64, 8, 2, 8, 128, 2

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..errors import UnsupportedArchitectureError
+from ..core.errors import UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..masks import Sparsity
+from ..core.sparsity import Sparsity
 
 # Statistics are always accumulated in float32, whatever dtype the forward passes run in.
 STATS_DTYPE = torch.float32
@@ -56,7 +56,7 @@ def register(cls):
 
 
 def get_solver(name: str, **options) -> Solver:
-    from ..errors import UserError
+    from ..core.errors import UserError
 
     try:
         return SOLVERS[name](**options)

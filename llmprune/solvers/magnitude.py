@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import Sparsity, select_mask
+from ..core.sparsity import Sparsity
+
+from ..core.masks import select_mask
 from .base import Solved, register
 
 

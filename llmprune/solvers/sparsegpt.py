@@ -29,7 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import Sparsity, lowest_k_mask, n_pruned
+from ..core.sparsity import Sparsity
+
+from ..core.masks import lowest_k_mask, n_pruned
 from .base import STATS_DTYPE, Solved, register
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..masks import Sparsity, select_mask
+from ..core.sparsity import Sparsity
+
+from ..core.masks import select_mask
 from .base import STATS_DTYPE, Solved, register
 
 
@@ -53,7 +55,7 @@ def wanda_prune_rows(weight: torch.Tensor, col_sq: torch.Tensor, target: Sparsit
     the scores and the selection's workspace exist for ``chunk_bytes`` of rows, not for the
     whole matrix, and no pruned copy or bool mask of the whole matrix is made. Wanda only zeroes
     weights, so pruning in the weight's own dtype is exact."""
-    from ..compact import pack_bits
+    from ..core.bits import pack_bits
 
     rows, cols = weight.shape
     step = max(1, chunk_bytes // (4 * max(cols, 1)))

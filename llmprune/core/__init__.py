@@ -1,0 +1,2 @@
+"""The core: typed errors, the sparsity specification, mask selection and packed bits. It imports
+nothing else of llmprune."""
