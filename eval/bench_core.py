@@ -245,11 +245,11 @@ def _auto_forward_dtype(method: str) -> str:
     """The dtype `--calib-dtype auto` gives ``method`` on this machine, for an fp32 model."""
     import torch
 
-    from llmprune.api import _bf16_is_fast
+    from llmprune.core.device import bf16_is_fast
     from llmprune.solvers import get_solver
 
     wanted = get_solver(method).auto_calib_dtype
-    return "bf16" if wanted == torch.bfloat16 and _bf16_is_fast("cpu") else "fp32"
+    return "bf16" if wanted == torch.bfloat16 and bf16_is_fast("cpu") else "fp32"
 
 
 def _summary(row: dict, floor: dict) -> dict:

@@ -133,9 +133,9 @@ def main() -> None:
     if args.build_only:
         return
     disk = sum(f.stat().st_size for f in CACHE.glob("*.safetensors"))
-    from llmprune.export import SafetensorsFiles, _checkpoint_files
+    from llmprune.export import SafetensorsFiles, checkpoint_files
 
-    files = SafetensorsFiles(_checkpoint_files(CACHE))
+    files = SafetensorsFiles(checkpoint_files(CACHE))
     params = sum(int(__import__("math").prod(files.shape(n))) for n in files.entries)
     results = {"model": {"path": str(CACHE.relative_to(ROOT.parent)), **SHAPE,
                          "parameters": params, "bytes_on_disk": disk, "dtype": "bfloat16"},

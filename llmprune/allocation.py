@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .calibrate import EngineOptions, _collect_stats, _propagate, capture_inputs
+from .calibrate import EngineOptions, collect_layer_stats, run_layer, capture_inputs
 from .core.errors import UserError
 from .core.sparsity import Sparsity
 from .models import Adapter
@@ -35,7 +35,7 @@ def outlier_ratios(model, adapter: Adapter, ids: torch.Tensor, m: float,
     device = torch.device(opts.device)
     layers = adapter.layers(model)
 
-    class _Norms:  # the statistics interface _collect_stats expects
+    class _Norms:  # the statistics interface collect_layer_stats expects
         @staticmethod
         def new_stats(in_features, dev):
             return ColumnSquares(torch.zeros(in_features, dtype=torch.float32, device=dev))
@@ -43,7 +43,7 @@ def outlier_ratios(model, adapter: Adapter, ids: torch.Tensor, m: float,
     ratios, sizes = [], []
     for i, layer in enumerate(layers):
         layer.to(device)
-        stats = _collect_stats(layer, list(adapter.groups), inputs, _Norms, device)
+        stats = collect_layer_stats(layer, list(adapter.groups), inputs, _Norms, device)
         def scores():  # Wanda's A = |W| * ||X||, one linear at a time (never the whole layer)
             for group, st in zip(adapter.groups, stats):
                 norm = st.sq.sqrt().unsqueeze(0)
@@ -59,7 +59,7 @@ def outlier_ratios(model, adapter: Adapter, ids: torch.Tensor, m: float,
         ratios.append(outliers / numel)
         sizes.append(numel)
         if i + 1 < len(layers):
-            _propagate(layer, inputs)
+            run_layer(layer, inputs)
         if device.type != "cpu":
             layer.to("cpu")
     return ratios, sizes

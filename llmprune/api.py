@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from .calibrate import EngineOptions, Report, check_target, prune_layerwise, prune_without_data
 from .data import ids_sha256, load_text, tokenize, windows
+from .core.device import bf16_is_fast, check_device, library_versions
 from .core.errors import UserError
 from .models import adapter_for
 from .output import atomic_dir, check_output
@@ -39,24 +39,10 @@ def calibration_ids(tokenizer, recipe: PruneRecipe) -> tuple[torch.Tensor, dict]
                  "shape": list(ids.shape)}
 
 
-def _solver_options(recipe: PruneRecipe) -> dict:
+def solver_options(recipe: PruneRecipe) -> dict:
     if recipe.method == "sparsegpt":
         return {"blocksize": recipe.blocksize, "percdamp": recipe.percdamp}
     return {}
-
-
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but no CUDA device is available; use --device cpu")
-
-
-def _bf16_is_fast(device: str) -> bool:
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    try:  # CPUs with avx512_bf16 / AMX run bf16 GEMMs natively through oneDNN
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_calib_dtype(recipe: PruneRecipe, solver, model) -> torch.dtype | None:
@@ -67,7 +53,7 @@ def resolve_calib_dtype(recipe: PruneRecipe, solver, model) -> torch.dtype | Non
     model_dtype = next(model.parameters()).dtype
     if wanted is None or model_dtype != torch.float32:
         return None
-    if wanted == torch.bfloat16 and not _bf16_is_fast(recipe.device):
+    if wanted == torch.bfloat16 and not bf16_is_fast(recipe.device):
         return None
     return wanted
 
@@ -83,11 +69,11 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
     data-parallel run) or :class:`~llmprune.distributed.ShardedCalibration`; ``device_map``:
     ``"auto"`` spreads each decoder layer over the visible GPUs (:mod:`llmprune.device_map`).
     """
-    _check_device(recipe.device)
+    check_device(recipe.device)
     adapter = adapter_for(model)
     target = recipe.target
     check_target(model, adapter, target)
-    solver = get_solver(recipe.method, **_solver_options(recipe))
+    solver = get_solver(recipe.method, **solver_options(recipe))
     torch.manual_seed(recipe.seed)
     opts = EngineOptions(device=recipe.device, batch_size=recipe.batch_size,
                          true_sequential=recipe.true_sequential,
@@ -156,22 +142,15 @@ def prune_meta(model_name: str, resolved: str, recipe: PruneRecipe, report: Repo
         "calibration": (dict(calib_info, forward_dtype=report.calib_dtype)
                         if calib_info else None),
         "eval": evaluation,
-        "versions": _versions(),
+        "versions": library_versions(),
         "timings": timings,
     }
 
 
 def needs_calibration(recipe: PruneRecipe) -> bool:
     """Whether a run reads calibration data: calibrated solvers, and OWL for every solver."""
-    return get_solver(recipe.method, **_solver_options(recipe)).needs_calibration or \
+    return get_solver(recipe.method, **solver_options(recipe)).needs_calibration or \
         recipe.allocation == "owl"
-
-
-def _versions() -> dict:
-    import transformers
-
-    return {"llmprune": __version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 def write_checkpoint(model, tokenizer, out_dir: Path, meta: dict, masks: dict | None = None,
@@ -214,7 +193,7 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
 
     from .export import check_export_args
 
-    _check_device(recipe.device)
+    check_device(recipe.device)
     recipe.target  # validate before touching anything
     check_export_args(export, export_dtype, "--export", "--export-dtype")
     out = check_output(output, overwrite)

@@ -93,8 +93,8 @@ class EngineOptions:
     keep_masks: bool = False
     progress: bool = True
     # Hooks for many devices (llmprune.distributed), None = one process on one device:
-    # collect_stats replaces _collect_stats (same signature), e.g. to calibrate on this process's
-    # share of the batches and combine the statistics of all processes before each solve;
+    # collect_stats replaces collect_layer_stats (same signature), e.g. to calibrate on this
+    # process's share of the batches and combine the statistics of all processes before each solve;
     # placement puts a layer on its device(s) (.place(layer)) and back (.release(layer)).
     collect_stats: Callable | None = None
     placement: object | None = None
@@ -159,7 +159,7 @@ def capture_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, opts: 
             for h, kw in catcher.captured]
 
 
-def _propagate(layer: nn.Module, inputs: list) -> None:
+def run_layer(layer: nn.Module, inputs: list) -> None:
     """Replace every batch's hidden state by the layer's output, in place, one batch at a time,
     so that inputs and outputs of all batches are never held at once."""
     for b, (hidden, kwargs) in enumerate(inputs):
@@ -202,7 +202,7 @@ def prune_without_data(model: nn.Module, adapter: Adapter, solver: Solver, targe
     for i, layer in enumerate(tqdm(layers, desc=f"{solver.name}", unit="layer",
                                    disable=not opts.progress)):
         for group in adapter.groups:
-            _solve_group(layer, None, adapter, i, group, solver, None, target, report)
+            solve_linear_group(layer, None, adapter, i, group, solver, None, target, report)
     report.add_time("solve", time.perf_counter() - t0)
     return report
 
@@ -212,7 +212,7 @@ def layer_target(target: "Sparsity | list[Sparsity]", index: int) -> Sparsity:
     return target[index] if isinstance(target, (list, tuple)) else target
 
 
-def _solve_group(layer, fwd_layer, adapter, index, group, solver, stats, target, report):
+def solve_linear_group(layer, fwd_layer, adapter, index, group, solver, stats, target, report):
     target = layer_target(target, index)
     lins = [layer.get_submodule(n) for n in group]
     solved = solver.solve_group([lin.weight.detach() for lin in lins], stats, target,
@@ -241,8 +241,8 @@ def _solve_group(layer, fwd_layer, adapter, index, group, solver, stats, target,
         del res  # before the next result is computed (a solver may yield them one by one)
 
 
-def _collect_stats(layer: nn.Module, groups: list[tuple[str, ...]], inputs: list, solver: Solver,
-                   device: torch.device) -> list:
+def collect_layer_stats(layer: nn.Module, groups: list[tuple[str, ...]], inputs: list,
+                        solver: Solver, device: torch.device) -> list:
     """Run the calibration batches through ``layer`` and return one statistics object per input
     group. A forward pre-hook on each group's first linear feeds it; once every group of a batch
     has been seen the rest of that batch's forward pass is skipped."""
@@ -460,8 +460,8 @@ def prune_layer(layer: nn.Module, i: int, adapter: Adapter, solver: Solver, targ
         def solve(g, stats):
             nonlocal solve_seconds
             ts = time.perf_counter()
-            _solve_group(layer, fwd_layer, adapter, i, adapter.groups[g], solver, stats, target,
-                         report)
+            solve_linear_group(layer, fwd_layer, adapter, i, adapter.groups[g], solver, stats,
+                               target, report)
             solve_seconds += time.perf_counter() - ts
 
         _Lockstep(fwd_layer, list(adapter.groups), solver, solve).run(inputs)
@@ -470,16 +470,18 @@ def prune_layer(layer: nn.Module, i: int, adapter: Adapter, solver: Solver, targ
         schedule, propagate = [], False  # the lock-step pass's outputs are already propagated
     for phase in schedule:
         t = time.perf_counter()
-        stats = (opts.collect_stats or _collect_stats)(fwd_layer, phase, inputs, solver, device)
+        collect = opts.collect_stats or collect_layer_stats
+        stats = collect(fwd_layer, phase, inputs, solver, device)
         t_solve = time.perf_counter()
         report.add_time("calibrate_forward", t_solve - t)
         for gi, group in enumerate(phase):
-            _solve_group(layer, fwd_layer, adapter, i, group, solver, stats[gi], target, report)
+            solve_linear_group(layer, fwd_layer, adapter, i, group, solver, stats[gi], target,
+                               report)
             stats[gi] = None  # free each group's statistics (a Hessian) once it is solved
         report.add_time("solve", time.perf_counter() - t_solve)
     t = time.perf_counter()
     if propagate:
-        _propagate(fwd_layer, inputs)
+        run_layer(fwd_layer, inputs)
     report.add_time("propagate_forward", time.perf_counter() - t)
     del fwd_layer
     if opts.placement is not None:

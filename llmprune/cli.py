@@ -236,10 +236,10 @@ def _add_structured(sub) -> None:
 
 
 def _run_structured(args) -> int:
-    from .api import _check_device
+    from .core.device import check_device
     from .structured import structured_checkpoint
 
-    _check_device(args.device)
+    check_device(args.device)
     info = structured_checkpoint(
         args.model, args.output, importance=args.importance, sparsity=args.sparsity,
         heads=args.heads, mlp=args.mlp, uniform=not args.non_uniform, gqa=args.gqa,
@@ -832,12 +832,12 @@ def _run_streaming(args, recipe) -> int:
 def _run_eval(args) -> int:
     import json
 
-    from .api import _check_device
+    from .core.device import check_device
     from .data import load_text
     from .evaluate import evaluate_loaded, record_eval
     from .loading import load_model
 
-    _check_device(args.device)
+    check_device(args.device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     ppl_data = args.ppl or (None if tasks else "wikitext2")
     text = load_text(ppl_data, "eval") if ppl_data else None  # fail on a bad path first

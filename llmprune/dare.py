@@ -82,7 +82,7 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
-def _check_pair(base_dir: Path, tuned_dir: Path):
+def check_pair(base_dir: Path, tuned_dir: Path):
     for d, flag in ((base_dir, "--base"), (tuned_dir, "--finetuned")):
         if not (d / "config.json").is_file():
             raise UserError(f"{flag} {d} is not a checkpoint directory (no config.json)")
@@ -95,10 +95,10 @@ def _check_pair(base_dir: Path, tuned_dir: Path):
         if cb.get(key) != ct.get(key):
             raise UserError(f"--base and --finetuned differ in {key} ({cb.get(key)} vs "
                             f"{ct.get(key)}): they are not the same architecture")
-    from .export import SafetensorsFiles, _checkpoint_files
+    from .export import SafetensorsFiles, checkpoint_files
 
-    rb = SafetensorsFiles(_checkpoint_files(base_dir))
-    rt = SafetensorsFiles(_checkpoint_files(tuned_dir))
+    rb = SafetensorsFiles(checkpoint_files(base_dir))
+    rt = SafetensorsFiles(checkpoint_files(tuned_dir))
     for name in rt.entries:
         if name not in rb.entries:
             raise UserError(f"tensor {name} of --finetuned is missing from --base")
@@ -152,7 +152,7 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
     ``rescale="darex-q"`` uses ``q`` when given, else searches it on ``nsamples`` x ``seqlen``
     windows of ``calib_data`` (which should be text of the fine-tuning domain) in ``q_mode``
     ``global`` or ``per-layer``; see ``llmprune.darex``."""
-    from .export import Source, _nm_of, export
+    from .export import Source, nm_of, export
     from .loading import resolve
     from .output import atomic_dir, check_output
 
@@ -167,7 +167,7 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
     base_dir, tuned_dir = Path(resolve(base)), Path(resolve(finetuned))
     for o in outs:
         check_output(str(o), overwrite, sources=(str(base_dir), str(tuned_dir)))
-    rb, rt = _check_pair(base_dir, tuned_dir)
+    rb, rt = check_pair(base_dir, tuned_dir)
     config = json.loads((tuned_dir / "config.json").read_text())
     copy = [p for p in sorted(tuned_dir.iterdir()) if p.is_file() and p.suffix != ".safetensors"
             and not p.name.endswith(".index.json") and p.name not in ("config.json",
@@ -220,7 +220,7 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
             for name, d, keep, b in deltas():
                 yield name, (merge(b, d) if keep is not None else d)
         with atomic_dir(outs[0]) as tmp:
-            src = Source(merged(), config, None, {"dare": meta}, copy, _nm_of(None))
+            src = Source(merged(), config, None, {"dare": meta}, copy, nm_of(None))
             results["model"] = export(src, tmp, "dense", progress=progress)
     meta["kept_fraction"] = kept / max(total, 1)
     return {**meta, **results}

@@ -100,9 +100,9 @@ def combine_in_order(partials: list) -> object:
 
 
 def _collect(layer, groups, inputs, solver, device) -> list:
-    from .calibrate import _collect_stats
+    from .calibrate import collect_layer_stats
 
-    return _collect_stats(layer, groups, inputs, solver, device)
+    return collect_layer_stats(layer, groups, inputs, solver, device)
 
 
 @dataclass

@@ -62,7 +62,7 @@ META_FILE = "llmprune.json"
 SIGNPOST = "LLMPRUNE-COMPACT-CHECKPOINT--load-it-with-llmprune.load_pretrained"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_WEIGHT_FILE_RE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.index\.json)$")
+WEIGHT_FILE_RE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.index\.json)$")
 
 
 class CorruptCheckpointError(UserError):
@@ -194,7 +194,7 @@ class Source:
     count: int | None = None  # how many tensors ``tensors`` yields (at most), when known
 
 
-def _checkpoint_files(src: Path) -> list[Path]:
+def checkpoint_files(src: Path) -> list[Path]:
     index = src / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -206,7 +206,7 @@ def _checkpoint_files(src: Path) -> list[Path]:
                     "checkpoints only (never pickle): convert it with save_pretrained first")
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
               "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
@@ -245,7 +245,7 @@ class SafetensorsFiles:
             f.seek(base + start)
             if f.readinto(memoryview(buf)) != end - start:
                 raise OSError(f"tensor {name} is truncated")
-            return torch.from_numpy(buf).view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+            return torch.from_numpy(buf).view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
 
@@ -262,7 +262,7 @@ class SafetensorsFiles:
 
         path, info, base = self.entries[name]
         start, end = info["data_offsets"]
-        dtype = _ST_DTYPES[info["dtype"]]
+        dtype = ST_DTYPES[info["dtype"]]
         if end == start or (base + start) % dtype.itemsize:
             return self.read(name)
         try:
@@ -309,11 +309,11 @@ class SafetensorsFiles:
                 handle.close()
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     return iter(SafetensorsFiles(files))
 
 
-def _nm_of(meta: dict | None) -> tuple[int, int] | None:
+def nm_of(meta: dict | None) -> tuple[int, int] | None:
     if not meta:
         return None
     target = meta.get("target") or ""
@@ -328,7 +328,7 @@ def dir_source(src: Path) -> Source:
     meta = read_meta(src)
     config = json.loads((src / "config.json").read_text())
     copy_files = [p for p in sorted(src.iterdir()) if p.is_file()
-                  and not _WEIGHT_FILE_RE.search(p.name)
+                  and not WEIGHT_FILE_RE.search(p.name)
                   and p.name not in (META_FILE, MASKS_FILE, "config.json")]
     if meta and meta.get("format") == COMPACT_FORMAT:
         masks: dict[str, torch.Tensor] = {}
@@ -340,13 +340,13 @@ def dir_source(src: Path) -> Source:
                 yield name, dense
         # masks fill in as tensors are read; the exporter looks a tensor's mask up after reading
         return Source(tensors(), config, masks, meta.get("source_meta"), copy_files,
-                      _nm_of(meta.get("source_meta")), len(meta.get("tensors") or {}) or None)
+                      nm_of(meta.get("source_meta")), len(meta.get("tensors") or {}) or None)
     masks = read_masks(src)
     if meta is not None and masks is None:
         log.warning("%s has llmprune.json but no %s (made by an older llmprune?); pass --pattern "
                     "to derive the masks from the zeros", src, MASKS_FILE)
-    files = SafetensorsFiles(_checkpoint_files(src))
-    return Source(iter(files), config, masks, meta, copy_files, _nm_of(meta), len(files.entries))
+    files = SafetensorsFiles(checkpoint_files(src))
+    return Source(iter(files), config, masks, meta, copy_files, nm_of(meta), len(files.entries))
 
 
 def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None,
@@ -367,7 +367,7 @@ def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None
     copy_files = []
     if tokenizer_dir is not None:
         copy_files = [p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()]
-    return Source(tensors(), model.config.to_dict(), keep, meta, copy_files, _nm_of(meta),
+    return Source(tensors(), model.config.to_dict(), keep, meta, copy_files, nm_of(meta),
                   len(state))
 
 
@@ -386,7 +386,7 @@ def pattern_masks(src: Path, config: dict, pattern: str) -> tuple[dict, tuple[in
     names = {f"{adapter.layers_path}.{i}.{lin}.weight"
              for i, layer in enumerate(adapter.layers(skel)) for lin in adapter.linears(layer)}
     masks = {}
-    for name, weight in _iter_safetensors(_checkpoint_files(src)):
+    for name, weight in iter_safetensors(checkpoint_files(src)):
         if name not in names:
             continue
         keep = weight != 0
@@ -407,7 +407,7 @@ def pattern_masks(src: Path, config: dict, pattern: str) -> tuple[dict, tuple[in
 
 
 # ----------------------------------------------------------------------------- writer
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 def _raw(t: torch.Tensor) -> memoryview:
@@ -470,7 +470,7 @@ class _ShardWriter:
             key = f"{name}.{suffix}" if suffix else name
             t = t.detach().contiguous()
             end = self.data_bytes + t.numel() * t.element_size()
-            self.entries[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+            self.entries[key] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape),
                                  "data_offsets": [self.data_bytes, end]}
             self.hashes[key] = self._put(self.handle.fileno(), self.reserve + self.data_bytes, t)
             self.where[key] = len(self.files)
@@ -840,7 +840,7 @@ def _load_structured(src: Path, dtype: torch.dtype | None, trust_remote_code: bo
     config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     widths = getattr(config, CONFIG_KEY)["layers"]
     files = SafetensorsFiles(weight_files(src))
-    stored = next((_ST_DTYPES[info["dtype"]] for _, info, _ in files.entries.values()
+    stored = next((ST_DTYPES[info["dtype"]] for _, info, _ in files.entries.values()
                    if info["dtype"] in ("F32", "BF16", "F16")), torch.float32)
     with _no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=stored,

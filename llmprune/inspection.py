@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .core.errors import UserError
-from .export import (_checkpoint_files, _iter_safetensors, _nm_of, is_compact, iter_compact,
+from .export import (checkpoint_files, iter_safetensors, nm_of, is_compact, iter_compact,
                      read_masks, read_meta)
 
 
@@ -45,7 +45,7 @@ def inspect_checkpoint(path: str | Path) -> tuple[list[Row], dict]:
     meta = read_meta(src) or {}
     rows: list[Row] = []
     if is_compact(src):
-        nm = _nm_of(meta.get("source_meta"))
+        nm = nm_of(meta.get("source_meta"))
         for name, dense, _ in iter_compact(src):
             info = meta["tensors"][name]
             pattern = info["pattern"]
@@ -60,8 +60,8 @@ def inspect_checkpoint(path: str | Path) -> tuple[list[Row], dict]:
                             info["dense_bytes"], viol))
     else:
         masks = read_masks(src) or {}
-        nm = _nm_of(meta)
-        for name, t in _iter_safetensors(_checkpoint_files(src)):
+        nm = nm_of(meta)
+        for name, t in iter_safetensors(checkpoint_files(src)):
             pruned = name in masks
             pattern = "dense"
             viol = 0

@@ -68,8 +68,8 @@ def merge_models(base: str, finetuned: list[str], weights: list[float] | None = 
                  drop: float = 0.0, seed: int = 0, output: str | None = None,
                  overwrite: bool = False, progress: bool = True) -> dict:
     """Merge the task vectors of ``finetuned`` onto ``base`` and write a plain checkpoint."""
-    from .dare import _check_pair, prune_delta, tensor_generator
-    from .export import Source, _nm_of, export
+    from .dare import check_pair, prune_delta, tensor_generator
+    from .export import Source, nm_of, export
     from .loading import resolve
     from .output import atomic_dir, check_output
 
@@ -91,7 +91,7 @@ def merge_models(base: str, finetuned: list[str], weights: list[float] | None = 
     base_dir = Path(resolve(base))
     tuned_dirs = [Path(resolve(f)) for f in finetuned]
     check_output(str(out), overwrite, sources=(str(base_dir), *map(str, tuned_dirs)))
-    pairs = [_check_pair(base_dir, t) for t in tuned_dirs]
+    pairs = [check_pair(base_dir, t) for t in tuned_dirs]
     rb, readers = pairs[0][0], [rt for _, rt in pairs]
     names = list(readers[0].entries)
     for f, rt in zip(finetuned[1:], readers[1:]):
@@ -128,6 +128,6 @@ def merge_models(base: str, finetuned: list[str], weights: list[float] | None = 
             yield name, (b.float() + tau).to(b.dtype)
 
     with atomic_dir(out) as tmp:
-        src = Source(merged(), config, None, {"merge": meta}, copy, _nm_of(None))
+        src = Source(merged(), config, None, {"merge": meta}, copy, nm_of(None))
         result = export(src, tmp, "dense", progress=progress)
     return {**meta, "model": result}

@@ -533,9 +533,9 @@ def perp(model, masks: dict[str, torch.Tensor], config: PerpConfig = PerpConfig(
     ``train_ids`` ``[n, seqlen]`` are the training windows; when None they are cut from
     ``config.calib_data`` with ``tokenizer``. The returned model is the merged plain model.
     """
-    from .api import _check_device
+    from .core.device import check_device
 
-    _check_device(config.device)
+    check_device(config.device)
     if train_ids is None:
         if tokenizer is None:
             raise UserError("PERP needs training text: pass train_ids or a tokenizer")
@@ -607,14 +607,15 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
                     recipe_yaml: str | None = None) -> dict:
     """Load a pruned checkpoint directory, run :func:`perp`, verify, and write a plain checkpoint
     (with the same masks file) atomically to ``output``. Returns the metadata written."""
-    from .api import _check_device, _versions, write_checkpoint
+    from .core.device import check_device, library_versions
+    from .api import write_checkpoint
     from .data import load_text, tokenize
     from .evaluate import perplexity
     from .export import check_export_args, read_masks, read_meta
     from .loading import load_model
     from .output import atomic_dir, check_output
 
-    _check_device(config.device)
+    check_device(config.device)
     check_export_args(export, export_dtype, "--export", "--export-dtype")
     src = _check_pruned_dir(model_dir)
     out = check_output(output, overwrite, sources=(str(src),))
@@ -659,7 +660,7 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
                  "source_evaluations": src_meta.get("evaluations")},
         "eval": ({"data": eval_ppl, "seqlen": eval_seqlen, "max_windows": eval_max_windows,
                   **results} if eval_ppl else None),
-        "versions": _versions(),
+        "versions": library_versions(),
         "timings": {**{f"prune_{k}": v for k, v in (src_meta.get("timings") or {}).items()},
                     **{f"perp_{k}": v for k, v in timings.items()}},
     })

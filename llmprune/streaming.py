@@ -49,8 +49,8 @@ from tqdm.auto import tqdm
 from .calibrate import (EngineOptions, LinearReport, Report, capture_inputs, check_target,
                         prune_layer)
 from .core.errors import UserError
-from .export import (_ST_DTYPES, _ST_NAMES, MASKS_FILE, META_FILE, SafetensorsFiles,
-                     _checkpoint_files, _WEIGHT_FILE_RE, parse_size)
+from .export import (ST_DTYPES, ST_NAMES, MASKS_FILE, META_FILE, SafetensorsFiles,
+                     checkpoint_files, WEIGHT_FILE_RE, parse_size)
 from .models import adapter_for
 from .output import publish_dir
 from .solvers.sparsegpt import FACTOR_BLOCK
@@ -87,12 +87,12 @@ def write_safetensors(path: Path, names: list[str], get, metadata: dict | None =
     if spec is None:
         def spec(name):
             t = get(name)
-            return _ST_NAMES[t.dtype], list(t.shape)
+            return ST_NAMES[t.dtype], list(t.shape)
     specs = {}
     offset = 0
     for name in names:
         dtype, shape = spec(name)
-        n = _ST_DTYPES[dtype].itemsize
+        n = ST_DTYPES[dtype].itemsize
         for d in shape:
             n *= d
         specs[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
@@ -148,7 +148,7 @@ class DiskActivations:
     """The calibration batches' ``(hidden, kwargs)``, hidden states kept in files, not in RAM.
 
     Reading batch ``b`` loads it from the current directory; assigning batch ``b`` (what
-    :func:`llmprune.calibrate._propagate` does with a layer's output) writes it to the other
+    :func:`llmprune.calibrate.run_layer` does with a layer's output) writes it to the other
     directory, so one layer's inputs are never overwritten while it still reads them.
     :meth:`flip` makes the written outputs the next layer's inputs."""
 
@@ -356,11 +356,11 @@ def _to_meta(module: nn.Module) -> None:
 
 
 def _stored_dtype(files: SafetensorsFiles) -> torch.dtype:
-    from .export import _ST_DTYPES
+    from .export import ST_DTYPES
 
     for _, info, _ in files.entries.values():
         if info["dtype"] in ("F32", "BF16", "F16"):
-            return _ST_DTYPES[info["dtype"]]
+            return ST_DTYPES[info["dtype"]]
     return torch.float32
 
 
@@ -443,15 +443,16 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     halfway through writing decoder layer ``i``'s shard (flushed, not yet renamed) and "after"
     once layer ``i`` is recorded as complete (crash tests kill the process there). Returns the
     metadata written (llmprune.json)."""
-    from .api import (_check_device, _solver_options, calibration_ids, needs_calibration,
-                      prune_meta, resolve_calib_dtype)
+    from .api import (calibration_ids, needs_calibration, prune_meta, resolve_calib_dtype,
+                      solver_options)
+    from .core.device import check_device
     from .export import check_export_args
     from .loading import load_config, resolve
     from .output import check_output
     from .solvers import get_solver
 
     t_start = time.perf_counter()
-    _check_device(recipe.device)
+    check_device(recipe.device)
     target = recipe.target
     check_export_args(export, export_dtype, "--export", "--export-dtype")
     if activations_offload not in ("ram", "disk"):
@@ -485,10 +486,10 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     from .models import adapter_for_type
 
     adapter = adapter_for_type(config.model_type)
-    files = SafetensorsFiles(_checkpoint_files(src))
+    files = SafetensorsFiles(checkpoint_files(src))
     skel = _skeleton(config, _stored_dtype(files), trust_remote_code)
     check_target(skel, adapter, target)
-    solver = get_solver(recipe.method, **_solver_options(recipe))
+    solver = get_solver(recipe.method, **solver_options(recipe))
     calib_dtype = resolve_calib_dtype(recipe, solver, skel)
     from transformers import AutoTokenizer
 
@@ -597,11 +598,12 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
                 prune_layer(layer, i, adapter, solver, target, inputs, opts, report,
                             propagate=i + 1 < len(layers))
             else:
-                from .calibrate import _solve_group
+                from .calibrate import solve_linear_group
 
                 with torch.no_grad():
                     for group in adapter.groups:
-                        _solve_group(layer, None, adapter, i, group, solver, None, target, report)
+                        solve_linear_group(layer, None, adapter, i, group, solver, None, target,
+                                           report)
             t = time.perf_counter()
             state_dict = {f"{prefix}{i}.{k}": v for k, v in layer.state_dict().items()}
             names = [n for n in by_layer.get(i, []) if n in state_dict] + \
@@ -697,7 +699,7 @@ def _assemble(work: Path, src: Path, out: Path, files: SafetensorsFiles, outside
                       {"llmprune_masks": "keep bits, little-endian, rows byte-padded",
                        "shapes": json.dumps(shapes)}, spec=_file_spec(mask_src))
     for path in sorted(src.iterdir()):
-        if path.is_file() and not _WEIGHT_FILE_RE.search(path.name) and \
+        if path.is_file() and not WEIGHT_FILE_RE.search(path.name) and \
                 path.name not in (META_FILE, MASKS_FILE):
             shutil.copy2(path, model_dir / path.name)
     if recipe_yaml is None:

@@ -763,13 +763,13 @@ def run_checkpoint(method: str, model_name: str, output: str, prune_fn, *, targe
     shrink and save atomically with :func:`save_structured`. Returns the llmprune.json written."""
     import time
 
-    from .api import _check_device, _versions
+    from .core.device import check_device, library_versions
     from .data import ids_sha256, load_text, tokenize, windows
     from .evaluate import perplexity
     from .loading import load_model, resolve
     from .output import check_output
 
-    _check_device(device)
+    check_device(device)
     if before_load is not None:
         before_load()
     check_output(output, overwrite)
@@ -810,7 +810,7 @@ def run_checkpoint(method: str, model_name: str, output: str, prune_fn, *, targe
             "resolved_model": resolved,
             "target": {**target, "per_kind": info.get("per_kind_target")},
             "settings": settings or {}, "calibration": calib_info, "report": info,
-            "results": results, "versions": _versions(), "timings": timings}
+            "results": results, "versions": library_versions(), "timings": timings}
     return save_structured(model.cpu(), tokenizer, output, mask, meta, overwrite=overwrite)
 
 

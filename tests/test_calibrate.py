@@ -151,12 +151,13 @@ def test_unsupported_architecture():
 
 
 def test_auto_calib_dtype_policy(calib_ids):
-    from llmprune.api import _bf16_is_fast, resolve_calib_dtype
+    from llmprune.core.device import bf16_is_fast
+    from llmprune.api import resolve_calib_dtype
     from llmprune.solvers import get_solver
 
     model = tiny_model("llama")
     sg = PruneRecipe("sparsegpt", sparsity=0.5)
-    expected = torch.bfloat16 if _bf16_is_fast("cpu") else None
+    expected = torch.bfloat16 if bf16_is_fast("cpu") else None
     assert resolve_calib_dtype(sg, get_solver("sparsegpt"), model) == expected
     assert resolve_calib_dtype(PruneRecipe("wanda", sparsity=0.5), get_solver("wanda"),
                                model) is None

@@ -15,7 +15,7 @@ import torch
 
 import llmprune
 from llmprune import PruneRecipe
-from llmprune.calibrate import _collect_stats
+from llmprune.calibrate import collect_layer_stats
 from llmprune.distributed import ShardedCalibration, shard_batches, shard_rows
 from llmprune.core.errors import UserError
 from llmprune.models import adapter_for
@@ -47,7 +47,7 @@ class _Recording:
     def adapt(self, solver, ids, opts):
         if self.inner is not None:
             solver, ids, opts = self.inner.adapt(solver, ids, opts)
-        collect = opts.collect_stats or _collect_stats
+        collect = opts.collect_stats or collect_layer_stats
 
         def recording(*args):
             out = collect(*args)

@@ -112,7 +112,7 @@ def test_recipe_yaml_spells_out_the_auto_calib_dtype(tmp_path, checkpoint_dir, t
     names the dtype that was used, so rerunning it on another machine repeats the result."""
     import llmprune.api as api
 
-    monkeypatch.setattr(api, "_bf16_is_fast", lambda device: bf16_fast)
+    monkeypatch.setattr(api, "bf16_is_fast", lambda device: bf16_fast)
     out = tmp_path / "out"
     assert main(["-q", "sparsegpt", "--model", str(checkpoint_dir), "--sparsity", "0.5",
                  "--nsamples", "4", "--seqlen", "16", "--calib-data", str(text_file),

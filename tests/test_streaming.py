@@ -191,14 +191,14 @@ def test_memory_plan_hand_count(ckpts):
     """Tiny Llama: hidden 64, intermediate 128, 4 heads / 2 KV heads (head_dim 16), float32."""
     from transformers import AutoConfig
 
-    from llmprune.export import SafetensorsFiles, _checkpoint_files
+    from llmprune.export import SafetensorsFiles, checkpoint_files
     from llmprune.models import adapter_for
     from llmprune.solvers import get_solver
     from llmprune.streaming import _skeleton, memory_plan
 
     src = ckpts["llama"]
     skel = _skeleton(AutoConfig.from_pretrained(src), torch.float32, False)
-    files = SafetensorsFiles(_checkpoint_files(src))
+    files = SafetensorsFiles(checkpoint_files(src))
     recipe = PruneRecipe("sparsegpt", sparsity=0.5, nsamples=8, seqlen=32, batch_size=4,
                          true_sequential=False)
     plan = memory_plan(files, skel, adapter_for(skel), recipe, get_solver("sparsegpt"), None,
@@ -298,14 +298,14 @@ def test_mapped_and_copied_tensors_equal_the_stored_ones(ckpts, tmp_path):
     than a tensor; a truncated file is a clear error."""
     import io
 
-    from llmprune.export import CorruptCheckpointError, SafetensorsFiles, _checkpoint_files
+    from llmprune.export import CorruptCheckpointError, SafetensorsFiles, checkpoint_files
 
     src = ckpts["llama"]
-    files = SafetensorsFiles(_checkpoint_files(src))
+    files = SafetensorsFiles(checkpoint_files(src))
     want = {}
-    for path in _checkpoint_files(src):
+    for path in checkpoint_files(src):
         want.update(load_file(path))
-    small = SafetensorsFiles(_checkpoint_files(src))
+    small = SafetensorsFiles(checkpoint_files(src))
     small.COPY_CHUNK = 1000  # several reads per tensor
     for name, tensor in want.items():
         assert same_bits(files.map(name), tensor), name
@@ -313,7 +313,7 @@ def test_mapped_and_copied_tensors_equal_the_stored_ones(ckpts, tmp_path):
         assert small.copy_bytes(name, out) == tensor.numel() * tensor.element_size()
         assert out.getvalue() == tensor.contiguous().view(torch.uint8).numpy().tobytes(), name
     broken = tmp_path / "model.safetensors"
-    data = Path(_checkpoint_files(src)[0]).read_bytes()
+    data = Path(checkpoint_files(src)[0]).read_bytes()
     broken.write_bytes(data[: len(data) // 2])
     cut = SafetensorsFiles([broken])
     last = list(cut.entries)[-1]
