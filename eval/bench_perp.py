@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmprune import PruneRecipe, prune  # noqa: E402
-from llmprune.api import calibration_ids  # noqa: E402
+from llmprune.data import calibration_ids  # noqa: E402
 from llmprune.core.bits import count_true, unpack_bits  # noqa: E402
 from llmprune.data import load_text, tokenize, windows  # noqa: E402
 from llmprune.evaluate import perplexity  # noqa: E402

@@ -8,35 +8,24 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from .calibrate import EngineOptions, Report, check_target, prune_layerwise, prune_without_data
-from .data import ids_sha256, load_text, tokenize, windows
 from .core.device import bf16_is_fast, check_device, library_versions
 from .core.errors import UserError
+from .data import calibration_ids, load_text, tokenize
+from .export import write_checkpoint
 from .models import adapter_for
 from .output import atomic_dir, check_output
 from .recipe import CALIB_DTYPES, PruneRecipe
 from .solvers import get_solver
 
 log = logging.getLogger(__name__)
-
-
-def calibration_ids(tokenizer, recipe: PruneRecipe) -> tuple[torch.Tensor, dict]:
-    """Token ids ``[nsamples, seqlen]`` for a recipe, and a description for reports."""
-    text = load_text(recipe.calib_data, "calib")
-    ids = windows(tokenize(tokenizer, text.text), recipe.nsamples, recipe.seqlen,
-                  recipe.calib_sampling, recipe.seed, text.source)
-    return ids, {"source": text.source, "text_sha256": text.sha256, "ids_sha256": ids_sha256(ids),
-                 "shape": list(ids.shape)}
 
 
 def solver_options(recipe: PruneRecipe) -> dict:
@@ -153,28 +142,6 @@ def needs_calibration(recipe: PruneRecipe) -> bool:
         recipe.allocation == "owl"
 
 
-def write_checkpoint(model, tokenizer, out_dir: Path, meta: dict, masks: dict | None = None,
-                     export: str = "dense", dtype: str = "auto", progress: bool = True) -> None:
-    """Save the pruned model into ``out_dir``: a dense checkpoint (zeros in place) with the pruning
-    masks and ``llmprune.json``, or a compact export (``export="compact"``)."""
-    from .export import model_source, write_masks
-    from .export import export as export_dir
-
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    if export == "compact" or dtype != "auto":
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(out_dir)
-        export_dir(model_source(model, masks, meta), out_dir, export, dtype, progress=progress)
-        return
-    model.save_pretrained(out_dir)
-    if masks:
-        shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n in masks}
-        write_masks(out_dir, {f"{n}.weight": b for n, b in masks.items()},
-                    {f"{n}.weight": s for n, s in shapes.items()})
-    (out_dir / "llmprune.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
 def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrite: bool = False,
                      eval_ppl: str | None = None, eval_seqlen: int = 1024,
                      eval_max_windows: int | None = 16, trust_remote_code: bool = False,
@@ -250,7 +217,7 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
         if callable(recipe_yaml):
             recipe_yaml = recipe_yaml(ran)
         elif recipe_yaml is None:
-            from .runner import dump
+            from .recipe import dump
 
             recipe_yaml = dump(
                 model_name, ran,

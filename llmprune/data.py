@@ -169,3 +169,13 @@ def windows(ids: torch.Tensor, nsamples: int, seqlen: int, sampling: str = "cons
 
 def ids_sha256(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def calibration_ids(tokenizer, recipe) -> tuple[torch.Tensor, dict]:
+    """Token ids ``[nsamples, seqlen]`` for a recipe (anything with ``calib_data``, ``nsamples``,
+    ``seqlen``, ``calib_sampling`` and ``seed``), and a description for reports."""
+    text = load_text(recipe.calib_data, "calib")
+    ids = windows(tokenize(tokenizer, text.text), recipe.nsamples, recipe.seqlen,
+                  recipe.calib_sampling, recipe.seed, text.source)
+    return ids, {"source": text.source, "text_sha256": text.sha256, "ids_sha256": ids_sha256(ids),
+                 "shape": list(ids.shape)}

@@ -899,6 +899,29 @@ def _with_kernels(model, src: Path, kernels: str | None, verify: bool):
 
 
 # ----------------------------------------------------------------------------- entry point
+# export() under a name that write_checkpoint's parameter `export` does not shadow
+write_export = export
+
+
+def write_checkpoint(model, tokenizer, out_dir: Path, meta: dict, masks: dict | None = None,
+                     export: str = "dense", dtype: str = "auto", progress: bool = True) -> None:
+    """Save the pruned model into ``out_dir``: a dense checkpoint (zeros in place) with the pruning
+    masks and ``llmprune.json``, or a compact export (``export="compact"``)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    if export == "compact" or dtype != "auto":
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out_dir)
+        write_export(model_source(model, masks, meta), out_dir, export, dtype, progress=progress)
+        return
+    model.save_pretrained(out_dir)
+    if masks:
+        shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n in masks}
+        write_masks(out_dir, {f"{n}.weight": b for n, b in masks.items()},
+                    {f"{n}.weight": s for n, s in shapes.items()})
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def export_checkpoint(src: str, output: str, fmt: str = "compact", dtype: str = "auto",
                       pattern: str | None = None, max_shard_size: str | int = "5GB",
                       overwrite: bool = False, progress: bool = True,

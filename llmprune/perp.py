@@ -557,7 +557,7 @@ def perp(model, masks: dict[str, torch.Tensor], config: PerpConfig = PerpConfig(
 def training_ids(tokenizer, config: PerpConfig) -> tuple[torch.Tensor, dict]:
     """Training windows ``[nsamples, seqlen]`` from ``config.calib_data`` (default: WikiText-2
     valid.txt, the calibration text), and their description."""
-    from .api import calibration_ids  # reads calib_data, nsamples, seqlen, calib_sampling, seed
+    from .data import calibration_ids  # reads calib_data, nsamples, seqlen, calib_sampling, seed
 
     return calibration_ids(tokenizer, config)
 
@@ -608,7 +608,7 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
     """Load a pruned checkpoint directory, run :func:`perp`, verify, and write a plain checkpoint
     (with the same masks file) atomically to ``output``. Returns the metadata written."""
     from .core.device import check_device, library_versions
-    from .api import write_checkpoint
+    from .export import write_checkpoint
     from .data import load_text, tokenize
     from .evaluate import perplexity
     from .export import check_export_args, read_masks, read_meta

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import yaml
 
 from .core.errors import UserError
 from .core.sparsity import Sparsity
@@ -77,3 +78,18 @@ class PruneRecipe:
         if unknown:
             raise UserError(f"unknown recipe keys {unknown}; valid keys: {sorted(known)}")
         return cls(**data)
+
+
+def dump(model: str, recipe: PruneRecipe, export: dict | None = None,
+         evaluation: dict | None = None, perp: dict | None = None) -> str:
+    """The recipe.yaml that reproduces a run (every solver field spelled out)."""
+    solver = {k: v for k, v in recipe.to_dict().items() if k != "method"}
+    stages = [{recipe.method: solver}]
+    if perp is not None:
+        stages.append({"perp": perp})
+    if export:
+        stages.append({"export": export})
+    if evaluation:
+        stages.append({"eval": evaluation})
+    head = "# written by llmprune: `llmprune run recipe.yaml --output DIR` reproduces this run\n"
+    return head + yaml.safe_dump({"model": model, "stages": stages}, sort_keys=False)

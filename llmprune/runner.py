@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .core.errors import UserError
-from .recipe import PruneRecipe
+from .recipe import PruneRecipe, dump  # noqa: F401  (dump: recipe.yaml of a run)
 from .solvers import SOLVERS
 
 EXPORT_KEYS = {"format": "dense", "dtype": "auto"}
@@ -117,21 +117,6 @@ def load(path: str, sets: list[str] | None = None) -> dict:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"recipe {path} is not valid YAML: {first}") from None
     return apply_sets(validate(data), sets or [])
-
-
-def dump(model: str, recipe: PruneRecipe, export: dict | None = None,
-         evaluation: dict | None = None, perp: dict | None = None) -> str:
-    """The recipe.yaml that reproduces a run (every solver field spelled out)."""
-    solver = {k: v for k, v in recipe.to_dict().items() if k != "method"}
-    stages = [{recipe.method: solver}]
-    if perp is not None:
-        stages.append({"perp": perp})
-    if export:
-        stages.append({"export": export})
-    if evaluation:
-        stages.append({"eval": evaluation})
-    head = "# written by llmprune: `llmprune run recipe.yaml --output DIR` reproduces this run\n"
-    return head + yaml.safe_dump({"model": model, "stages": stages}, sort_keys=False)
 
 
 def run(data: dict, output: str | None, overwrite: bool = False, progress: bool = True) -> dict:

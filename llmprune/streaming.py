@@ -704,7 +704,7 @@ def _assemble(work: Path, src: Path, out: Path, files: SafetensorsFiles, outside
             shutil.copy2(path, model_dir / path.name)
     if recipe_yaml is None:
         from .recipe import PruneRecipe
-        from .runner import dump
+        from .recipe import dump
 
         recipe_yaml = dump(model_name, PruneRecipe.from_dict(meta["recipe_resolved"]),
                            {"format": export, "dtype": export_dtype}

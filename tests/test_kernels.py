@@ -446,7 +446,7 @@ def test_dense_checkpoints_name_their_two_four_linears(pruned_llama, tmp_path, l
     table): every 2:4 linear is found, and auto on CPU stays bit-identical."""
     from transformers import AutoModelForCausalLM
 
-    from llmprune.api import write_checkpoint
+    from llmprune.export import write_checkpoint
     from llmprune.export import export, model_source
 
     model, report, ids, logits = pruned_llama
