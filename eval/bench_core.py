@@ -57,7 +57,7 @@ def worker_ours(args) -> dict:
     from safetensors.torch import load_file
 
     import llmprune
-    from llmprune.loading import load_model
+    from llmprune.loaders import load_model
 
     t = time.perf_counter()
     model, tok, _ = load_model(args.ckpt)
@@ -90,7 +90,7 @@ def worker_floor(args) -> dict:
     from safetensors.torch import load_file
 
     from llmprune.calibrate import EngineOptions, capture_inputs
-    from llmprune.loading import load_model
+    from llmprune.loaders import load_model
     from llmprune.models import adapter_for
 
     model, _, _ = load_model(args.ckpt)
@@ -157,7 +157,8 @@ def main() -> None:
 
     from llmprune.data import ids_sha256, load_text, tokenize, windows
     from llmprune.evaluate import perplexity
-    from llmprune.loading import load_model, smollm2_checkpoint
+    from llmprune.loaders import load_model
+    from llmprune.loading import smollm2_checkpoint
 
     ckpt = smollm2_checkpoint()
     model, tok, _ = load_model(str(ckpt))

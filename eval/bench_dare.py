@@ -42,7 +42,8 @@ def code_text() -> str:
 
 
 def build_pair(steps: int) -> Path:
-    from llmprune.loading import load_model, smollm2_checkpoint
+    from llmprune.loaders import load_model
+    from llmprune.loading import smollm2_checkpoint
 
     if (PAIR / "config.json").exists():
         return PAIR

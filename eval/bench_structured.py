@@ -91,7 +91,7 @@ def worker(job: str) -> dict:
     import torch
 
     torch.set_num_threads(CONFIG["threads"])
-    from llmprune.loading import load_model
+    from llmprune.loaders import load_model
     from llmprune.structured import removed_fraction, shrink_
 
     kind, _, arg = job.partition("-")

@@ -212,7 +212,7 @@ def main() -> int:
     from llmprune import structured as S
     from llmprune.data import load_text, tokenize, windows
     from llmprune.evaluate import perplexity
-    from llmprune.loading import load_model
+    from llmprune.loaders import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,9 +5,9 @@ __version__ = "0.1.0"
 from .api import calibration_ids, prune, prune_checkpoint  # noqa: E402
 from .calibrate import Report  # noqa: E402
 from .core.errors import UserError  # noqa: E402
-from .export import export_checkpoint, load_pretrained  # noqa: E402
-from .loading import load_model  # noqa: E402
+from .export import export_checkpoint  # noqa: E402
 from .core.sparsity import Sparsity  # noqa: E402
+from .loaders import load_model, load_pretrained  # noqa: E402
 # llmprune.perp is the function below (the module stays importable as llmprune.perp in
 # `from llmprune.perp import ...`, through sys.modules)
 from .perp import PerpConfig, perp, perp_checkpoint  # noqa: E402

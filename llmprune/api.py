@@ -156,7 +156,8 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
     ``parallel`` / ``device_map``: see :func:`prune`; in a data-parallel run only the main
     process (rank 0) evaluates and writes, the others wait for it."""
     from .evaluate import perplexity
-    from .loading import load_model, resolve
+    from .loaders import load_model
+    from .loading import resolve
 
     from .export import check_export_args
 

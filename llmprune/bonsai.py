@@ -466,7 +466,7 @@ def bonsai_checkpoint(model_name: str, output: str, config: BonsaiConfig, *, nsa
         mask, info = bonsai_mask(model, ids, config, progress=progress)
         return model, mask, info
 
-    from .structured import run_checkpoint
+    from .structured_run import run_checkpoint
 
     return run_checkpoint("bonsai", model_name, output, prune_fn, target=asdict(config.target),
                           nsamples=nsamples, seqlen=seqlen, calib_data=calib_data,

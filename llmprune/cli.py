@@ -237,7 +237,7 @@ def _add_structured(sub) -> None:
 
 def _run_structured(args) -> int:
     from .core.device import check_device
-    from .structured import structured_checkpoint
+    from .structured_run import structured_checkpoint
 
     check_device(args.device)
     info = structured_checkpoint(
@@ -835,7 +835,7 @@ def _run_eval(args) -> int:
     from .core.device import check_device
     from .data import load_text
     from .evaluate import evaluate_loaded, record_eval
-    from .loading import load_model
+    from .loaders import load_model
 
     check_device(args.device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []

@@ -224,3 +224,29 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
             results["model"] = export(src, tmp, "dense", progress=progress)
     meta["kept_fraction"] = kept / max(total, 1)
     return {**meta, **results}
+
+
+def load_delta(src: Path, base: str | None, verify: bool, trust_remote_code: bool):
+    """A compact DARE delta: W' = cast(float32(W_base) + float32(d')) for every tensor, the same
+    expression ``llmprune dare --output`` wrote, so the result is bit for bit that model."""
+    from transformers import AutoModelForCausalLM
+
+    from .export import CorruptCheckpointError, iter_compact, read_meta
+    from .loading import resolve
+
+    if base is None:
+        info = read_meta(src)["delta_of"]
+        raise UserError(f"{src} is a delta against {info.get('base')}; pass "
+                        "load_pretrained(DIR, base=BASE)")
+    model = AutoModelForCausalLM.from_pretrained(resolve(base), dtype="auto",
+                                                 trust_remote_code=trust_remote_code)
+    params = model.state_dict()
+    with torch.no_grad():
+        for name, delta, _ in iter_compact(src, verify=verify):
+            if name not in params or tuple(params[name].shape) != tuple(delta.shape):
+                raise CorruptCheckpointError(f"{src}: delta tensor {name} does not fit {base}")
+            if delta.is_floating_point():
+                params[name].copy_(merge(params[name], delta))
+            else:
+                params[name].copy_(delta)
+    return model.eval()

@@ -741,7 +741,7 @@ def iter_compact(src: Path, verify: bool = True
 
 
 @contextlib.contextmanager
-def _no_init():
+def no_init():
     try:
         from transformers.initialization import no_init_weights  # transformers 5
     except ImportError:
@@ -753,60 +753,7 @@ def _no_init():
         yield
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: bool = True,
-                    trust_remote_code: bool = False, kernels: str | None = None,
-                    base: str | None = None):
-    """Load an llmprune checkpoint as a standard transformers model.
-
-    For a compact export the weights are decoded bit for bit (each shard's size and header
-    sha256 are checked first, and every tensor's checksum as it is read, unless ``verify=False``);
-    a dense checkpoint is loaded with plain ``from_pretrained``.
-    ``dtype`` optionally casts the loaded model. ``kernels`` ("auto" | "dense" | "triton" |
-    "cusparselt") swaps every 2:4 linear for :class:`llmprune.sparse_linear.SparseLinear`, which
-    picks a sparse backend only where a measured dispatch table says it beats dense (on CPU,
-    "auto" stays dense); None or "dense" keeps plain ``nn.Linear``.
-    """
-    if kernels not in (None, "auto", "dense", "triton", "cusparselt"):
-        raise UserError(f"kernels must be auto, dense, triton or cusparselt, got {kernels!r}")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    src = Path(path).expanduser()
-    if not (src / "config.json").exists():
-        raise UserError(f"{path} is not a checkpoint directory (no config.json)")
-    if is_compact(src) and (read_meta(src) or {}).get("delta_of"):
-        return _load_delta(src, base, verify, trust_remote_code)
-    if base is None and _is_structured_dir(src):
-        return _load_structured(src, dtype, trust_remote_code)
-    if base is not None:
-        raise UserError(f"{path} is not a delta checkpoint; load it without base=")
-    if not is_compact(src):
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto",
-                                                     trust_remote_code=trust_remote_code)
-        return _with_kernels(model.eval(), src, kernels, verify)
-    meta = read_meta(src)
-    stored = getattr(torch, meta["dtype"])
-    config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-    with _no_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=stored,
-                                                 trust_remote_code=trust_remote_code)
-    params = model.state_dict()
-    loaded: set[str] = set()
-    with torch.no_grad():
-        for name, tensor, _ in iter_compact(src, verify=verify):
-            if name not in params:
-                raise CorruptCheckpointError(f"{src}: tensor {name} does not belong to a "
-                                             f"{config.model_type} model")
-            if tuple(params[name].shape) != tuple(tensor.shape):
-                raise CorruptCheckpointError(f"{src}: tensor {name} has shape "
-                                             f"{tuple(tensor.shape)}, the model wants "
-                                             f"{tuple(params[name].shape)}")
-            params[name].copy_(tensor)
-            loaded.add(name)
-    model = _finish_load(model, params, loaded, src, dtype)
-    return _with_kernels(model, src, kernels, verify)
-
-
-def _finish_load(model, params: dict, loaded: set[str], src: Path, dtype: torch.dtype | None):
+def finish_load(model, params: dict, loaded: set[str], src: Path, dtype: torch.dtype | None):
     """Tie weights, check that every tensor (or its tied twin) was loaded, cast, eval mode."""
     model.tie_weights()
     loaded_ptrs = {params[n].data_ptr() for n in loaded}
@@ -818,84 +765,6 @@ def _finish_load(model, params: dict, loaded: set[str], src: Path, dtype: torch.
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
-
-
-def _is_structured_dir(src: Path) -> bool:
-    from .structured import CONFIG_KEY
-
-    try:
-        return CONFIG_KEY in json.loads((src / "config.json").read_text())
-    except (json.JSONDecodeError, OSError) as exc:
-        raise CorruptCheckpointError(f"cannot read {src / 'config.json'}: {exc}") from None
-
-
-def _load_structured(src: Path, dtype: torch.dtype | None, trust_remote_code: bool):
-    """A structured export with per-layer widths (``llmprune_structured`` in config.json): build
-    the model from its config, shrink every layer to its recorded widths, then load the weights
-    (every tensor must be there with exactly the shape the shrunk model wants)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .structured import CONFIG_KEY, shrink_to_widths, weight_files
-
-    config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-    widths = getattr(config, CONFIG_KEY)["layers"]
-    files = SafetensorsFiles(weight_files(src))
-    stored = next((ST_DTYPES[info["dtype"]] for _, info, _ in files.entries.values()
-                   if info["dtype"] in ("F32", "BF16", "F16")), torch.float32)
-    with _no_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=stored,
-                                                 trust_remote_code=trust_remote_code)
-    try:
-        shrink_to_widths(model, widths)
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{src}: {exc}") from None
-    params = model.state_dict()
-    loaded: set[str] = set()
-    with torch.no_grad():
-        for name, tensor in files:
-            if name not in params or tuple(params[name].shape) != tuple(tensor.shape):
-                want = tuple(params[name].shape) if name in params else "no such tensor"
-                raise CorruptCheckpointError(f"{src}: tensor {name} {tuple(tensor.shape)} does "
-                                             f"not fit the recorded widths ({want})")
-            params[name].copy_(tensor)
-            loaded.add(name)
-    return _finish_load(model, params, loaded, src, dtype)
-
-
-def _load_delta(src: Path, base: str | None, verify: bool, trust_remote_code: bool):
-    """A compact DARE delta: W' = cast(float32(W_base) + float32(d')) for every tensor, the same
-    expression ``llmprune dare --output`` wrote, so the result is bit for bit that model."""
-    from transformers import AutoModelForCausalLM
-
-    from .dare import merge
-    from .loading import resolve
-
-    if base is None:
-        info = read_meta(src)["delta_of"]
-        raise UserError(f"{src} is a delta against {info.get('base')}; pass "
-                        "load_pretrained(DIR, base=BASE)")
-    model = AutoModelForCausalLM.from_pretrained(resolve(base), dtype="auto",
-                                                 trust_remote_code=trust_remote_code)
-    params = model.state_dict()
-    with torch.no_grad():
-        for name, delta, _ in iter_compact(src, verify=verify):
-            if name not in params or tuple(params[name].shape) != tuple(delta.shape):
-                raise CorruptCheckpointError(f"{src}: delta tensor {name} does not fit {base}")
-            if delta.is_floating_point():
-                params[name].copy_(merge(params[name], delta))
-            else:
-                params[name].copy_(delta)
-    return model.eval()
-
-
-def _with_kernels(model, src: Path, kernels: str | None, verify: bool):
-    if kernels is None or kernels == "dense":
-        return model
-    if kernels == "auto" and read_meta(src) is None:  # a plain checkpoint: nothing is 2:4
-        return model
-    from .sparse_linear import apply_kernels
-
-    return apply_kernels(model, src, kernels=kernels, verify=verify)
 
 
 # ----------------------------------------------------------------------------- entry point

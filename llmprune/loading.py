@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from .core.errors import ModelNotFoundError, UserError
-from .models import adapter_for_type
 
 log = logging.getLogger(__name__)
 
@@ -135,45 +134,3 @@ def skeleton(config, trust_remote_code: bool = False):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-
-
-def load_model(model: str, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False,
-               check=None):
-    """Resolve, check the architecture, and load ``(model, tokenizer, resolved_path)`` on the CPU.
-
-    Weights stay on the CPU: the calibration engine moves one decoder layer at a time to the
-    compute device. ``check(skeleton)`` runs on the weightless meta-device model before any
-    weight is read, so shape errors surface in a second even for a 70B checkpoint.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .export import is_compact, load_pretrained
-
-    def _is_structured_dir(path: str) -> bool:
-        from .structured import CONFIG_KEY
-
-        return Path(path).is_dir() and CONFIG_KEY in config.to_dict()
-
-    resolved = resolve(model)
-    config = load_config(resolved, trust_remote_code)
-    if is_compact(resolved) or _is_structured_dir(resolved):
-        # a compact llmprune export (decoded bit-exact), or a structured one with per-layer
-        # widths (built shrunk, then loaded)
-        adapter_for_type(config.model_type)
-        if check is not None:
-            check(skeleton(config, trust_remote_code))
-        lm = load_pretrained(resolved, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-        return lm, tokenizer, resolved
-    adapter_for_type(config.model_type)  # fail before reading any weights
-    if check is not None:
-        check(skeleton(config, trust_remote_code))
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(
-            resolved, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise ModelNotFoundError(f"cannot load model {model!r}: {exc}") from None
-    lm.eval()
-    return lm, tokenizer, resolved

@@ -261,7 +261,7 @@ def loraprune_checkpoint(model_name: str, output: str, config: LoRAPruneConfig, 
                          device: str = "cpu", progress: bool = True) -> dict:
     """``llmprune loraprune``: LoRAPrune on a checkpoint; the merged, shrunk model is written to
     ``output``. Returns the llmprune.json written (with trainable parameters and peak RSS)."""
-    from .structured import run_checkpoint
+    from .structured_run import run_checkpoint
 
     def before_load():
         if config.load_8bit:

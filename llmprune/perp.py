@@ -612,7 +612,7 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
     from .data import load_text, tokenize
     from .evaluate import perplexity
     from .export import check_export_args, read_masks, read_meta
-    from .loading import load_model
+    from .loaders import load_model
     from .output import atomic_dir, check_output
 
     check_device(config.device)

@@ -152,7 +152,7 @@ def evaluate_output(out: str, ev: dict, device: str, progress: bool) -> dict:
     """The eval stage: loads the written output (so it also checks that it loads) and records
     the results into its llmprune.json."""
     from .evaluate import evaluate_loaded, record_eval
-    from .loading import load_model
+    from .loaders import load_model
 
     model, tokenizer, resolved = load_model(out)
     tasks = ev["tasks"]

@@ -75,7 +75,7 @@ def sweep(model_name: str, solvers: list[str], sparsities: list[float], output: 
     from .api import calibration_ids, needs_calibration, prune
     from .data import load_text, tokenize
     from .evaluate import perplexity
-    from .loading import load_model
+    from .loaders import load_model
     from .output import atomic_dir, check_output
     from .recipe import PruneRecipe
 

@@ -105,7 +105,7 @@ def test_unknown_task_is_one_line(checkpoint_dir, task_dir, capsys):
 
 @pytest.mark.real_model
 def test_lm_eval_matches_hand_scoring_smollm2(task_dir, tmp_path):
-    from llmprune.loading import load_model
+    from llmprune.loaders import load_model
 
     res = _run("smollm2-135m", task_dir, tmp_path, limit=12)
     r = res["lm_eval"]["results"][TASK]

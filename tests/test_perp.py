@@ -282,7 +282,7 @@ def test_recipe_with_a_perp_stage(checkpoint_dir, text_file, tmp_path):
 def test_smollm2_perp_keeps_the_sparsity_exactly():
     """Acceptance 2 on the real model, short: magnitude 2:4 on all 210 linears, two MaskLoRA +
     norms steps on random tokens, every mask compared before / after."""
-    from llmprune.loading import load_model
+    from llmprune.loaders import load_model
 
     model, _, _ = load_model("smollm2-135m")
     report = prune(model, PruneRecipe("magnitude", pattern="2:4"), keep_masks=True,

@@ -93,7 +93,7 @@ def test_stream_is_bit_identical_to_in_memory(ckpts, text_file, tmp_path, family
 
 
 def test_stream_compact_export_matches_in_memory(ckpts, text_file, tmp_path):
-    from llmprune.export import load_pretrained
+    from llmprune.loaders import load_pretrained
 
     recipe = _recipe("wanda", text_file, pattern="2:4")
     prune_checkpoint(str(ckpts["llama"]), recipe, str(tmp_path / "mem"), progress=False,

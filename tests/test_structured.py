@@ -236,7 +236,7 @@ def test_nonuniform_export_loads_with_load_pretrained(family, kw, tmp_path, toke
     from transformers import AutoModelForCausalLM
 
     import llmprune
-    from llmprune.loading import load_model
+    from llmprune.loaders import load_model
 
     model = model_of(family)
     groups = S.layer_groups(model)
