@@ -26,9 +26,8 @@ from .export import (CorruptCheckpointError, finish_load, is_compact, iter_compa
                      read_meta)
 from .loading import load_config, resolve, skeleton
 from .models import adapter_for_type
+from .sparse_linear import KERNELS, apply_kernels
 from .structured import CONFIG_KEY, is_structured_dir, load_structured
-
-KERNELS = (None, "auto", "dense", "triton", "cusparselt")
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,6 @@ def with_kernels(model, src: Path, kernels: str | None, verify: bool):
         return model
     if kernels == "auto" and read_meta(src) is None:  # a plain checkpoint: nothing is 2:4
         return model
-    from .sparse_linear import apply_kernels
-
     return apply_kernels(model, src, kernels=kernels, verify=verify)
 
 
@@ -115,7 +112,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
     "auto" stays dense); None or "dense" keeps plain ``nn.Linear``. ``base`` is the base model
     of a DARE delta.
     """
-    if kernels not in KERNELS:
+    if kernels is not None and kernels not in KERNELS:
         raise UserError(f"kernels must be auto, dense, triton or cusparselt, got {kernels!r}")
     src = Path(path).expanduser()
     if not (src / "config.json").exists():

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .core.errors import UserError
-from .recipe import PruneRecipe, dump  # noqa: F401  (dump: recipe.yaml of a run)
+from .recipe import PruneRecipe, dump
 from .solvers import SOLVERS
 
 EXPORT_KEYS = {"format": "dense", "dtype": "auto"}

@@ -241,8 +241,9 @@ def run_all(work: Path, runs: list[tuple[str, list[str]]], progress=print) -> di
     for name, argv in runs:
         progress(f"golden run {name}: llmprune {' '.join(argv)}")
         run_cli(work, argv)
-        for out in outputs_of(argv):
-            key = name if out == outputs_of(argv)[0] else f"{name}:{out}"
+        outs = outputs_of(argv)
+        for out in outs:
+            key = name if out == outs[0] else f"{name}:{out}"
             result[key] = digest_dir(work / out)
     base = dict(runs)[RESUME_OF]
     resumed = [a if a != f"out/{RESUME_OF}" else "out/resumed" for a in base]
