@@ -2,8 +2,10 @@
 
     import llmprune
     model, tok, _ = llmprune.load_model("smollm2-135m")
-    report = llmprune.prune(model, llmprune.PruneRecipe("sparsegpt", sparsity=0.5,
-                                                         nsamples=32, seqlen=512), tokenizer=tok)
+    recipe = llmprune.PruneRecipe(method, sparsity=0.5, nsamples=32, seqlen=512)
+    report = llmprune.prune(model, recipe, tokenizer=tok)
+
+where ``method`` is a name in ``llmprune.solvers.SOLVERS``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,6 @@ from .recipe import CALIB_DTYPES, PruneRecipe
 from .solvers import get_solver
 
 log = logging.getLogger(__name__)
-
-
-def solver_options(recipe: PruneRecipe) -> dict:
-    if recipe.method == "sparsegpt":
-        return {"blocksize": recipe.blocksize, "percdamp": recipe.percdamp}
-    return {}
 
 
 def resolve_calib_dtype(recipe: PruneRecipe, solver, model) -> torch.dtype | None:
@@ -62,7 +58,7 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
     adapter = adapter_for(model)
     target = recipe.target
     check_target(model, adapter, target)
-    solver = get_solver(recipe.method, **solver_options(recipe))
+    solver = get_solver(recipe.method, **recipe.solver_options())
     torch.manual_seed(recipe.seed)
     opts = EngineOptions(device=recipe.device, batch_size=recipe.batch_size,
                          true_sequential=recipe.true_sequential,
@@ -138,7 +134,7 @@ def prune_meta(model_name: str, resolved: str, recipe: PruneRecipe, report: Repo
 
 def needs_calibration(recipe: PruneRecipe) -> bool:
     """Whether a run reads calibration data: calibrated solvers, and OWL for every solver."""
-    return get_solver(recipe.method, **solver_options(recipe)).needs_calibration or \
+    return get_solver(recipe.method, **recipe.solver_options()).needs_calibration or \
         recipe.allocation == "owl"
 
 

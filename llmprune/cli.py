@@ -17,6 +17,8 @@ import logging
 import sys
 
 from .core.errors import UserError
+from .core.flags import positive_int as _positive
+from .solvers import SOLVERS, options_of
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,25 +38,6 @@ def _sparsity(value: str) -> float:
     return v
 
 
-def _positive(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return v
-
-
-_SOLVER_HELP = {
-    "magnitude": "Magnitude pruning, the baseline: drops the smallest |W| per layer. Reads no "
-                 "calibration data.",
-    "wanda": "Wanda (Sun et al. 2024): drops the smallest |W| * ||x||_2 within each output row.",
-    "sparsegpt": "SparseGPT (Frantar & Alistarh 2023): OBS column sweep with lazy blocks, "
-                 "adaptive masks and damping.",
-}
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="local Hugging Face checkpoint dir, a Hub id (org/name), or a built-in "
@@ -66,8 +49,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="allow custom modelling code from the checkpoint (off by default)")
 
 
-def _add_solver(sub, name: str) -> None:
-    p = sub.add_parser(name, help=_SOLVER_HELP[name], description=_SOLVER_HELP[name],
+def _add_solver(sub, cls) -> None:
+    p = sub.add_parser(cls.name, help=cls.help, description=cls.help,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
     p.add_argument("--sparsity", type=_sparsity, default=None,
@@ -117,13 +100,12 @@ def _add_solver(sub, name: str) -> None:
                         "and higher perplexity in 3 of 4 settings)")
     p.add_argument("--calib-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="dtype of the calibration forward passes (statistics and the solve "
-                        "stay float32); auto = bf16 for sparsegpt on an fp32 model where bf16 "
-                        "is fast (measured: same perplexity, 1.5x faster), else the model's")
-    if name == "sparsegpt":
-        p.add_argument("--blocksize", type=_positive, default=128,
-                       help="columns per lazy-update block")
-        p.add_argument("--percdamp", type=float, default=0.01,
-                       help="damping added to diag(H), as a fraction of its mean")
+                        "stay float32); auto = the solver's preferred dtype on an fp32 model "
+                        "where that dtype is fast (sparsegpt: bf16, measured same perplexity, "
+                        "1.5x faster), else the model's")
+    for f in options_of(cls):
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
+                       type=f.metadata["parse"], help=f.metadata["help"])
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel calibration over the processes torchrun starts "
                         "(torchrun --nproc-per-node N -m llmprune ... --distributed): each "
@@ -163,7 +145,7 @@ def _add_solver(sub, name: str) -> None:
     p.add_argument("--resume", action="store_true",
                    help="streaming: continue an interrupted run from OUTPUT.partial/ after its "
                         "last completed layer (bit-identical to an uninterrupted run)")
-    p.set_defaults(func=_run_solver, method=name)
+    p.set_defaults(func=_run_solver, method=cls.name)
 
 
 def _fraction(flag: str):
@@ -392,14 +374,19 @@ def _run_loraprune(args) -> int:
     return 0
 
 
+# the commands after the solvers', in the order of `llmprune --help`
+_COMMANDS = ("structured", "bonsai", "loraprune", "eval", "export", "inspect", "push", "run",
+             "sweep", "dare", "merge", "perp")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="llmprune",
                      description="Post-training pruning of large language models.")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                metavar="{magnitude,wanda,sparsegpt,structured,bonsai,loraprune,eval,export,inspect,push,run,sweep,dare,merge,perp}")
-    for name in ("magnitude", "wanda", "sparsegpt"):
-        _add_solver(sub, name)
+                                metavar="{" + ",".join([*SOLVERS, *_COMMANDS]) + "}")
+    for cls in SOLVERS.values():
+        _add_solver(sub, cls)
     _add_structured(sub)
     _add_bonsai(sub)
     _add_loraprune(sub)
@@ -507,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "owl_layers.png into --output. Holds two copies of the model in memory.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--solvers", default="magnitude,wanda,sparsegpt",
+    p.add_argument("--solvers", default=",".join(SOLVERS),
                    help="comma-separated solvers")
     p.add_argument("--sparsity", default="0.3,0.4,0.5,0.6,0.7",
                    help="comma-separated sparsities in [0, 1)")
@@ -773,15 +760,14 @@ def _run_solver(args) -> int:
     from .api import prune_checkpoint
     from .recipe import PruneRecipe
 
-    fields = dict(method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+    fields = dict(sparsity=args.sparsity, pattern=args.pattern,
                   seed=args.seed, device=args.device, allocation=args.allocation,
                   owl_lambda=args.owl_lambda, owl_m=args.owl_m,
                   nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data,
                   calib_sampling=args.calib_sampling, batch_size=args.batch_size,
                   true_sequential=args.true_sequential, calib_dtype=args.calib_dtype)
-    if args.method == "sparsegpt":
-        fields.update(blocksize=args.blocksize, percdamp=args.percdamp)
-    recipe = PruneRecipe(**fields)
+    fields.update({f.name: getattr(args, f.name) for f in options_of(SOLVERS[args.method])})
+    recipe = PruneRecipe.from_stage(args.method, fields)
     if args.stream or args.resume or args.max_memory or args.activations_offload == "disk":
         return _run_streaming(args, recipe)
     parallel = None

@@ -3,14 +3,14 @@ it into every output's ``llmprune.json``."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import yaml
 
 from .core.errors import UserError
 from .core.sparsity import Sparsity
-from .solvers import SOLVERS
+from .solvers import SOLVERS, options_of
 
 CALIB_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
                 "fp16": torch.float16}
@@ -35,11 +35,14 @@ class PruneRecipe:
     allocation: str = "uniform"  # uniform | owl (per-layer sparsity from outlier ratios)
     owl_lambda: float = 0.08  # OWL: layer sparsities stay within target +- lambda
     owl_m: float = 5.0  # OWL: an outlier scores above M x the layer's mean Wanda score
+    # options of the solver that are not fields above (a registered solver's own options)
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in SOLVERS:
             raise UserError(f"unknown method {self.method!r}; choose one of "
                             f"{', '.join(sorted(SOLVERS))}")
+        SOLVERS[self.method](**self.solver_options())  # the solver validates its options
         self.target  # validates sparsity and pattern
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise UserError("--nsamples and --batch-size must be >= 1 and --seqlen >= 2")
@@ -47,8 +50,6 @@ class PruneRecipe:
             raise UserError(f"--calib-dtype must be one of {', '.join(CALIB_DTYPES)}")
         if self.calib_sampling not in ("consecutive", "random"):
             raise UserError("--calib-sampling must be consecutive or random")
-        if not (0 < self.percdamp < 1) or self.blocksize < 1:
-            raise UserError("--percdamp must be in (0, 1) and --blocksize >= 1")
         if self.allocation not in ("uniform", "owl"):
             raise UserError(f"--allocation must be uniform or owl, got {self.allocation!r}")
         if self.allocation == "owl":
@@ -68,22 +69,57 @@ class PruneRecipe:
     def torch_calib_dtype(self) -> torch.dtype | None:
         return CALIB_DTYPES[self.calib_dtype]
 
+    def solver_options(self) -> dict:
+        """Keyword arguments of the solver: its options that are recipe fields (sparsegpt's
+        ``blocksize``, ``percdamp``) taken from those fields, the rest from ``options``."""
+        names = [f.name for f in options_of(SOLVERS[self.method])]
+        unknown = sorted(set(self.options) - (set(names) - RECIPE_FIELDS))
+        if unknown:
+            raise UserError(f"unknown {self.method} options {unknown}; valid: "
+                            f"{sorted(set(names) - RECIPE_FIELDS) or 'none'}")
+        return {n: getattr(self, n) if n in RECIPE_FIELDS else self.options[n] for n in names
+                if n in RECIPE_FIELDS or n in self.options}
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if not data["options"]:
+            del data["options"]  # a run of a built-in solver records exactly its fields
+        return data
+
+    @classmethod
+    def keys(cls, method: str) -> set[str]:
+        """Keys a recipe stage of solver ``method`` accepts: the fields and the solver's options."""
+        return (RECIPE_FIELDS - {"method", "options"}) | {f.name for f in options_of(SOLVERS[method])}
+
+    @classmethod
+    def from_stage(cls, method: str, args: dict) -> "PruneRecipe":
+        """The recipe of a solver stage ``{method: args}``: keys that are fields set fields,
+        the solver's other options go to ``options``."""
+        if method not in SOLVERS:
+            raise UserError(f"unknown method {method!r}; choose one of {', '.join(sorted(SOLVERS))}")
+        unknown = sorted(set(args) - cls.keys(method))
+        if unknown:
+            raise UserError(f"unknown {method} keys {unknown}; valid keys: {sorted(cls.keys(method))}")
+        own = {k: v for k, v in args.items() if k in RECIPE_FIELDS}
+        extra = {k: v for k, v in args.items() if k not in RECIPE_FIELDS}
+        return cls(method=method, **own, options=extra)
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruneRecipe":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(f"unknown recipe keys {unknown}; valid keys: {sorted(known)}")
-        return cls(**data)
+        data = dict(data)
+        method = data.pop("method", None)
+        options = data.pop("options", {})
+        return cls.from_stage(method, {**data, **options})
+
+
+RECIPE_FIELDS = frozenset(f.name for f in fields(PruneRecipe))
 
 
 def dump(model: str, recipe: PruneRecipe, export: dict | None = None,
          evaluation: dict | None = None, perp: dict | None = None) -> str:
     """The recipe.yaml that reproduces a run (every solver field spelled out)."""
-    solver = {k: v for k, v in recipe.to_dict().items() if k != "method"}
+    solver = {k: v for k, v in recipe.to_dict().items() if k not in ("method", "options")}
+    solver.update(recipe.options)
     stages = [{recipe.method: solver}]
     if perp is not None:
         stages.append({"perp": perp})

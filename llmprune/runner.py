@@ -18,7 +18,6 @@ reproduces it as ``recipe.yaml`` into its output.
 from __future__ import annotations
 
 import difflib
-from dataclasses import fields
 from pathlib import Path
 
 import yaml
@@ -52,7 +51,6 @@ def validate(data: dict) -> dict:
     if "model" not in data or "stages" not in data:
         raise UserError("a recipe needs 'model' and 'stages'")
     stages = []
-    solver_keys = {f.name for f in fields(PruneRecipe)} - {"method"}
     kinds = set(SOLVERS) | {"export", "eval", "perp"}
     for i, stage in enumerate(data["stages"] or []):
         if isinstance(stage, str):
@@ -63,7 +61,7 @@ def validate(data: dict) -> dict:
         args = dict(args or {})
         if kind not in kinds:
             raise UserError(f"unknown stage {kind!r}{_nearest(kind, kinds)}")
-        valid = solver_keys if kind in SOLVERS else (
+        valid = PruneRecipe.keys(kind) if kind in SOLVERS else (
             {"export": EXPORT_KEYS, "perp": _perp_keys()}.get(kind, EVAL_KEYS))
         _check_keys(f"stage {kind}", args, valid)
         stages.append({kind: args})
@@ -128,7 +126,7 @@ def run(data: dict, output: str | None, overwrite: bool = False, progress: bool 
         raise UserError("no output directory: pass --output DIR or set 'output:' in the recipe")
     stages = {next(iter(s)): next(iter(s.values())) for s in data["stages"]}
     method = next(k for k in stages if k in SOLVERS)
-    recipe = PruneRecipe(method=method, **stages[method])
+    recipe = PruneRecipe.from_stage(method, stages[method])
     export = {**EXPORT_KEYS, **stages.get("export", {})}
     evaluation = stages.get("eval")
     if evaluation is not None:

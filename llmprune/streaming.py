@@ -53,9 +53,6 @@ from .export import (ST_DTYPES, ST_NAMES, MASKS_FILE, META_FILE, SafetensorsFile
                      checkpoint_files, WEIGHT_FILE_RE, parse_size)
 from .models import adapter_for
 from .output import publish_dir
-from .solvers.sparsegpt import FACTOR_BLOCK
-from .solvers.sparsegpt import STACK_BYTES as SPARSEGPT_STACK_BYTES
-from .solvers.wanda import CHUNK_BYTES as WANDA_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -257,30 +254,13 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
         lins = [first.get_submodule(n) for n in group]
         groups.append((lins[0].in_features, sum(lin.weight.numel() for lin in lins) * 4,
                        max(lin.weight.numel() for lin in lins)))
-    stat_bytes = [(in_f * in_f * 4 if solver.name == "sparsegpt" else in_f * 4)
-                  if solver.needs_calibration else 0 for in_f, _, _ in groups]
+    stat_bytes = [solver.stats_bytes(in_f) for in_f, _, _ in groups]
     best = (-1, 0, 0, "")
     for g, (in_f, w32, big) in enumerate(groups):
         # statistics still alive when group g is solved: all groups are collected in one pass
         # and each is freed once solved (true-sequential: only group g's)
         alive = stat_bytes[g] if recipe.true_sequential else sum(stat_bytes[g:])
-        if solver.name == "sparsegpt":
-            # the group's float32 working copy, its mask (bool) and the report's inverted copy
-            # of it; the factorisation runs inside the Hessian (counted in the statistics)
-            # with [in, 2 x 128] panels, and the sweep has [rows, blocksize] blocks
-            # (or of its largest member alone, for groups larger than STACK_BYTES)
-            swept = w32 if w32 <= SPARSEGPT_STACK_BYTES else big * 4
-            rows = swept // (4 * in_f)
-            work = (swept + 2 * (swept // 4) + 2 * min(FACTOR_BLOCK, in_f) * in_f * 4
-                    + 8 * rows * min(recipe.blocksize, in_f) * 4)
-        elif solver.name == "magnitude":
-            # one member at a time, whole: float32 copy, |W|, the selection's copy of it, the
-            # pruned copy (float32), and the mask (bool, and the report's inverted copy)
-            work = 4 * big * 4 + 2 * big
-        else:
-            # pruned in place, a chunk of rows at a time: the chunk in float32 with its scores
-            # and the selection's workspace (6 chunks), and the packed keep bits
-            work = 6 * min(WANDA_CHUNK_BYTES, big * 4) + big // 8
+        work = solver.work_bytes(in_f, w32, big)
         if alive + work > best[1] + best[2]:
             best = (g, alive, work, ",".join(adapter.groups[g]))
     _, stats, work, peak_group = best
@@ -443,8 +423,7 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     halfway through writing decoder layer ``i``'s shard (flushed, not yet renamed) and "after"
     once layer ``i`` is recorded as complete (crash tests kill the process there). Returns the
     metadata written (llmprune.json)."""
-    from .api import (calibration_ids, needs_calibration, prune_meta, resolve_calib_dtype,
-                      solver_options)
+    from .api import calibration_ids, needs_calibration, prune_meta, resolve_calib_dtype
     from .core.device import check_device
     from .export import check_export_args
     from .loading import load_config, resolve
@@ -489,7 +468,7 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     files = SafetensorsFiles(checkpoint_files(src))
     skel = _skeleton(config, _stored_dtype(files), trust_remote_code)
     check_target(skel, adapter, target)
-    solver = get_solver(recipe.method, **solver_options(recipe))
+    solver = get_solver(recipe.method, **recipe.solver_options())
     calib_dtype = resolve_calib_dtype(recipe, solver, skel)
     from transformers import AutoTokenizer
 

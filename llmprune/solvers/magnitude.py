@@ -13,7 +13,7 @@ import torch
 from ..core.sparsity import Sparsity
 
 from ..core.masks import select_mask
-from .base import Solved, register
+from .base import Solved, SolverBase, register
 
 
 def magnitude_prune(weight: torch.Tensor, target: Sparsity) -> Solved:
@@ -24,10 +24,16 @@ def magnitude_prune(weight: torch.Tensor, target: Sparsity) -> Solved:
 
 @register
 @dataclass
-class Magnitude:
+class Magnitude(SolverBase):
     name = "magnitude"
+    help = ("Magnitude pruning, the baseline: drops the smallest |W| per layer. Reads no "
+            "calibration data.")
     needs_calibration = False
-    auto_calib_dtype = None
+
+    def work_bytes(self, in_features: int, group_bytes: int, largest: int) -> int:
+        # one member at a time, whole: float32 copy, |W|, the selection's copy of it, the
+        # pruned copy (float32), and the mask (bool, and the report's inverted copy)
+        return 4 * largest * 4 + 2 * largest
 
     def new_stats(self, in_features, device):
         return None

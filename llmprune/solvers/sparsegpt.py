@@ -32,7 +32,9 @@ import torch
 from ..core.sparsity import Sparsity
 
 from ..core.masks import lowest_k_mask, n_pruned
-from .base import STATS_DTYPE, Solved, register
+from ..core.errors import UserError
+from ..core.flags import positive_int
+from .base import STATS_DTYPE, Solved, SolverBase, option, register
 
 log = logging.getLogger(__name__)
 
@@ -324,15 +326,36 @@ def _sweep_block(w1, u1, d, mask1, err1, target: Sparsity) -> None:
 
 @register
 @dataclass
-class SparseGPT:
+class SparseGPT(SolverBase):
     name = "sparsegpt"
+    help = ("SparseGPT (Frantar & Alistarh 2023): OBS column sweep with lazy blocks, adaptive "
+            "masks and damping.")
     needs_calibration = True
     # Measured on smollm2-135m (eval/bench_core.py, 32 x 512 tokens): bf16 forward passes with
     # fp32 Hessians and master weights gave test perplexity 31.37 vs 31.41 in fp32, in 67 s vs
     # 102 s. So `--calib-dtype auto` runs SparseGPT's forward passes in bf16 where bf16 is fast.
     auto_calib_dtype = torch.bfloat16
-    blocksize: int = DEFAULT_BLOCKSIZE
-    percdamp: float = DEFAULT_PERCDAMP
+    blocksize: int = option(DEFAULT_BLOCKSIZE, "columns per lazy-update block",
+                            parse=positive_int)
+    percdamp: float = option(DEFAULT_PERCDAMP,
+                             "damping added to diag(H), as a fraction of its mean")
+
+    def __post_init__(self) -> None:
+        if not (0 < self.percdamp < 1) or self.blocksize < 1:
+            raise UserError("--percdamp must be in (0, 1) and --blocksize >= 1")
+
+    def stats_bytes(self, in_features: int) -> int:
+        return in_features * in_features * 4  # the Hessian, float32
+
+    def work_bytes(self, in_features: int, group_bytes: int, largest: int) -> int:
+        # the group's float32 working copy, its mask (bool) and the report's inverted copy of
+        # it; the factorisation runs inside the Hessian (counted in the statistics) with
+        # [in, 2 x FACTOR_BLOCK] panels, and the sweep has [rows, blocksize] blocks (or of its
+        # largest member alone, for groups larger than STACK_BYTES)
+        swept = group_bytes if group_bytes <= STACK_BYTES else largest * 4
+        rows = swept // (4 * in_features)
+        return (swept + 2 * (swept // 4) + 2 * min(FACTOR_BLOCK, in_features) * in_features * 4
+                + 8 * rows * min(self.blocksize, in_features) * 4)
 
     def new_stats(self, in_features, device):
         return Hessian(torch.zeros(in_features, in_features, dtype=STATS_DTYPE, device=device))

@@ -9,14 +9,14 @@ output row* (Sec. 3, "comparison group"), and within each group of M inputs for 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..core.sparsity import Sparsity
 
 from ..core.masks import select_mask
-from .base import STATS_DTYPE, Solved, register
+from .base import STATS_DTYPE, Solved, SolverBase, register
 
 
 @dataclass
@@ -71,13 +71,18 @@ def wanda_prune_rows(weight: torch.Tensor, col_sq: torch.Tensor, target: Sparsit
 
 @register
 @dataclass
-class Wanda:
+class Wanda(SolverBase):
     name = "wanda"
+    help = "Wanda (Sun et al. 2024): drops the smallest |W| * ||x||_2 within each output row."
     needs_calibration = True
     # Wanda's scores come straight from activation norms: bf16 forward passes cost 0.9%
     # perplexity on smollm2-135m (38.01 vs 37.66), so `auto` keeps the model's dtype.
     auto_calib_dtype = None
-    options: dict = field(default_factory=dict)
+
+    def work_bytes(self, in_features: int, group_bytes: int, largest: int) -> int:
+        # pruned in place, a chunk of rows at a time: the chunk in float32 with its scores and
+        # the selection's workspace (6 chunks), and the packed keep bits
+        return 6 * min(CHUNK_BYTES, largest * 4) + largest // 8
 
     def new_stats(self, in_features, device):
         return ColumnSquares(torch.zeros(in_features, dtype=STATS_DTYPE, device=device))
