@@ -89,7 +89,7 @@ def worker_floor(args) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from llmprune.calibrate import EngineOptions, capture_inputs
+    from llmprune.engine.calibrate import EngineOptions, capture_inputs
     from llmprune.loaders import load_model
     from llmprune.models import adapter_for
 
@@ -155,10 +155,10 @@ def main() -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from llmprune.data import ids_sha256, load_text, tokenize, windows
-    from llmprune.evaluate import perplexity
+    from llmprune.io.data import ids_sha256, load_text, tokenize, windows
+    from llmprune.evaluate.ppl import perplexity
     from llmprune.loaders import load_model
-    from llmprune.loading import smollm2_checkpoint
+    from llmprune.io.loading import smollm2_checkpoint
 
     ckpt = smollm2_checkpoint()
     model, tok, _ = load_model(str(ckpt))

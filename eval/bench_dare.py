@@ -43,7 +43,7 @@ def code_text() -> str:
 
 def build_pair(steps: int) -> Path:
     from llmprune.loaders import load_model
-    from llmprune.loading import smollm2_checkpoint
+    from llmprune.io.loading import smollm2_checkpoint
 
     if (PAIR / "config.json").exists():
         return PAIR
@@ -86,10 +86,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmprune.dare import dare
-    from llmprune.data import load_text, tokenize
-    from llmprune.evaluate import perplexity
-    from llmprune.loading import smollm2_checkpoint
+    from llmprune.delta.dare import dare
+    from llmprune.io.data import load_text, tokenize
+    from llmprune.evaluate.ppl import perplexity
+    from llmprune.io.loading import smollm2_checkpoint
 
     base = str(smollm2_checkpoint())
     tuned = str(build_pair(args.steps))

@@ -54,7 +54,8 @@ def worker(args) -> dict:
 
     import torch
 
-    from llmprune.export import export, export_checkpoint, model_source, read_masks, read_meta
+    from llmprune.io.export import export, export_checkpoint, model_source
+    from llmprune.io.meta import read_masks, read_meta
 
     model = None
     if args.worker in ("save", "export-mem"):
@@ -94,7 +95,7 @@ def run_worker(kind: str, src: Path, out: Path, shard: str = "5GB") -> dict:
 def ideal_bytes(meta: dict) -> int:
     """The analytic size of the export: plain tensors as they are, pruned linears at the
     formula of their pattern (see the module docstring)."""
-    from llmprune.compact import index_bits
+    from llmprune.io.compact import index_bits
 
     total = 0
     for info in meta["tensors"].values():
@@ -135,9 +136,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import llmprune
-    from llmprune.data import load_text, tokenize
-    from llmprune.evaluate import perplexity
-    from llmprune.export import export_checkpoint
+    from llmprune.io.data import load_text, tokenize
+    from llmprune.evaluate.ppl import perplexity
+    from llmprune.io.export import export_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="llmprune-bench-export-"))
     results = {"model": "smollm2-135m", "method": args.method, "runs": []}

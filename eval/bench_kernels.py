@@ -54,7 +54,7 @@ def main() -> int:
         return 0
 
     import llmprune_kernels as K
-    from llmprune.sparse_linear import MARGIN, random_two_four, time_ms
+    from llmprune.sparse.linear import MARGIN, random_two_four, time_ms
 
     device = torch.device("cuda")
     have_triton = K.triton_usable(device)

@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmprune import PruneRecipe, prune  # noqa: E402
-from llmprune.data import calibration_ids  # noqa: E402
+from llmprune.io.data import calibration_ids  # noqa: E402
 from llmprune.core.bits import count_true, unpack_bits  # noqa: E402
-from llmprune.data import load_text, tokenize, windows  # noqa: E402
-from llmprune.evaluate import perplexity  # noqa: E402
+from llmprune.io.data import load_text, tokenize, windows  # noqa: E402
+from llmprune.evaluate.ppl import perplexity  # noqa: E402
 from llmprune.loaders import load_model  # noqa: E402
-from llmprune.perp import PerpConfig, perp  # noqa: E402
+from llmprune.retrain.perp import PerpConfig, perp  # noqa: E402
 
 RUNS = {"magnitude": ("magnitude", 0.5, None), "wanda": ("wanda", None, "2:4"),
         "sparsegpt": ("sparsegpt", None, "2:4")}

@@ -38,8 +38,8 @@ def build(path: Path, shard_bytes: int = 2 * 10**9) -> None:
     import torch
     from transformers import LlamaConfig
 
-    from llmprune.loading import smollm2_checkpoint, skeleton
-    from llmprune.streaming import write_safetensors
+    from llmprune.io.loading import smollm2_checkpoint, skeleton
+    from llmprune.io.safetensors import write_safetensors
 
     if (path / "config.json").exists():
         return
@@ -98,7 +98,7 @@ def child(args) -> None:
 
     torch.set_num_threads(1)
     from llmprune.recipe import PruneRecipe
-    from llmprune.streaming import prune_streaming
+    from llmprune.runs.streaming import prune_streaming
 
     recipe = PruneRecipe(args.child, sparsity=0.5, nsamples=2, seqlen=128, batch_size=2)
     out = Path(args.out)
@@ -133,7 +133,7 @@ def main() -> None:
     if args.build_only:
         return
     disk = sum(f.stat().st_size for f in CACHE.glob("*.safetensors"))
-    from llmprune.export import SafetensorsFiles, checkpoint_files
+    from llmprune.io.safetensors import SafetensorsFiles, checkpoint_files
 
     files = SafetensorsFiles(checkpoint_files(CACHE))
     params = sum(int(__import__("math").prod(files.shape(n))) for n in files.entries)
@@ -143,7 +143,7 @@ def main() -> None:
                         "is torch's and triton's mapped libraries), --max-memory LIMIT",
                "threads": "torch.set_num_threads(1), OMP_NUM_THREADS=1 (shared 2-core machine)",
                "calibration": "2 x 128 tokens, WikiText-2 valid.txt", "runs": {}}
-    from llmprune.export import parse_size
+    from llmprune.io.export import parse_size
 
     limit = parse_size(args.limit)
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:

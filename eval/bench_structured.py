@@ -72,15 +72,15 @@ def vm_hwm_mib() -> float:
 
 # ----------------------------------------------------------------------------- worker side
 def _calib(tok, nsamples: int):
-    from llmprune.data import load_text, tokenize, windows
+    from llmprune.io.data import load_text, tokenize, windows
 
     text = load_text("wikitext2", "calib")
     return windows(tokenize(tok, text.text), nsamples, CONFIG["seqlen"], source=text.source)
 
 
 def _ppl(model, tok) -> float:
-    from llmprune.data import load_text, tokenize
-    from llmprune.evaluate import perplexity
+    from llmprune.io.data import load_text, tokenize
+    from llmprune.evaluate.ppl import perplexity
 
     ids = tokenize(tok, load_text("wikitext2", "eval").text)
     return perplexity(model, ids, CONFIG["eval"]["seqlen"], CONFIG["eval"]["windows"],
@@ -92,7 +92,7 @@ def worker(job: str) -> dict:
 
     torch.set_num_threads(CONFIG["threads"])
     from llmprune.loaders import load_model
-    from llmprune.structured import removed_fraction, shrink_
+    from llmprune.structured.shrink import removed_fraction, shrink_
 
     kind, _, arg = job.partition("-")
     model, tok, _ = load_model("smollm2-135m")
@@ -111,13 +111,13 @@ def worker(job: str) -> dict:
         return out
     sparsity = float(arg.split("-")[-1])
     if kind in ("magnitude", "activation"):
-        from llmprune.structured import prune_structured
+        from llmprune.structured.select import prune_structured
 
         ids = _calib(tok, CONFIG["prior_nsamples"]) if kind == "activation" else None
         mask, _ = prune_structured(model, importance=kind, sparsity=sparsity, calib_ids=ids,
                                    batch_size=4, progress=False)
     elif kind == "bonsai":
-        from llmprune.bonsai import BonsaiConfig, Target, bonsai_mask
+        from llmprune.structured.bonsai import BonsaiConfig, Target, bonsai_mask
 
         ids = _calib(tok, CONFIG["prior_nsamples"])
         out["rss_before_mib"] = vm_hwm_mib()
@@ -126,8 +126,8 @@ def worker(job: str) -> dict:
         out["peak_rss_mib"] = vm_hwm_mib()  # before the perplexity pass (its batch is 1x1024)
         out["info"] = info
     elif kind == "loraprune":
-        from llmprune.bonsai import Target
-        from llmprune.loraprune import LoRAPruneConfig, loraprune
+        from llmprune.structured.bonsai import Target
+        from llmprune.structured.loraprune import LoRAPruneConfig, loraprune
 
         c = dict(CONFIG["loraprune"])
         ids = _calib(tok, c.pop("nsamples"))

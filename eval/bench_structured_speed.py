@@ -174,7 +174,7 @@ def time_linears(models: dict, iters: int = 30, clock: str = "wall") -> dict:
 
 
 def decoder_linear_params(model) -> int:
-    from llmprune.structured import layer_groups
+    from llmprune.structured.shrink import layer_groups
 
     return sum(g.total_params for g in layer_groups(model))
 
@@ -209,9 +209,9 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     import llmprune
-    from llmprune import structured as S
-    from llmprune.data import load_text, tokenize, windows
-    from llmprune.evaluate import perplexity
+    from llmprune.structured import shrink as S
+    from llmprune.io.data import load_text, tokenize, windows
+    from llmprune.evaluate.ppl import perplexity
     from llmprune.loaders import load_model
 
     if args.threads:

@@ -26,10 +26,10 @@ def main() -> None:
     import llmprune
     from transformers import AutoModelForCausalLM
 
-    from llmprune.data import load_text, tokenize
-    from llmprune.evaluate import perplexity
-    from llmprune.export import export_checkpoint
-    from llmprune.sparse_linear import SparseLinear
+    from llmprune.io.data import load_text, tokenize
+    from llmprune.evaluate.ppl import perplexity
+    from llmprune.io.export import export_checkpoint
+    from llmprune.sparse.linear import SparseLinear
 
     work = Path(tempfile.mkdtemp(prefix="llmprune-kernels-e2e-"))
     dense_dir, compact_dir = work / "dense", work / "compact"

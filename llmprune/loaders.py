@@ -20,14 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .core.errors import ModelNotFoundError, UserError
-from .dare import load_delta
-from .export import (CorruptCheckpointError, finish_load, is_compact, iter_compact, no_init,
-                     read_meta)
-from .loading import load_config, resolve, skeleton
+from .core.errors import CorruptCheckpointError, ModelNotFoundError, UserError
+from .delta.dare import load_delta
+from .io.export import iter_compact
+from .io.loading import finish_load, load_config, no_init, resolve, skeleton
+from .io.meta import is_compact, read_meta
 from .models import adapter_for_type
-from .sparse_linear import KERNELS, apply_kernels
-from .structured import CONFIG_KEY, is_structured_dir, load_structured
+from .sparse.linear import KERNELS
+from .sparse.apply import apply_kernels
+from .structured.format import is_structured_dir, load_structured
+from .structured.shrink import CONFIG_KEY
 
 
 @dataclass(frozen=True)

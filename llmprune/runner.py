@@ -77,7 +77,7 @@ def validate(data: dict) -> dict:
 
 
 def _perp_keys() -> set[str]:
-    from .perp import PerpConfig
+    from .retrain.perp import PerpConfig
 
     return PerpConfig.keys()
 
@@ -119,7 +119,7 @@ def load(path: str, sets: list[str] | None = None) -> dict:
 
 def run(data: dict, output: str | None, overwrite: bool = False, progress: bool = True) -> dict:
     """Run a validated recipe; returns the pruning metadata (with evaluations, if any)."""
-    from .api import prune_checkpoint
+    from .runs.prune import prune_checkpoint
 
     out = output or data.get("output")
     if not out:
@@ -149,7 +149,7 @@ def run(data: dict, output: str | None, overwrite: bool = False, progress: bool 
 def evaluate_output(out: str, ev: dict, device: str, progress: bool) -> dict:
     """The eval stage: loads the written output (so it also checks that it loads) and records
     the results into its llmprune.json."""
-    from .evaluate import evaluate_loaded, record_eval
+    from .evaluate.ppl import evaluate_loaded, record_eval
     from .loaders import load_model
 
     model, tokenizer, resolved = load_model(out)
@@ -171,9 +171,10 @@ def _run_with_perp(data, stages, recipe, out, overwrite, progress, export) -> di
     import os
     import shutil
 
-    from .api import prune_checkpoint
-    from .output import check_output
-    from .perp import PerpConfig, perp_checkpoint
+    from .runs.prune import prune_checkpoint
+    from .io.output import check_output
+    from .retrain.perp import PerpConfig
+    from .runs.perp import perp_checkpoint
 
     final = check_output(out, overwrite)
     config = PerpConfig(**{"device": recipe.device, **stages["perp"]})

@@ -72,11 +72,12 @@ def sweep(model_name: str, solvers: list[str], sparsities: list[float], output: 
           eval_ppl: str = "wikitext2", eval_seqlen: int = 1024, max_windows: int = 16,
           batch_size: int = 4, device: str = "cpu", overwrite: bool = False,
           progress: bool = True) -> dict:
-    from .api import calibration_ids, needs_calibration, prune
-    from .data import load_text, tokenize
-    from .evaluate import perplexity
+    from .io.data import calibration_ids
+    from .engine.prune import needs_calibration, prune
+    from .io.data import load_text, tokenize
+    from .evaluate.ppl import perplexity
     from .loaders import load_model
-    from .output import atomic_dir, check_output
+    from .io.output import atomic_dir, check_output
     from .recipe import PruneRecipe
 
     out = check_output(output, overwrite)

@@ -40,7 +40,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def assert_shrunk_equals_masked(model, mask, ids: torch.Tensor) -> None:
     """Logits of ``model`` with ``mask`` applied by zeroing equal those after physically slicing
     the masked heads and channels out (``structured.shrink_``, which modifies ``model``)."""
-    from llmprune.structured import masked, shrink_
+    from llmprune.structured.shrink import masked, shrink_
 
     with torch.no_grad(), masked(model, mask):
         want = model(input_ids=ids).logits

@@ -36,7 +36,9 @@ def _pause_after_shard(seconds: str):
 def main(argv: list[str]) -> int:
     fault, value, sep, *args = argv
     assert sep == "--", "usage: fault_child.py FAULT VALUE -- ARGS..."
-    from llmprune import cli, export, streaming
+    from llmprune import cli
+    from llmprune.io import export
+    from llmprune.runs import streaming
 
     if fault == "kill-after-layer":
         streaming.prune_streaming = functools.partial(streaming.prune_streaming,

@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from llmprune.allocation import outlier_ratios, owl_sparsities
-from llmprune.calibrate import EngineOptions
-from llmprune.cli import main
+from llmprune.engine.allocation import outlier_ratios, owl_sparsities
+from llmprune.engine.calibrate import EngineOptions
+from llmprune.cli.main import main
 from llmprune.models import adapter_for
 
-from .conftest import tiny_model
+from tests.conftest import tiny_model
 
 
 def test_owl_formula_hand_case():

@@ -5,12 +5,12 @@ import torch
 
 import llmprune
 from llmprune import PruneRecipe
-from llmprune.calibrate import EngineOptions, capture_inputs
+from llmprune.engine.calibrate import EngineOptions, capture_inputs
 from llmprune.core.errors import PatternError, UnsupportedArchitectureError
 from llmprune.core.masks import n_pruned, nm_violations
 from llmprune.models import adapter_for
 
-from .conftest import FAMILIES, tiny_model
+from tests.conftest import FAMILIES, tiny_model
 
 PATTERNS = [(0.5, None), (0.3, None), (None, "2:4"), (None, "4:8")]
 
@@ -152,7 +152,7 @@ def test_unsupported_architecture():
 
 def test_auto_calib_dtype_policy(calib_ids):
     from llmprune.core.device import bf16_is_fast
-    from llmprune.api import resolve_calib_dtype
+    from llmprune.engine.prune import resolve_calib_dtype
     from llmprune.solvers import get_solver
 
     model = tiny_model("llama")
@@ -176,7 +176,7 @@ def test_true_sequential_one_pass_equals_multi_pass(family, method, sparsity, pa
     one calibration pass per group and a propagation pass, and runs each layer once per batch."""
     import functools
 
-    import llmprune.api as api
+    import llmprune.engine.prune as engine_prune
 
     recipe = PruneRecipe(method, sparsity=sparsity, pattern=pattern, true_sequential=True,
                          batch_size=3, calib_dtype=dtype)
@@ -188,7 +188,7 @@ def test_true_sequential_one_pass_equals_multi_pass(family, method, sparsity, pa
     n_layers = len(adapter_for(fused).layers(fused))
     n_batches = -(-calib_ids.shape[0] // 3)
     assert len(calls) == n_layers * n_batches  # one forward per batch per layer, no more
-    monkeypatch.setattr(api, "EngineOptions", functools.partial(api.EngineOptions, fused=False))
+    monkeypatch.setattr(engine_prune, "EngineOptions", functools.partial(engine_prune.EngineOptions, fused=False))
     llmprune.prune(multi, recipe, calib_ids=calib_ids, progress=False)
     for (n, la), (_, lb) in zip(_linears(fused), _linears(multi)):
         assert torch.equal(la.weight, lb.weight), n
@@ -216,8 +216,8 @@ def test_true_sequential_falls_back_to_one_pass_per_group_over_budget(calib_ids,
     calibration pass (more forward calls) and the weights are the same bit for bit."""
     import functools
 
-    import llmprune.api as api
-    from llmprune.calibrate import lockstep_bytes
+    import llmprune.engine.prune as engine_prune
+    from llmprune.engine.calibrate import lockstep_bytes
 
     recipe = PruneRecipe("wanda", sparsity=0.5, batch_size=4)
     fused, tight = tiny_model("llama"), tiny_model("llama")
@@ -227,8 +227,8 @@ def test_true_sequential_falls_back_to_one_pass_per_group_over_budget(calib_ids,
         for layer in adapter_for(model).layers(model):
             layer.register_forward_pre_hook(lambda *a, _c=counts[name]: _c.append(1))
     llmprune.prune(fused, recipe, calib_ids=calib_ids, progress=False)
-    monkeypatch.setattr(api, "EngineOptions",
-                        functools.partial(api.EngineOptions, fuse_budget=1))
+    monkeypatch.setattr(engine_prune, "EngineOptions",
+                        functools.partial(engine_prune.EngineOptions, fuse_budget=1))
     llmprune.prune(tight, recipe, calib_ids=calib_ids, progress=False)
     n_batches = -(-calib_ids.shape[0] // 4)
     assert len(counts["fused"]) == 2 * n_batches

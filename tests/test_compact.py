@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from llmprune import compact
+from llmprune.io import compact
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

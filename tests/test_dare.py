@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llmprune
-from llmprune.cli import main
-from llmprune.dare import prune_delta, tensor_generator
+from llmprune.cli.main import main
+from llmprune.delta.dare import prune_delta, tensor_generator
 
-from .conftest import tiny_model
+from tests.conftest import tiny_model
 
 
 def test_random_drop_and_rescale_match_bernoulli_by_hand():
@@ -129,7 +129,7 @@ def _rank1_pair(p: float, seed: int = 0):
 def test_per_layer_q_is_the_least_squares_fit_of_each_linear_output(calib_ids):
     import numpy as np
 
-    from llmprune.darex import _per_layer_s
+    from llmprune.delta.darex import _per_layer_s
 
     p = 0.5
     tuned, b, pruned, t = _rank1_pair(p)
@@ -182,12 +182,12 @@ def test_darex_q_search_is_no_worse_than_dare_or_no_rescale(pair, tmp_path, text
                                                              tokenizer):
     """The searched q's calibration loss, measured independently on the written model, is at
     most that of the grid's end points q = 1 - p (DARE) and q = 1 (no rescale)."""
-    from llmprune.data import tokenize, windows
+    from llmprune.io.data import tokenize, windows
 
     base, tuned = pair
     args = ["-q", "dare", "--base", str(base), "--finetuned", str(tuned), "--drop", "0.9",
             "--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32"]
-    from llmprune.dare import dare
+    from llmprune.delta.dare import dare
 
     meta = dare(str(base), str(tuned), 0.9, "random", "darex-q", 0,
                               str(tmp_path / "s"), progress=False, calib_data=str(text_file),

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from llmprune.data import find_wikitext2, load_text, windows, wikitext2_search_path
+from llmprune.io.data import find_wikitext2, load_text, windows, wikitext2_search_path
 from llmprune.core.errors import DataError
 
 

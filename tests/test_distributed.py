@@ -15,12 +15,12 @@ import torch
 
 import llmprune
 from llmprune import PruneRecipe
-from llmprune.calibrate import collect_layer_stats
-from llmprune.distributed import ShardedCalibration, shard_batches, shard_rows
+from llmprune.engine.calibrate import collect_layer_stats
+from llmprune.engine.distributed import ShardedCalibration, shard_batches, shard_rows
 from llmprune.core.errors import UserError
 from llmprune.models import adapter_for
 
-from .conftest import VOCAB, same_bits, tiny_model
+from tests.conftest import VOCAB, same_bits, tiny_model
 
 METHODS = ("sparsegpt", "wanda")
 BATCH = 3  # 10 rows -> batches of 3, 3, 3, 1: rank 0 gets rows 0-5, rank 1 rows 6-9
@@ -71,7 +71,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from llmprune.distributed import init_from_env
+    from llmprune.engine.distributed import init_from_env
 
     par = init_from_env("cpu", "gloo", timeout_minutes=2)
     try:
@@ -186,7 +186,7 @@ def test_split_layer_hooks_give_the_same_result(monkeypatch):
     """A layer split into several placed parts (all on the CPU here: the hooks that move inputs
     in and outputs back are exercised, the device copies are no-ops) prunes exactly as the
     unsplit layer, and the hooks are gone afterwards."""
-    import llmprune.device_map as dm
+    import llmprune.engine.device_map as dm
 
     plan = {"self_attn.q_proj": "cpu", "self_attn.k_proj": "cpu", "self_attn.v_proj": "cpu",
             "self_attn.o_proj": "cpu", "mlp": "cpu", "input_layernorm": "cpu",
@@ -223,7 +223,7 @@ def test_bad_device_map_is_a_user_error():
 def test_device_map_plan_splits_a_layer_that_one_gpu_cannot_hold():
     """The planner (accelerate, with our max_memory) spreads a layer over two GPUs when one
     cannot hold it; a layer that fits nowhere is one clear error. No GPU is touched."""
-    from llmprune.device_map import LayerPlacement
+    from llmprune.engine.device_map import LayerPlacement
 
     layer = tiny_model("llama").model.layers[0]
     size = sum(p.numel() * 4 for p in layer.parameters())

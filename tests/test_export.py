@@ -16,10 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import llmprune
-from llmprune.cli import main
-from llmprune.export import MASKS_FILE, CorruptCheckpointError
+from llmprune.cli.main import main
+from llmprune.io.meta import MASKS_FILE
+from llmprune.core.errors import CorruptCheckpointError
 
-from .conftest import same_bits, tiny_model
+from tests.conftest import same_bits, tiny_model
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -234,7 +235,7 @@ def test_version_1_exports_with_sha256_still_load(pruned, tmp_path, monkeypatch,
     bit in its data is still caught, by sha256."""
     import hashlib
 
-    import llmprune.export as ex
+    import llmprune.io.export as ex
 
     monkeypatch.setattr(ex, "TENSOR_CHECKSUM", "sha256")
     out = tmp_path / "v1"
@@ -316,7 +317,7 @@ def test_inspect_tables_and_nm_check(pruned, tmp_path, capsys):
 
 
 def test_load_pretrained_with_kernels(pruned, tmp_path):
-    from llmprune.sparse_linear import SparseLinear
+    from llmprune.sparse.linear import SparseLinear
 
     out = tmp_path / "c"
     assert main(["-q", "export", str(pruned["2:4"]), "--output", str(out)]) == 0
@@ -338,8 +339,8 @@ def test_shard_writer_files_are_plain_safetensors(tmp_path, monkeypatch, expecte
     import xxhash
     import shutil
 
-    from llmprune import compact
-    from llmprune.export import _ShardWriter
+    from llmprune.io import compact
+    from llmprune.io.export import _ShardWriter
 
     copies = []
     real_copy = shutil.copyfileobj

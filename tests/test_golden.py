@@ -17,10 +17,10 @@ import os
 
 import pytest
 
-from llmprune.data import find_wikitext2
+from llmprune.io.data import find_wikitext2
 
-from .golden.runs import (DIGESTS, REAL_RUNS, TINY_RUNS, fingerprint, make_real_inputs,
-                          make_tiny_inputs, run_all)
+from tests.golden.runs import (DIGESTS, REAL_RUNS, TINY_RUNS, fingerprint, make_real_inputs,
+                               make_tiny_inputs, run_all)
 
 RECORD = os.environ.get("GOLDEN_RECORD") == "1"
 

@@ -27,14 +27,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import llmprune_kernels as K  # noqa: E402
-from llmprune import compact  # noqa: E402
+from llmprune.io import compact  # noqa: E402
 from llmprune.core.errors import PatternError, UserError  # noqa: E402
-from llmprune.sparse_linear import (DispatchTable, KernelError, SparseLinear,  # noqa: E402
-                                    apply_kernels, choose, compress_weight, dispatch_path,
-                                    measure_backends)
+from llmprune.sparse.linear import (DispatchTable, KernelError, SparseLinear, choose,
+                                    compress_weight, dispatch_path, measure_backends)
+from llmprune.sparse.apply import apply_kernels
 from llmprune_kernels.triton_ops import interpreter_ready  # noqa: E402
 
-from .conftest import VOCAB, tiny_model  # noqa: E402
+from tests.conftest import VOCAB, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERP = K.triton_installed() and interpreter_ready()
@@ -414,7 +414,7 @@ def test_compact_checkpoint_feeds_the_kernels_as_stored(pruned_llama, tmp_path):
     import llmprune
     from safetensors import safe_open
 
-    from llmprune.export import export, model_source
+    from llmprune.io.export import export, model_source
 
     model, report, ids, logits = pruned_llama
     out = tmp_path / "compact"
@@ -446,8 +446,8 @@ def test_dense_checkpoints_name_their_two_four_linears(pruned_llama, tmp_path, l
     table): every 2:4 linear is found, and auto on CPU stays bit-identical."""
     from transformers import AutoModelForCausalLM
 
-    from llmprune.export import write_checkpoint
-    from llmprune.export import export, model_source
+    from llmprune.io.export import write_checkpoint
+    from llmprune.io.export import export, model_source
 
     model, report, ids, logits = pruned_llama
     out = tmp_path / layout
@@ -491,7 +491,7 @@ def test_apply_kernels_refuses_bad_requests(pruned_llama, tmp_path):
 # ============================================================================ packaging
 def test_kernels_import_without_triton_and_never_as_kernels(tmp_path):
     code = ("import sys, importlib.util\n"
-            "import llmprune_kernels, llmprune.sparse_linear\n"
+            "import llmprune_kernels, llmprune.sparse.linear\n"
             "assert 'triton' not in sys.modules, 'triton imported eagerly'\n"
             "spec = importlib.util.find_spec('kernels')\n"
             "print(llmprune_kernels.__file__)\n"

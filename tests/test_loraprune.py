@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from llmprune.bonsai import Target
-from llmprune.cli import main
-from llmprune.loraprune import (LoRAPruneConfig, group_importance, lora_importance, loraprune,
-                                prune_schedule)
+from llmprune.structured.bonsai import Target
+from llmprune.cli.main import main
+from llmprune.structured.loraprune import (LoRAPruneConfig, group_importance, lora_importance,
+                                           loraprune, prune_schedule)
 from llmprune.models import adapter_for_type
-from llmprune.structured import LayerGroups
+from llmprune.structured.shrink import LayerGroups
 
-from .conftest import assert_shrunk_equals_masked, tiny_model
+from tests.conftest import assert_shrunk_equals_masked, tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -88,11 +88,24 @@ def test_old_import_paths_are_deprecated_re_exports():
     import sys
 
     from llmprune.core import errors, masks, sparsity
+    from llmprune.deprecated import MOVED
+    from llmprune.io import export
+    from llmprune.retrain import perp
 
     for old, new, names in [("llmprune.masks", sparsity, ["Sparsity", "check_divisible"]),
                             ("llmprune.masks", masks, ["nm_mask", "lowest_k_mask"]),
-                            ("llmprune.errors", errors, ["UserError", "PatternError"])]:
-        sys.modules.pop(old, None)
-        with pytest.warns(DeprecationWarning, match="moved to llmprune.core"):
-            mod = importlib.import_module(old)
-        assert all(getattr(mod, n) is getattr(new, n) for n in names)
+                            ("llmprune.errors", errors, ["UserError", "PatternError"]),
+                            ("llmprune.export", export, ["export_checkpoint"])]:
+        sys.modules.pop(old, None)  # imported anew through the finder
+        mod = importlib.import_module(old)
+        with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; import from"):
+            assert all(getattr(mod, n) is getattr(new, n) for n in names)
+    for old, targets in MOVED.items():  # every old path imports, and names a module that exists
+        assert importlib.import_module(old).__name__ == old
+        for target in targets:
+            importlib.import_module(target)
+    import llmprune
+    from llmprune.perp import PerpConfig
+
+    assert PerpConfig is perp.PerpConfig
+    assert callable(llmprune.perp)  # the function, not the old module of that name

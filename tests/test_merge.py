@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmprune.cli import main
-from llmprune.merge import ties_merge, trim
+from llmprune.cli.main import main
+from llmprune.delta.merge import ties_merge, trim
 
-from .conftest import tiny_model
+from tests.conftest import tiny_model
 
 
 def test_ties_by_hand_without_trim():

@@ -12,12 +12,12 @@ import torch.nn as nn
 import yaml
 
 from llmprune import PruneRecipe, prune
-from llmprune.cli import main
+from llmprune.cli.main import main
 from llmprune.core.bits import pack_bits, unpack_bits
-from llmprune.perp import (PerpConfig, SparsityViolation, check_masks_kept, merge, perp,
-                           prepare)
+from llmprune.retrain.perp import (PerpConfig, SparsityViolation, check_masks_kept, merge, perp,
+                                   prepare)
 
-from .conftest import random_text, same_bits, tiny_model
+from tests.conftest import random_text, same_bits, tiny_model
 
 
 def _pruned(family: str, pattern: str | None = None, seed: int = 0):
@@ -164,7 +164,7 @@ def _loss(model, ids):
 @pytest.mark.parametrize("train,variant", [("norms,lora", "masklora"),
                                            ("norms,lora", "scalelora")])
 def test_training_lowers_the_calibration_loss(tokenizer, train, variant):
-    from llmprune.data import tokenize, windows
+    from llmprune.io.data import tokenize, windows
 
     model, masks = _pruned("llama", seed=1)
     ids = windows(tokenize(tokenizer, random_text(3000, 4)), 8, 64)
@@ -209,7 +209,7 @@ def test_cli_perp_writes_a_plain_checkpoint_with_the_same_zeros(pruned_dir, text
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from llmprune.export import MASKS_FILE, read_masks
+    from llmprune.io.meta import MASKS_FILE, read_masks
 
     out = tmp_path / "perp"
     assert main(["-q", "perp", "--model", str(pruned_dir), "--train", "norms,lora",

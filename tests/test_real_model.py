@@ -9,8 +9,8 @@ import torch
 
 import llmprune
 from llmprune import PruneRecipe
-from llmprune.data import find_wikitext2, load_text, tokenize
-from llmprune.evaluate import perplexity
+from llmprune.io.data import find_wikitext2, load_text, tokenize
+from llmprune.evaluate.ppl import perplexity
 from llmprune.core.masks import nm_violations
 
 pytestmark = [

@@ -11,9 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from llmprune import runner
-from llmprune.cli import main
+from llmprune.cli.main import main
 
-from .conftest import same_bits
+from tests.conftest import same_bits
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
 
@@ -87,7 +87,7 @@ def test_recipe_with_export_and_eval(checkpoint_dir, text_file, tmp_path):
 
 @pytest.mark.real_model
 def test_smollm2_2of4_recipe_end_to_end_and_reproducible(tmp_path):
-    from llmprune.export import iter_compact
+    from llmprune.io.export import iter_compact
 
     recipe = Path(__file__).parents[1] / "recipes" / "smollm2-135m" / "sparsegpt-2of4.yaml"
     first, again = tmp_path / "first", tmp_path / "again"
@@ -110,9 +110,9 @@ def test_recipe_yaml_spells_out_the_auto_calib_dtype(tmp_path, checkpoint_dir, t
     """`--calib-dtype auto` means bf16 passes for SparseGPT only where bf16 is fast, so the same
     flags give different weights on different CPUs. The recipe.yaml written next to the result
     names the dtype that was used, so rerunning it on another machine repeats the result."""
-    import llmprune.api as api
+    import llmprune.engine.prune as engine_prune
 
-    monkeypatch.setattr(api, "bf16_is_fast", lambda device: bf16_fast)
+    monkeypatch.setattr(engine_prune, "bf16_is_fast", lambda device: bf16_fast)
     out = tmp_path / "out"
     assert main(["-q", "sparsegpt", "--model", str(checkpoint_dir), "--sparsity", "0.5",
                  "--nsamples", "4", "--seqlen", "16", "--calib-data", str(text_file),

@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from llmprune import cli
-from llmprune.api import prune_checkpoint
+from llmprune.runs.prune import prune_checkpoint
 from llmprune.core.errors import UserError
 from llmprune.recipe import PruneRecipe
-from llmprune.streaming import prune_streaming
+from llmprune.runs.streaming import prune_streaming
 
-from .conftest import same_bits, tiny_config, tiny_tokenizer
+from tests.conftest import same_bits, tiny_config, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -191,13 +191,13 @@ def test_memory_plan_hand_count(ckpts):
     """Tiny Llama: hidden 64, intermediate 128, 4 heads / 2 KV heads (head_dim 16), float32."""
     from transformers import AutoConfig
 
-    from llmprune.export import SafetensorsFiles, checkpoint_files
+    from llmprune.io.safetensors import SafetensorsFiles, checkpoint_files
     from llmprune.models import adapter_for
     from llmprune.solvers import get_solver
-    from llmprune.streaming import _skeleton, memory_plan
+    from llmprune.engine.streaming import meta_skeleton, memory_plan
 
     src = ckpts["llama"]
-    skel = _skeleton(AutoConfig.from_pretrained(src), torch.float32, False)
+    skel = meta_skeleton(AutoConfig.from_pretrained(src), torch.float32, False)
     files = SafetensorsFiles(checkpoint_files(src))
     recipe = PruneRecipe("sparsegpt", sparsity=0.5, nsamples=8, seqlen=32, batch_size=4,
                          true_sequential=False)
@@ -268,7 +268,7 @@ def test_leftover_of_a_finished_run_is_cleared(ckpts, text_file, tmp_path):
 
 
 def test_out_of_memory_is_one_line_and_resumable(ckpts, text_file, tmp_path, monkeypatch):
-    import llmprune.streaming as streaming
+    import llmprune.runs.streaming as streaming
 
     recipe = _recipe("wanda", text_file)
     ref = tmp_path / "ref"
@@ -298,7 +298,8 @@ def test_mapped_and_copied_tensors_equal_the_stored_ones(ckpts, tmp_path):
     than a tensor; a truncated file is a clear error."""
     import io
 
-    from llmprune.export import CorruptCheckpointError, SafetensorsFiles, checkpoint_files
+    from llmprune.core.errors import CorruptCheckpointError
+    from llmprune.io.safetensors import SafetensorsFiles, checkpoint_files
 
     src = ckpts["llama"]
     files = SafetensorsFiles(checkpoint_files(src))

@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
-from llmprune import structured as S
-from llmprune.cli import main
+from llmprune.structured import shrink as S
+from llmprune.cli.main import main
 from llmprune.core.errors import UserError
 from tests.conftest import VOCAB, random_text, tiny_config
 
@@ -193,7 +193,7 @@ def test_masked_equals_hand_zeroed_out_proj_opt():
 def test_uniform_export_loads_with_plain_from_pretrained(family, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from llmprune.evaluate import perplexity
+    from llmprune.evaluate.ppl import perplexity
 
     model = model_of(family)
     groups = S.layer_groups(model)
@@ -485,7 +485,7 @@ def test_uniform_head_count_llama_config_refuses_goes_to_load_pretrained(tmp_pat
 def test_structured_help_explains_every_flag():
     import argparse
 
-    from llmprune.cli import build_parser
+    from llmprune.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = sub.choices["structured"]

@@ -32,3 +32,7 @@ class PatternError(UserError):
 
 class OutputExistsError(UserError):
     pass
+
+
+class CorruptCheckpointError(UserError):
+    """A checkpoint file is damaged, truncated or does not match its metadata."""

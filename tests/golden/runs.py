@@ -131,7 +131,7 @@ def make_tiny_inputs(work: Path) -> None:
     """The tiny checkpoints, a fine-tuned variant for DARE, calibration text and a recipe."""
     from transformers import AutoModelForCausalLM
 
-    from ..conftest import random_text, tiny_config, tiny_tokenizer
+    from tests.conftest import random_text, tiny_config, tiny_tokenizer
 
     tok = tiny_tokenizer()
     for family in ("llama", "opt"):
@@ -152,7 +152,7 @@ def make_tiny_inputs(work: Path) -> None:
 
 def make_real_inputs(work: Path) -> None:
     """The first 200 lines of wikitext-2's valid.txt (from ../shared, never copied into git)."""
-    from llmprune.data import find_wikitext2
+    from llmprune.io.data import find_wikitext2
 
     src = find_wikitext2() / "valid.txt"
     lines = src.read_text().splitlines(keepends=True)[:200]

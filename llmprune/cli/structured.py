@@ -1,0 +1,203 @@
+"""``structured``, ``bonsai`` and ``loraprune``: structured pruning commands."""
+
+from __future__ import annotations
+
+
+from ..structured.select import IMPORTANCES
+from .common import (EVAL_PPL_FLAGS, MODEL_FLAGS, OVERWRITE, Command, calib_and_output, flag,
+                     fraction, positive)
+
+
+STRUCTURED_TARGET_FLAGS = (
+    flag("--sparsity", type=fraction("--sparsity"), default=None,
+         help="fraction of decoder-layer linear parameters to remove, in [0, 1). "
+              "Alone: about the same fraction of attention and of MLP parameters "
+              "(heads come in coarse steps; the MLP channels make up the total)"),
+    flag("--heads", type=fraction("--heads"), default=None,
+         help="fraction of query heads to remove (overrides the split of --sparsity; "
+              "rounded to whole steps: with GQA one head per KV group, or whole KV "
+              "groups with --gqa kv)"),
+    flag("--mlp", type=fraction("--mlp"), default=None,
+         help="fraction of MLP intermediate channels to remove (overrides the split "
+              "of --sparsity)"),
+    flag("--non-uniform", action="store_true",
+         help="rank heads and channels across all layers, so layers keep different "
+              "widths (loads with llmprune.load_pretrained, not plain "
+              "from_pretrained); default: the same widths in every layer, a plain "
+              "Hugging Face checkpoint"),
+    flag("--gqa", choices=["even", "kv"], default="even",
+         help="grouped-query attention: even = remove the same number of query heads "
+              "from every KV group; kv = remove whole KV groups (k/v shrink too)"),
+)
+
+
+STRUCTURED_FLAGS = (
+    flag("--output", required=True,
+         help="directory for the shrunk checkpoint and its llmprune.json"),
+    OVERWRITE,
+    flag("--nsamples", type=positive, default=32,
+         help="activation: number of calibration sequences"),
+    flag("--seqlen", type=positive, default=512,
+         help="activation: tokens per calibration sequence"),
+    flag("--calib-data", default=None,
+         help="activation: calibration text, a .txt/.jsonl file or wikitext2|c4|ptb "
+              "(default: wikitext2 valid.txt)"),
+    flag("--batch-size", type=positive, default=4,
+         help="activation: calibration sequences per forward pass"),
+    *EVAL_PPL_FLAGS,
+)
+
+
+def _run_structured(args) -> int:
+    from ..core.device import check_device
+    from ..runs.structured import structured_checkpoint
+
+    check_device(args.device)
+    info = structured_checkpoint(
+        args.model, args.output, importance=args.importance, sparsity=args.sparsity,
+        heads=args.heads, mlp=args.mlp, uniform=not args.non_uniform, gqa=args.gqa,
+        nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data,
+        batch_size=args.batch_size, overwrite=args.overwrite, eval_ppl=args.eval_ppl,
+        eval_seqlen=args.eval_seqlen, eval_max_windows=args.max_windows,
+        trust_remote_code=args.trust_remote_code, device=args.device, progress=not args.quiet)
+    print(f"removed {info['removed_fraction']:.4f} of the decoder-layer linear parameters; "
+          f"wrote {args.output} (loads with {info['loads_with']})")
+    return 0
+
+
+BONSAI_FLAGS = (
+    flag("--iterations", type=positive, default=4,
+         help="pruning iterations to reach the target"),
+    flag("--samples", type=positive, default=48,
+         help="sub-models evaluated per iteration (regression samples)"),
+    flag("--sub-nsamples", type=positive, default=4,
+         help="calibration sequences each sub-model's loss is measured on (the first "
+              "ones; all of --nsamples feed the prior)"),
+    flag("--mlp-block", type=positive, default=64,
+         help="MLP channels per regression variable (channels of similar prior "
+              "importance in one layer)"),
+    flag("--candidate-factor", type=float, default=2.0,
+         help="candidates per iteration: the groups the forward-only prior would "
+              "remove at this many times the iteration's amount"),
+    flag("--drop-prob", type=float, default=0.5,
+         help="probability that a candidate is dropped in a sampled sub-model"),
+    flag("--ridge", type=float, default=1.0,
+         help="ridge penalty of the regression, relative to the design's diagonal"),
+    flag("--batch-size", type=positive, default=2,
+         help="sequences per forward pass"),
+)
+
+
+LORAPRUNE_FLAGS = (
+    flag("--steps", type=positive, default=200,
+         help="LoRA optimizer steps (batches of --batch-size calibration sequences)"),
+    flag("--batch-size", type=positive, default=1,
+         help="calibration sequences per step"),
+    flag("--lr", type=float, default=3e-4, help="AdamW learning rate of the LoRA"),
+    flag("--rank", type=positive, default=8, help="LoRA rank r"),
+    flag("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)"),
+    flag("--prune-steps", type=positive, default=5,
+         help="pruning events; each removes an equal share of the target"),
+    flag("--prune-until", type=float, default=0.6,
+         help="fraction of the fine-tuning by which the target is reached (the rest "
+              "recovers with the final mask)"),
+    flag("--ema", type=float, default=0.9,
+         help="moving-average factor of the importance (lambda in the paper's Eq. 10)"),
+    flag("--load-8bit", action="store_true",
+         help="8-bit base through bitsandbytes (CUDA only; an error elsewhere)"),
+)
+
+
+def _structured_cli_target(args):
+    from ..structured.bonsai import Target
+
+    return Target(sparsity=args.sparsity, heads=args.heads, mlp=args.mlp)
+
+
+def _run_bonsai(args) -> int:
+    from ..structured.bonsai import BonsaiConfig, bonsai_checkpoint
+
+    config = BonsaiConfig(
+        _structured_cli_target(args), uniform=not args.non_uniform, gqa=args.gqa,
+        iterations=args.iterations, samples=args.samples, drop_prob=args.drop_prob,
+        candidate_factor=args.candidate_factor, mlp_block=args.mlp_block, ridge=args.ridge,
+        sub_nsamples=args.sub_nsamples, batch_size=args.batch_size, seed=args.seed)
+    info = bonsai_checkpoint(
+        args.model, args.output, config, nsamples=args.nsamples, seqlen=args.seqlen,
+        calib_data=args.calib_data, calib_sampling=args.calib_sampling,
+        overwrite=args.overwrite, eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
+        eval_max_windows=args.max_windows, trust_remote_code=args.trust_remote_code,
+        device=args.device, progress=not args.quiet)
+    print(f"removed {info['removed_fraction']:.4f} of the decoder-layer linear parameters with "
+          f"{info['report']['sub_model_evaluations']} sub-model evaluations (forward passes "
+          f"only); wrote {args.output} (loads with "
+          f"{info['loads_with']})")
+    return 0
+
+
+def _run_loraprune(args) -> int:
+    from ..structured.loraprune import LoRAPruneConfig, loraprune_checkpoint
+
+    config = LoRAPruneConfig(
+        _structured_cli_target(args), uniform=not args.non_uniform, gqa=args.gqa,
+        rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps,
+        batch_size=args.batch_size, prune_steps=args.prune_steps, prune_until=args.prune_until,
+        ema=args.ema, load_8bit=args.load_8bit, seed=args.seed)
+    info = loraprune_checkpoint(
+        args.model, args.output, config, nsamples=args.nsamples, seqlen=args.seqlen,
+        calib_data=args.calib_data, calib_sampling=args.calib_sampling,
+        overwrite=args.overwrite, eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
+        eval_max_windows=args.max_windows, trust_remote_code=args.trust_remote_code,
+        device=args.device, progress=not args.quiet)
+    print(f"removed {info['removed_fraction']:.4f} of the decoder-layer linear parameters "
+          f"({info['report']['trainable_params']:,} trainable LoRA parameters, peak RSS "
+          f"{info['report']['peak_rss_mib']:.0f} MiB); wrote {args.output} (loads with "
+          f"{info['loads_with']})")
+    return 0
+
+
+STRUCTURED_COMMAND = Command(
+    "structured", run=_run_structured,
+    help="one-shot head / MLP-channel pruning (smaller model)",
+    description=("One-shot structured pruning baseline: score every attention head and MLP "
+                 "channel (magnitude: L2 norm of the group's weights; activation: L2 norm of its "
+                 "activations on calibration text), remove the least important ones and write a "
+                 "physically smaller model. Uniform widths load with plain "
+                 "AutoModelForCausalLM.from_pretrained."),
+    flags=(*MODEL_FLAGS,
+           flag("--importance", choices=IMPORTANCES, default=IMPORTANCES[0],
+                help="group importance: weight norms (no data) or activation norms"),
+           *STRUCTURED_TARGET_FLAGS,
+           *STRUCTURED_FLAGS))
+
+
+BONSAI_COMMAND = Command(
+    "bonsai", run=_run_bonsai,
+    help="Bonsai: forward-only structured pruning (smaller model)",
+    description=("Bonsai (Dery et al. 2024, 'Everybody Prune Now'): structured pruning with "
+                 "forward passes only. In every iteration, sub-models that drop random subsets "
+                 "of the candidate heads / MLP-channel blocks are scored by their calibration "
+                 "loss, a ridge regression of that loss on which groups were kept estimates each "
+                 "group's importance, and the least important are removed; repeated until the "
+                 "target. Needs only inference memory. Writes a physically smaller model."),
+    flags=(*MODEL_FLAGS,
+           *STRUCTURED_TARGET_FLAGS,
+           *calib_and_output(32, 512),
+           *BONSAI_FLAGS))
+
+
+LORAPRUNE_COMMAND = Command(
+    "loraprune", run=_run_loraprune,
+    help="LoRAPrune: prune while LoRA fine-tuning (smaller model)",
+    description=("LoRAPrune (Zhang et al. 2023): LoRA adapters (peft) on a frozen base are "
+                 "fine-tuned on the calibration text while heads and MLP channels are removed on "
+                 "a schedule, ranked by the LoRA-guided criterion ((W + BA) * (G_B A + B G_A))^2 "
+                 "with a moving average; only LoRA weights get gradients. The LoRA is merged at "
+                 "the end and the model shrunk."),
+    flags=(*MODEL_FLAGS,
+           *STRUCTURED_TARGET_FLAGS,
+           *calib_and_output(64, 512),
+           *LORAPRUNE_FLAGS))
+
+# this family's commands, in the order of `llmprune --help`
+COMMANDS = (STRUCTURED_COMMAND, BONSAI_COMMAND, LORAPRUNE_COMMAND)

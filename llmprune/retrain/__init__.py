@@ -1,0 +1,1 @@
+"""Retraining after pruning: PERP (parameter-efficient retraining that keeps the masks)."""
