@@ -111,7 +111,7 @@ def worker(job: str) -> dict:
         return out
     sparsity = float(arg.split("-")[-1])
     if kind in ("magnitude", "activation"):
-        from llmprune.structured.select import prune_structured
+        from llmprune.structured.selection import prune_structured
 
         ids = _calib(tok, CONFIG["prior_nsamples"]) if kind == "activation" else None
         mask, _ = prune_structured(model, importance=kind, sparsity=sparsity, calib_ids=ids,

@@ -18,7 +18,7 @@ from .runs.perp import perp_checkpoint
 from .runs.prune import prune_checkpoint, prune_meta, resolved_recipe
 from .runs.streaming import prune_streaming
 from .structured.format import save_structured
-from .structured.select import prune_structured
+from .structured.selection import prune_structured
 
 __all__ = ["PerpConfig", "calibration_ids", "export_checkpoint", "load_model", "load_pretrained",
            "needs_calibration", "perp", "perp_checkpoint", "prune", "prune_checkpoint",

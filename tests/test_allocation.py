@@ -10,7 +10,7 @@ import torch
 
 from llmprune.engine.allocation import outlier_ratios, owl_sparsities
 from llmprune.engine.calibrate import EngineOptions
-from llmprune.cli.main import main
+from llmprune.cli import main
 from llmprune.models import adapter_for
 
 from tests.conftest import tiny_model

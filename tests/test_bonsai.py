@@ -10,7 +10,7 @@ import torch
 
 from llmprune.structured.bonsai import (BonsaiConfig, Target, bonsai_mask, fit_importance,
                                         sample_keep)
-from llmprune.cli.main import main
+from llmprune.cli import main
 from llmprune.structured.shrink import layer_groups
 
 from tests.conftest import assert_shrunk_equals_masked, tiny_model
@@ -169,7 +169,7 @@ def test_cli_bonsai_bad_input_is_one_line(argv, needle, checkpoint_dir, text_fil
 
 def test_bonsai_non_uniform_ranks_globally_and_reaches_the_target(calib_ids):
     from llmprune.structured.shrink import removed_fraction
-    from llmprune.structured.select import select
+    from llmprune.structured.selection import select
 
     model = tiny_model("llama")
     groups = layer_groups(model)

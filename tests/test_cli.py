@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from llmprune.cli.main import main
+from llmprune.cli import main
 
 
 def run_cli(*args, cwd=None):

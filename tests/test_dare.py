@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llmprune
-from llmprune.cli.main import main
+from llmprune.cli import main
 from llmprune.delta.dare import prune_delta, tensor_generator
 
 from tests.conftest import tiny_model

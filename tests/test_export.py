@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import llmprune
-from llmprune.cli.main import main
+from llmprune.cli import main
 from llmprune.io.meta import MASKS_FILE
 from llmprune.core.errors import CorruptCheckpointError
 
@@ -235,7 +235,7 @@ def test_version_1_exports_with_sha256_still_load(pruned, tmp_path, monkeypatch,
     bit in its data is still caught, by sha256."""
     import hashlib
 
-    import llmprune.io.export as ex
+    import llmprune.io.checksums as ex
 
     monkeypatch.setattr(ex, "TENSOR_CHECKSUM", "sha256")
     out = tmp_path / "v1"

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from llmprune.cli.main import main
+from llmprune.cli import main
 
 
 class _Recorder(BaseHTTPRequestHandler):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmprune.cli.main import main
+from llmprune.cli import main
 
 DATA = Path(__file__).parent / "data" / "lmeval" / "tiny_mc.jsonl"
 TASK = "llmprune_tiny_mc"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmprune.structured.bonsai import Target
-from llmprune.cli.main import main
+from llmprune.cli import main
 from llmprune.structured.loraprune import (LoRAPruneConfig, group_importance, lora_importance,
                                            loraprune, prune_schedule)
 from llmprune.models import adapter_for_type

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmprune.cli.main import main
+from llmprune.cli import main
 from llmprune.delta.merge import ties_merge, trim
 
 from tests.conftest import tiny_model

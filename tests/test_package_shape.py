@@ -1,5 +1,6 @@
-"""The package's shape: no import cycles between llmprune's modules (imports inside functions
-count), no module importing another module's _private names, no test hook read by product code."""
+"""The package's shape: every module in a layer that imports only the layers below it, no import
+cycles between llmprune's modules (imports inside functions count), no module importing another
+module's _private names, no test hook read by product code."""
 
 from __future__ import annotations
 
@@ -100,9 +101,61 @@ def test_cycle_finder_finds_a_hand_made_cycle():
 def test_no_import_cycles_and_no_private_reach_ins():
     edges, private = _imports(_modules())
     # imports at module level and inside functions are both seen
-    assert {"llmprune.core.errors", "llmprune.loaders"} <= edges["llmprune.api"]
+    assert {"llmprune.core.device", "llmprune.loaders"} <= edges["llmprune.runs.prune"]
     assert _cycles(edges) == []
     assert private == []
+
+
+# The layers of docs/architecture.md, lowest first: a module may import its own package and the
+# layers below its own, never a layer above it or another package of its own layer.
+LAYERS = [
+    ["llmprune.core"],
+    ["llmprune.models", "llmprune.solvers"],
+    ["llmprune.recipe"],
+    ["llmprune.io"],
+    ["llmprune.engine"],
+    ["llmprune.sparse", "llmprune.structured", "llmprune.delta", "llmprune.evaluate",
+     "llmprune.retrain"],
+    ["llmprune.loaders"],
+    ["llmprune.runs"],
+    ["llmprune.api", "llmprune.runner", "llmprune.sweep", "llmprune.deprecated"],
+    ["llmprune.cli"],
+    ["llmprune.__main__"],
+]
+
+
+def _layer(module: str) -> tuple[int, str] | None:
+    for i, packages in enumerate(LAYERS):
+        for package in packages:
+            if module == package or module.startswith(package + "."):
+                return i, package
+    return None
+
+
+def _violations(edges: dict[str, set[str]]) -> list[str]:
+    """Imports that go up a layer or sideways to another package of the same layer."""
+    out = []
+    for m, targets in sorted(edges.items()):
+        for t in sorted(targets):
+            (lm, pm), (lt, pt) = _layer(m), _layer(t)
+            if lt > lm or (lt == lm and pt != pm):
+                out.append(f"{m} -> {t}")
+    return out
+
+
+def test_layer_checker_finds_upward_and_sideways_imports():
+    assert _violations({"llmprune.io.export": {"llmprune.engine.calibrate", "llmprune.core.errors"},
+                        "llmprune.sparse.linear": {"llmprune.delta.dare"},
+                        "llmprune.runs.prune": {"llmprune.runs.streaming", "llmprune.io.meta"}}) == [
+        "llmprune.io.export -> llmprune.engine.calibrate",
+        "llmprune.sparse.linear -> llmprune.delta.dare"]
+
+
+def test_every_module_imports_only_the_layers_below_it():
+    edges, _ = _imports(_modules())
+    unplaced = sorted(m for m in edges if _layer(m) is None)
+    assert unplaced == []  # a new module belongs to a layer: add it to LAYERS
+    assert _violations(edges) == []
 
 
 def test_no_test_hooks_in_product_code():

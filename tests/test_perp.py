@@ -12,7 +12,7 @@ import torch.nn as nn
 import yaml
 
 from llmprune import PruneRecipe, prune
-from llmprune.cli.main import main
+from llmprune.cli import main
 from llmprune.core.bits import pack_bits, unpack_bits
 from llmprune.retrain.perp import (PerpConfig, SparsityViolation, check_masks_kept, merge, perp,
                                    prepare)

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from llmprune import runner
-from llmprune.cli.main import main
+from llmprune.cli import main
 
 from tests.conftest import same_bits
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from llmprune.cli.main import build_parser, main
+from llmprune.cli import build_parser, main
 from llmprune.core.masks import select_mask
 from llmprune.recipe import PruneRecipe
 from llmprune.solvers import SOLVERS, Solved, SolverBase, option, register

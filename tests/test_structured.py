@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmprune.structured import shrink as S
-from llmprune.cli.main import main
+from llmprune.cli import main
 from llmprune.core.errors import UserError
 from tests.conftest import VOCAB, random_text, tiny_config
 
@@ -485,7 +485,7 @@ def test_uniform_head_count_llama_config_refuses_goes_to_load_pretrained(tmp_pat
 def test_structured_help_explains_every_flag():
     import argparse
 
-    from llmprune.cli.main import build_parser
+    from llmprune.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = sub.choices["structured"]

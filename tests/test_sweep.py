@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llmprune.cli.main import main
+from llmprune.cli import main
 
 
 def test_sweep_writes_table_json_and_plots(checkpoint_dir, text_file, tmp_path, capsys):

@@ -1,5 +1,5 @@
 """The ``llmprune`` command line: one module per command family."""
 
-from .main import build_parser, main
+from .app import build_parser, main
 
 __all__ = ["build_parser", "main"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from ..structured.select import IMPORTANCES
+from ..structured.selection import IMPORTANCES
 from .common import (EVAL_PPL_FLAGS, MODEL_FLAGS, OVERWRITE, Command, calib_and_output, flag,
                      fraction, positive)
 
@@ -115,7 +115,8 @@ def _structured_cli_target(args):
 
 
 def _run_bonsai(args) -> int:
-    from ..structured.bonsai import BonsaiConfig, bonsai_checkpoint
+    from ..structured.bonsai import BonsaiConfig
+    from ..runs.structured import bonsai_checkpoint
 
     config = BonsaiConfig(
         _structured_cli_target(args), uniform=not args.non_uniform, gqa=args.gqa,
@@ -136,7 +137,8 @@ def _run_bonsai(args) -> int:
 
 
 def _run_loraprune(args) -> int:
-    from ..structured.loraprune import LoRAPruneConfig, loraprune_checkpoint
+    from ..structured.loraprune import LoRAPruneConfig
+    from ..runs.structured import loraprune_checkpoint
 
     config = LoRAPruneConfig(
         _structured_cli_target(args), uniform=not args.non_uniform, gqa=args.gqa,

@@ -28,7 +28,6 @@ complete. Nothing here uses pickle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -44,7 +43,8 @@ from safetensors import SafetensorError, safe_open
 
 from ..core.errors import CorruptCheckpointError, UserError
 from ..core.sparsity import Sparsity
-from . import compact
+from . import checksums, compact
+from .checksums import checksum_algo, checksum_bytes, hasher, header_sha256, tensor_checksum
 from .meta import (COMPACT_FORMAT, DENSE_FORMAT, FORMAT_VERSION, MASKS_FILE, META_FILE, is_compact,
                    nm_of, read_masks, read_meta, write_masks, write_meta)
 from .safetensors import (ST_NAMES, WEIGHT_FILE_RE, SafetensorsFiles, checkpoint_files,
@@ -52,7 +52,6 @@ from .safetensors import (ST_NAMES, WEIGHT_FILE_RE, SafetensorsFiles, checkpoint
 
 log = logging.getLogger(__name__)
 
-TENSOR_CHECKSUM = "xxh3_128"
 SIGNPOST = "LLMPRUNE-COMPACT-CHECKPOINT--load-it-with-llmprune.load_pretrained"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -76,45 +75,6 @@ def parse_size(text: str | int) -> int:
     number, unit, suffix = match.groups()
     base = 1024 if suffix == "IB" else 1000
     return int(float(number) * base ** " KMGT".index(unit or " "))
-
-
-def _hasher(algo: str):
-    if algo == "xxh3_128":
-        import xxhash
-
-        return xxhash.xxh3_128
-    if algo == "sha256":
-        return hashlib.sha256
-    raise CorruptCheckpointError(f"unknown tensor checksum {algo!r} in {META_FILE}: the file is "
-                                 "damaged or from a newer llmprune; upgrade llmprune")
-
-
-def checksum_bytes(raw, algo: str | None = None) -> str:
-    """``algo`` (default :data:`TENSOR_CHECKSUM`, read at call time) of ``raw``, as hex."""
-    return _hasher(algo or TENSOR_CHECKSUM)(raw).hexdigest()
-
-
-def tensor_checksum(t: torch.Tensor, algo: str | None = None) -> str:
-    """Checksum (``algo``: xxh3_128 or sha256) of a tensor's raw bytes (no copy for contiguous
-    CPU tensors)."""
-    raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return checksum_bytes(memoryview(raw), algo)
-
-
-def checksum_algo(meta: dict) -> str:
-    """The per-tensor checksum of an export's ``llmprune.json`` (sha256 before version 2)."""
-    return meta.get("tensor_checksum", "sha256")
-
-
-def header_sha256(path: Path) -> tuple[str, int]:
-    """sha256 and length of a safetensors file's header (8-byte length + JSON)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptCheckpointError(f"{path} is truncated (no safetensors header)")
-        n = int.from_bytes(head, "little")
-        body = f.read(min(n, 1 << 30))
-    return hashlib.sha256(head + body).hexdigest(), n
 
 
 # ----------------------------------------------------------------------------- sources
@@ -225,7 +185,7 @@ class _ShardWriter:
     """Writes encoded tensors into safetensors shards as they come, tensor by tensor, so memory
     holds one encoded tensor rather than a shard.
 
-    Each tensor's bytes are written with ``pwrite`` and hashed (:data:`TENSOR_CHECKSUM`, xxh3:
+    Each tensor's bytes are written with ``pwrite`` and hashed (:data:`llmprune.io.checksums.TENSOR_CHECKSUM`, xxh3:
     ~30 GB/s, a few ms for a small model) on the calling thread. An earlier version wrote and
     hashed on a second thread to overlap encoding: on 2 cores that made the export of
     smollm2-135m 2x slower (0.60 vs 0.31 s, fresh processes), because every write that returned
@@ -421,7 +381,7 @@ def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
     shard_names = writer.finish("model.safetensors" if fmt == "dense" else None)
     for name, info in tensors.items():
         info["shard"] = shard_names[writer.tensor_shard[name]]
-        info[TENSOR_CHECKSUM] = {key.removeprefix(name).lstrip("."): writer.hashes[key]
+        info[checksums.TENSOR_CHECKSUM] = {key.removeprefix(name).lstrip("."): writer.hashes[key]
                                  for key in _stored_keys(name, info["encoding"])}
 
     config = _config_with_dtype(source.config, stored_dtype or torch.float32)
@@ -450,7 +410,7 @@ def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
     meta = {
         "format": COMPACT_FORMAT if fmt == "compact" else DENSE_FORMAT,
         "format_version": FORMAT_VERSION,
-        "tensor_checksum": TENSOR_CHECKSUM,
+        "tensor_checksum": checksums.TENSOR_CHECKSUM,
         "dtype": str(stored_dtype or torch.float32).removeprefix("torch."),
         # the pruning run this came from (recipe, per-layer sparsity, calibration, versions)
         "source_meta": src_meta.get("source_meta", src_meta) if fmt == "compact" else None,
@@ -508,7 +468,7 @@ def iter_compact(src: Path, verify: bool = True
                         f"llmprune reads up to {FORMAT_VERSION}: upgrade llmprune")
     algo = checksum_algo(meta)
     if verify:
-        _hasher(algo)  # an unknown algorithm fails here, before any decoding
+        hasher(algo)  # an unknown algorithm fails here, before any decoding
         verify_shards(src, meta)
     by_shard: dict[str, list[str]] = {}
     for name, info in meta["tensors"].items():

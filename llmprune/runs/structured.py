@@ -3,11 +3,15 @@ inputs, load, calibrate, prune, evaluate, shrink and save atomically."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from ..core.errors import UserError
-from ..structured.format import save_structured
-from ..structured.select import IMPORTANCES, check_supported, check_targets, prune_structured
-from ..structured.shrink import layer_groups, masked
 from ..evaluate.ppl import timed_perplexity
+from ..structured.bonsai import BonsaiConfig, bonsai_mask
+from ..structured.format import save_structured
+from ..structured.loraprune import LoRAPruneConfig, check_8bit, loraprune
+from ..structured.selection import IMPORTANCES, check_supported, check_targets, prune_structured
+from ..structured.shrink import layer_groups, masked
 
 
 def run_checkpoint(method: str, model_name: str, output: str, prune_fn, *, target: dict,
@@ -101,3 +105,58 @@ def structured_checkpoint(model_name: str, output: str, *, importance: str = IMP
         trust_remote_code=trust_remote_code, device=device, progress=progress,
         check=check_supported, extra_meta={"importance": importance},
         settings={"batch_size": batch_size})
+
+
+def bonsai_checkpoint(model_name: str, output: str, config: BonsaiConfig, *, nsamples: int = 32,
+                      seqlen: int = 512, calib_data: str | None = None,
+                      calib_sampling: str = "consecutive", overwrite: bool = False,
+                      eval_ppl: str | None = None, eval_seqlen: int = 1024,
+                      eval_max_windows: int | None = 16, trust_remote_code: bool = False,
+                      device: str = "cpu", progress: bool = True) -> dict:
+    """``llmprune bonsai``: Bonsai on a checkpoint, the shrunk model written to ``output``.
+    Returns the llmprune.json written."""
+    if config.sub_nsamples > nsamples:
+        raise UserError(f"--sub-nsamples {config.sub_nsamples} exceeds --nsamples {nsamples}")
+
+    def prune_fn(model, ids):
+        mask, info = bonsai_mask(model, ids, config, progress=progress)
+        return model, mask, info
+
+    return run_checkpoint("bonsai", model_name, output, prune_fn, target=asdict(config.target),
+                          nsamples=nsamples, seqlen=seqlen, calib_data=calib_data,
+                          calib_sampling=calib_sampling, seed=config.seed, overwrite=overwrite,
+                          eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,
+                          eval_max_windows=eval_max_windows,
+                          trust_remote_code=trust_remote_code, device=device, progress=progress,
+                          settings={k: v for k, v in asdict(config).items() if k != "target"})
+
+
+def loraprune_checkpoint(model_name: str, output: str, config: LoRAPruneConfig, *,
+                         nsamples: int = 32, seqlen: int = 512, calib_data: str | None = None,
+                         calib_sampling: str = "consecutive", overwrite: bool = False,
+                         eval_ppl: str | None = None, eval_seqlen: int = 1024,
+                         eval_max_windows: int | None = 16, trust_remote_code: bool = False,
+                         device: str = "cpu", progress: bool = True) -> dict:
+    """``llmprune loraprune``: LoRAPrune on a checkpoint; the merged, shrunk model is written to
+    ``output``. Returns the llmprune.json written (with trainable parameters and peak RSS)."""
+    def before_load():
+        if config.load_8bit:
+            check_8bit(device)
+            raise UserError("--load-8bit: the 8-bit base path is not implemented in this "
+                            "version (it needs a CUDA GPU to be tested); run without it")
+
+    def prune_fn(model, ids):
+        merged, mask, info = loraprune(model, ids, config, device=device, progress=progress)
+        print(f"trainable parameters: {info['trainable_params']:,} of {info['total_params']:,}; "
+              f"peak RSS {info['peak_rss_mib']:.0f} MiB", flush=True)
+        return merged, mask, info
+
+    return run_checkpoint("loraprune", model_name, output, prune_fn,
+                          target=asdict(config.target),
+                          nsamples=nsamples, seqlen=seqlen, calib_data=calib_data,
+                          calib_sampling=calib_sampling, seed=config.seed, overwrite=overwrite,
+                          eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,
+                          eval_max_windows=eval_max_windows,
+                          trust_remote_code=trust_remote_code, device=device, progress=progress,
+                          settings={k: v for k, v in asdict(config).items() if k != "target"},
+                          before_load=before_load)

@@ -64,7 +64,7 @@ def _read_compact(src: Path, meta: dict, name: str, verify: bool):
     from safetensors import safe_open
 
     from ..core.errors import CorruptCheckpointError
-    from ..io.export import checksum_algo, tensor_checksum
+    from ..io.checksums import checksum_algo, tensor_checksum
 
     info = meta["tensors"][name]
     path = src / info["shard"]

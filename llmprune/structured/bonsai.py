@@ -15,7 +15,7 @@ was not at hand when this was written, so check the numbers against the paper yo
   (We add an intercept, i.e. centre alpha and U, so that beta_i is the utility of keeping module
   i relative to the average sub-model; the ranking is what matters.)
 * Eq. (1) is then solved with the linear surrogate: keep the modules with the largest
-  ``beta_hat`` under the parameter budget (here through ``structured.select``).
+  ``beta_hat`` under the parameter budget (here through ``structured.selection``).
 * Informative priors (the paper's sub-model sampling section): instead of perturbing all modules
   uniformly, a cheap forward-only importance prior (the paper uses Wanda-style
   ``|W| * ||x||`` / activation statistics) decides which modules are *candidates* for removal in
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 Scores = list  # list[dict[str, torch.Tensor]]: like a mask, higher = more important
 
-# The score that keeps a removed group removed in structured.select: below any real score.
+# The score that keeps a removed group removed in structured.selection: below any real score.
 _PRUNED = -1e30
 
 
@@ -98,12 +98,12 @@ class Target:
 
 def split_target(target: Target, groups, uniform: bool, gqa: str) -> Target:
     """The per-kind form of ``target``: the fractions of heads and of channels that
-    ``structured.select`` removes for it. ``select`` reaches a ``sparsity`` by taking attention
+    ``structured.selection`` removes for it. ``select`` reaches a ``sparsity`` by taking attention
     in coarse steps and letting the MLP absorb the rest, so scaling ``sparsity`` step by step
     would not be monotone in each kind (channels could come back when attention takes a step);
     scaling the two per-kind fractions is, and the last step lands on exactly the mask widths
     ``select`` gives for the full target."""
-    from .select import select
+    from .selection import select
 
     if target.sparsity is None:
         return target
@@ -309,7 +309,7 @@ def _candidates(prior: Scores, mask, groups, target: Target, prev: float, frac: 
     with GQA one query head per KV group -- so widening the *target* would often add no head.)
     Non-uniform: the groups the prior would remove, ranked globally, at ``candidate_factor`` x
     this step's amount."""
-    from .select import select
+    from .selection import select
 
     kw = dict(uniform=config.uniform, gqa=config.gqa)
     forced = forced_scores(prior, mask)
@@ -367,7 +367,7 @@ def bonsai_mask(model, calib_ids: torch.Tensor, config: BonsaiConfig, *,
     ``utility(mask) -> float`` (higher = better) replace the defaults (tests, other signals).
     """
     from .shrink import full_mask, layer_groups, masked, removed_fraction
-    from .select import select
+    from .selection import select
 
     groups = layer_groups(model)
     flags = [p.requires_grad for p in model.parameters()]
@@ -444,27 +444,3 @@ def bonsai_mask(model, calib_ids: torch.Tensor, config: BonsaiConfig, *,
 # checkpoint in, checkpoint out (shared with LoRAPrune)
 
 
-def bonsai_checkpoint(model_name: str, output: str, config: BonsaiConfig, *, nsamples: int = 32,
-                      seqlen: int = 512, calib_data: str | None = None,
-                      calib_sampling: str = "consecutive", overwrite: bool = False,
-                      eval_ppl: str | None = None, eval_seqlen: int = 1024,
-                      eval_max_windows: int | None = 16, trust_remote_code: bool = False,
-                      device: str = "cpu", progress: bool = True) -> dict:
-    """``llmprune bonsai``: Bonsai on a checkpoint, the shrunk model written to ``output``.
-    Returns the llmprune.json written."""
-    if config.sub_nsamples > nsamples:
-        raise UserError(f"--sub-nsamples {config.sub_nsamples} exceeds --nsamples {nsamples}")
-
-    def prune_fn(model, ids):
-        mask, info = bonsai_mask(model, ids, config, progress=progress)
-        return model, mask, info
-
-    from ..runs.structured import run_checkpoint
-
-    return run_checkpoint("bonsai", model_name, output, prune_fn, target=asdict(config.target),
-                          nsamples=nsamples, seqlen=seqlen, calib_data=calib_data,
-                          calib_sampling=calib_sampling, seed=config.seed, overwrite=overwrite,
-                          eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,
-                          eval_max_windows=eval_max_windows,
-                          trust_remote_code=trust_remote_code, device=device, progress=progress,
-                          settings={k: v for k, v in asdict(config).items() if k != "target"})

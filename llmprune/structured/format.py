@@ -16,7 +16,7 @@ import torch
 
 from ..core.errors import UserError
 from ..io.meta import write_meta
-from .select import describe
+from .selection import describe
 from .shrink import (CONFIG_KEY, STRUCTURED_FORMAT, StructuredMask, layer_groups, shrink_,
                      shrink_to_widths)
 

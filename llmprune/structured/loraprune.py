@@ -175,7 +175,7 @@ def loraprune(model, calib_ids: torch.Tensor, config: LoRAPruneConfig, *, device
 
     from ..models import adapter_for
     from .shrink import full_mask, layer_groups, masked, removed_fraction
-    from .select import select
+    from .selection import select
 
     groups = layer_groups(model)  # also: a one-line error for families without a layout
     adapter = adapter_for(model)
@@ -254,34 +254,3 @@ def loraprune(model, calib_ids: torch.Tensor, config: LoRAPruneConfig, *, device
     return merged, mask, info
 
 
-def loraprune_checkpoint(model_name: str, output: str, config: LoRAPruneConfig, *,
-                         nsamples: int = 32, seqlen: int = 512, calib_data: str | None = None,
-                         calib_sampling: str = "consecutive", overwrite: bool = False,
-                         eval_ppl: str | None = None, eval_seqlen: int = 1024,
-                         eval_max_windows: int | None = 16, trust_remote_code: bool = False,
-                         device: str = "cpu", progress: bool = True) -> dict:
-    """``llmprune loraprune``: LoRAPrune on a checkpoint; the merged, shrunk model is written to
-    ``output``. Returns the llmprune.json written (with trainable parameters and peak RSS)."""
-    from ..runs.structured import run_checkpoint
-
-    def before_load():
-        if config.load_8bit:
-            check_8bit(device)
-            raise UserError("--load-8bit: the 8-bit base path is not implemented in this "
-                            "version (it needs a CUDA GPU to be tested); run without it")
-
-    def prune_fn(model, ids):
-        merged, mask, info = loraprune(model, ids, config, device=device, progress=progress)
-        print(f"trainable parameters: {info['trainable_params']:,} of {info['total_params']:,}; "
-              f"peak RSS {info['peak_rss_mib']:.0f} MiB", flush=True)
-        return merged, mask, info
-
-    return run_checkpoint("loraprune", model_name, output, prune_fn,
-                          target=asdict(config.target),
-                          nsamples=nsamples, seqlen=seqlen, calib_data=calib_data,
-                          calib_sampling=calib_sampling, seed=config.seed, overwrite=overwrite,
-                          eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,
-                          eval_max_windows=eval_max_windows,
-                          trust_remote_code=trust_remote_code, device=device, progress=progress,
-                          settings={k: v for k, v in asdict(config).items() if k != "target"},
-                          before_load=before_load)

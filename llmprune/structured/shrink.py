@@ -23,7 +23,7 @@ Three ways to apply a mask, exactly equivalent on the logits:
 * :func:`shrink_` -- weights and biases physically sliced, the config updated: a smaller dense
   model. Heads keep their ``head_dim``; Llama-family configs get ``head_dim`` set explicitly.
 
-What to remove is chosen in :mod:`llmprune.structured.select`; the file format of the result
+What to remove is chosen in :mod:`llmprune.structured.selection`; the file format of the result
 is :mod:`llmprune.structured.format`.
 """
 
