@@ -26,8 +26,8 @@ from .io.export import iter_compact
 from .io.loading import finish_load, load_config, no_init, resolve, skeleton
 from .io.meta import is_compact, read_meta
 from .models import adapter_for_type
-from .sparse.linear import KERNELS
 from .sparse.apply import apply_kernels
+from .sparse.linear import KERNELS
 from .structured.format import is_structured_dir, load_structured
 from .structured.shrink import CONFIG_KEY
 

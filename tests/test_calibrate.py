@@ -188,7 +188,8 @@ def test_true_sequential_one_pass_equals_multi_pass(family, method, sparsity, pa
     n_layers = len(adapter_for(fused).layers(fused))
     n_batches = -(-calib_ids.shape[0] // 3)
     assert len(calls) == n_layers * n_batches  # one forward per batch per layer, no more
-    monkeypatch.setattr(engine_prune, "EngineOptions", functools.partial(engine_prune.EngineOptions, fused=False))
+    monkeypatch.setattr(engine_prune, "EngineOptions",
+                        functools.partial(engine_prune.EngineOptions, fused=False))
     llmprune.prune(multi, recipe, calib_ids=calib_ids, progress=False)
     for (n, la), (_, lb) in zip(_linears(fused), _linears(multi)):
         assert torch.equal(la.weight, lb.weight), n

@@ -235,9 +235,9 @@ def test_version_1_exports_with_sha256_still_load(pruned, tmp_path, monkeypatch,
     bit in its data is still caught, by sha256."""
     import hashlib
 
-    import llmprune.io.checksums as ex
+    import llmprune.io.checksums as checksums
 
-    monkeypatch.setattr(ex, "TENSOR_CHECKSUM", "sha256")
+    monkeypatch.setattr(checksums, "TENSOR_CHECKSUM", "sha256")
     out = tmp_path / "v1"
     assert main(["-q", "export", str(pruned["2:4"]), "--dtype", "bf16", "--output", str(out)]) == 0
     meta = json.loads((out / "llmprune.json").read_text())
@@ -250,7 +250,7 @@ def test_version_1_exports_with_sha256_still_load(pruned, tmp_path, monkeypatch,
         values = f.get_tensor(name + ".values")
     assert meta["tensors"][name]["sha256"]["values"] == \
         hashlib.sha256(values.view(torch.int16).numpy().tobytes()).hexdigest()
-    monkeypatch.setattr(ex, "TENSOR_CHECKSUM", "xxh3_128")
+    monkeypatch.setattr(checksums, "TENSOR_CHECKSUM", "xxh3_128")
     if damage:
         data = bytearray(shard.read_bytes())
         data[-3] ^= 0x01  # in the data, past the header

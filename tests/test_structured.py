@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from llmprune.structured import shrink as S
+from llmprune.structured import format as FMT, selection as SEL, shrink as S
 from llmprune.cli import main
 from llmprune.core.errors import UserError
 from tests.conftest import VOCAB, random_text, tiny_config
@@ -92,7 +92,7 @@ def test_masked_zero_shrink_same_logits(family, gqa, uniform):
     dense = logits(model)
     groups = S.layer_groups(model)
     for seed in range(2):
-        mask = S.select(random_scores(groups, seed), groups, sparsity=0.4, uniform=uniform,
+        mask = SEL.select(random_scores(groups, seed), groups, sparsity=0.4, uniform=uniform,
                         gqa=gqa)
         with S.masked(model, mask):
             a = logits(model)
@@ -200,12 +200,12 @@ def test_uniform_export_loads_with_plain_from_pretrained(family, tmp_path, token
     # OPT: MLP only (its config derives head_dim from the head count, so fewer heads are not a
     # plain OPT config)
     kw = dict(sparsity=0.4) if family != "opt" else dict(mlp=0.4)
-    mask = S.select(random_scores(groups, 1), groups, uniform=True, **kw)
+    mask = SEL.select(random_scores(groups, 1), groups, uniform=True, **kw)
     ids = torch.randint(0, VOCAB, (2 * 64,), generator=torch.Generator().manual_seed(1))
     with S.masked(model, mask):
         a = logits(model)
         ppl = perplexity(model, ids, 64, 2, progress=False)
-    info = S.save_structured(model, tokenizer, tmp_path / "out", mask, {"method": "test"})
+    info = FMT.save_structured(model, tokenizer, tmp_path / "out", mask, {"method": "test"})
     assert info["loads_with"] == "AutoModelForCausalLM.from_pretrained"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert S.CONFIG_KEY not in config
@@ -244,10 +244,10 @@ def test_nonuniform_export_loads_with_load_pretrained(family, kw, tmp_path, toke
     if kw.get("uniform") is False:  # make layer 0 clearly less important: widths must differ
         for s in scores[0].values():
             s.mul_(0.01)
-    mask = S.select(scores, groups, **kw)
+    mask = SEL.select(scores, groups, **kw)
     with S.masked(model, mask):
         a = logits(model)
-    S.save_structured(model, tokenizer, tmp_path / "out", mask, {"method": "test"})
+    FMT.save_structured(model, tokenizer, tmp_path / "out", mask, {"method": "test"})
     # ``model`` is shrunk now: the masked logits up to summation order, and the reference that
     # the files must reproduce bit for bit
     torch.testing.assert_close(logits(model), a, atol=1e-5, rtol=1e-5)
@@ -279,8 +279,8 @@ def test_nonuniform_export_works_with_lm_eval_hflm(tmp_path, tokenizer):
     groups = S.layer_groups(model)
     scores = random_scores(groups, 4)
     scores[1]["mlp"].mul_(0.01)
-    mask = S.select(scores, groups, mlp=0.3, uniform=False)
-    S.save_structured(model, tokenizer, tmp_path / "out", mask, {})
+    mask = SEL.select(scores, groups, mlp=0.3, uniform=False)
+    FMT.save_structured(model, tokenizer, tmp_path / "out", mask, {})
     loaded = llmprune.load_pretrained(tmp_path / "out")
     lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=1, device="cpu")
     ctx, cont = "the river stone", " of the city"
@@ -301,7 +301,7 @@ def _removed(mask, layer):
 
 def test_select_sparsity_uniform_hand_counts():
     groups = [S.LayerGroups(8, 2, 8, 128, 1024, 1024, 192, 0)] * 2
-    mask = S.select(random_scores(groups, 0), groups, sparsity=0.3)
+    mask = SEL.select(random_scores(groups, 0), groups, sparsity=0.3)
     # attention holds 10240 params per layer; 0.3 of it is 3072: one round (2 heads, 2048) and
     # two rounds (4096) are equally near, the smaller wins. The MLP then makes up the total:
     # (0.3 * 69632 - 2 * 2048) / 192 = 87.5 channels -> 44 per layer.
@@ -318,29 +318,29 @@ def test_select_keeps_the_most_important():
     groups = [S.LayerGroups(8, 2, 8, 16, 1024, 1024, 192, 0)]
     scores = [{"heads": torch.tensor([5., 1., 7., 8., 3., 9., 2., 6.]),
                "mlp": torch.arange(16.).flip(0)}]
-    mask = S.select(scores, groups, heads=0.5, mlp=0.25)
+    mask = SEL.select(scores, groups, heads=0.5, mlp=0.25)
     # even: two rounds -> the two least important heads of each group {1, 0} and {6, 4}
     assert _removed(mask, 0) == ([0, 1, 4, 6], 4)
     assert mask[0]["mlp"][:12].all()  # channels 12..15 have the lowest scores
     # kv: group 0 sums to 21, group 1 to 20 -> group 1 (heads 4-7) goes
-    mask = S.select(scores, groups, heads=0.5, gqa="kv")
+    mask = SEL.select(scores, groups, heads=0.5, gqa="kv")
     assert _removed(mask, 0) == ([4, 5, 6, 7], 0)
     assert S.removed_params(groups, mask) == 4 * 1024 + 1024  # its k/v go too
 
 
 def test_select_per_kind_overrides_and_sparsity_with_one_kind():
     groups = [S.LayerGroups(8, 2, 8, 128, 1024, 1024, 192, 0)] * 3
-    mask = S.select(random_scores(groups, 1), groups, heads=0.25, mlp=0.4)
+    mask = SEL.select(random_scores(groups, 1), groups, heads=0.25, mlp=0.4)
     for layer in range(3):
         heads, n_ch = _removed(mask, layer)
         assert len(heads) == 2 and n_ch == round(0.4 * 128)
     # sparsity with heads fixed: the MLP makes up the rest
-    mask = S.select(random_scores(groups, 1), groups, sparsity=0.5, heads=0.5)
+    mask = SEL.select(random_scores(groups, 1), groups, sparsity=0.5, heads=0.5)
     total = 3 * (8 * 1024 + 2 * 1024 + 128 * 192)
     assert all(len(_removed(mask, i)[0]) == 4 for i in range(3))
     assert abs(S.removed_params(groups, mask) - 0.5 * total) <= 3 * 192
     # heads only: no channel goes
-    mask = S.select(random_scores(groups, 1), groups, heads=0.5)
+    mask = SEL.select(random_scores(groups, 1), groups, heads=0.5)
     assert all(_removed(mask, i)[1] == 0 for i in range(3))
 
 
@@ -349,14 +349,14 @@ def test_select_nonuniform_global_ranking():
     scores = random_scores(groups, 5)
     scores[0]["heads"].mul_(0.01)  # layer 0's heads matter least
     scores[1]["mlp"].mul_(0.01)  # layer 1's channels matter least
-    mask = S.select(scores, groups, heads=0.25, mlp=0.25, uniform=False)
+    mask = SEL.select(scores, groups, heads=0.25, mlp=0.25, uniform=False)
     assert _removed(mask, 1) == ([], 0) or _removed(mask, 1)[0] == []
     heads0, ch0 = _removed(mask, 0)
     assert len(heads0) == 4 and ch0 == 0  # 4 of 16 heads, 2 rounds, all in layer 0
     assert sorted(h // 4 for h in heads0) == [0, 0, 1, 1]
     assert _removed(mask, 1)[1] == 64  # 64 of 256 channels, all from layer 1
     # a layer never loses its last head per group or its last channel
-    mask = S.select(scores, groups, heads=0.9, mlp=0.9, uniform=False)
+    mask = SEL.select(scores, groups, heads=0.9, mlp=0.9, uniform=False)
     for m in mask:
         assert m["heads"].reshape(2, 4).any(dim=1).all() and m["mlp"].any()
 
@@ -365,7 +365,7 @@ def test_select_nonuniform_sparsity_near_target():
     groups = [S.LayerGroups(8, 2, 8, 128, 1024, 1024, 192, 0)] * 4
     total = 4 * 34816
     for s in (0.1, 0.2, 0.4, 0.6):
-        mask = S.select(random_scores(groups, 9), groups, sparsity=s, uniform=False)
+        mask = SEL.select(random_scores(groups, 9), groups, sparsity=s, uniform=False)
         assert abs(S.removed_params(groups, mask) - s * total) <= 192  # one channel
 
 
@@ -377,13 +377,13 @@ def test_select_nonuniform_sparsity_near_target():
 def test_select_bad_targets(kw, msg):
     groups = [S.LayerGroups(8, 2, 8, 128, 1024, 1024, 192, 0)]
     with pytest.raises(UserError, match=msg):
-        S.select(random_scores(groups, 0), groups, **kw)
+        SEL.select(random_scores(groups, 0), groups, **kw)
 
 
 # ----------------------------------------------------------------------------- baseline scores
 def test_magnitude_scores_hand():
     model = model_of("llama-gqa")
-    scores = S.magnitude_scores(model)
+    scores = SEL.magnitude_scores(model)
     layer = model.model.layers[1]
     a = layer.self_attn
     h = 5  # KV group 1
@@ -403,7 +403,7 @@ def test_activation_scores_hand_recomputation():
     model = model_of("llama-gqa")
     model.config._attn_implementation = "eager"
     ids = IDS
-    scores = S.activation_scores(model, ids, batch_size=1, progress=False)
+    scores = SEL.activation_scores(model, ids, batch_size=1, progress=False)
     attn_in, mlp_in = {}, {}
     layer = model.model.layers[1]
     h1 = layer.self_attn.register_forward_pre_hook(
@@ -477,7 +477,7 @@ def test_uniform_head_count_llama_config_refuses_goes_to_load_pretrained(tmp_pat
         m["heads"][[0, 4]] = False
     with S.masked(model, mask):
         a = logits(model)
-    info = S.save_structured(model, tokenizer, tmp_path / "out", mask, {})
+    info = FMT.save_structured(model, tokenizer, tmp_path / "out", mask, {})
     assert info["loads_with"] == "llmprune.load_pretrained"
     assert torch.equal(logits(llmprune.load_pretrained(tmp_path / "out")), a)
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..core.flags import positive_int as positive
 
@@ -29,13 +30,17 @@ def add_flags(p: argparse.ArgumentParser, flags: tuple[Flag, ...]) -> None:
 OVERWRITE = flag("--overwrite", action="store_true",
                  help="replace --output if it exists (only once the new one is complete)")
 REPLACE = flag("--overwrite", action="store_true", help="replace --output if it exists")
+def eval_flags(what: str = "dense and pruned perplexity") -> tuple[Flag, ...]:
+    """--eval-ppl DATA (the perplexity a command prints: ``what`` on DATA) and its windows."""
+    return (flag("--eval-ppl", default=None, metavar="DATA",
+                 help=f"also print {what} on DATA (wikitext2 or a .txt file)"),
+            flag("--eval-seqlen", type=positive, default=1024, help="window length for --eval-ppl"),
+            flag("--max-windows", type=positive, default=16,
+                 help="number of windows for --eval-ppl"))
+
+
 # dense and pruned perplexity printed by a pruning command
-EVAL_PPL_FLAGS = (
-    flag("--eval-ppl", default=None, metavar="DATA",
-         help="also print dense and pruned perplexity on DATA (wikitext2 or a .txt file)"),
-    flag("--eval-seqlen", type=positive, default=1024, help="window length for --eval-ppl"),
-    flag("--max-windows", type=positive, default=16, help="number of windows for --eval-ppl"),
-)
+EVAL_PPL_FLAGS = eval_flags()
 CALIB_DATA = flag("--calib-data", default=None,
                   help="calibration text: a .txt/.jsonl file or wikitext2|c4|ptb (default: "
                        "wikitext2 valid.txt from the local data directory, see README)")
@@ -53,13 +58,21 @@ def calibration(nsamples: int, seqlen: int) -> tuple[Flag, ...]:
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its flags and the function that runs it (returns the exit code)."""
+    """One subcommand: the function that runs it (returns the exit code; its docstring's first
+    paragraph is the command's one-line help in ``llmprune --help``, the rest its description)
+    and its flags."""
 
     name: str
     run: Callable[[argparse.Namespace], int]
-    help: str
-    description: str
     flags: tuple[Flag, ...]
+
+    @property
+    def help(self) -> str:
+        return inspect.getdoc(self.run).split("\n\n", 1)[0]
+
+    @property
+    def description(self) -> str:
+        return inspect.getdoc(self.run).split("\n\n", 1)[1]
 
 
 def add_command(sub, command: Command) -> None:
@@ -67,6 +80,13 @@ def add_command(sub, command: Command) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(p, command.flags)
     p.set_defaults(func=command.run)
+
+
+def config_from_args(cls, args: argparse.Namespace, **given):
+    """A config dataclass built from the parsed flags of the same names (``--batch-size`` ->
+    ``batch_size``), ``given`` overriding; fields without a flag keep their defaults."""
+    names = {f.name for f in fields(cls)} - set(given)
+    return cls(**given, **{n: getattr(args, n) for n in names if hasattr(args, n)})
 
 
 class Parser(argparse.ArgumentParser):

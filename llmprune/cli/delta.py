@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-
 from ..delta.dare import METHODS as DROP_METHODS, RESCALES
 from .common import REPLACE, Command, flag, positive, sparsity_fraction
 
 
 def _run_dare(args) -> int:
+    """DARE: prune the delta of a fine-tuned model against its base
+
+    DARE (Yu et al. 2024): drop a fraction --drop of the delta W_finetuned - W_base (random
+    Bernoulli, or the smallest |delta| with --method magnitude), rescale the rest (by 1/(1-p)
+    with --rescale dare) and write the merged model (--output) and/or the compact delta
+    (--delta-output; load it with llmprune.load_pretrained(DIR, base=BASE)). Streams both
+    checkpoints tensor by tensor.
+    """
     from ..delta.dare import dare
 
     meta = dare(args.base, args.finetuned, args.drop, args.method, args.rescale, args.seed,
@@ -23,6 +30,13 @@ def _run_dare(args) -> int:
 
 
 def _run_merge(args) -> int:
+    """merge several fine-tuned models onto their base (task arithmetic, TIES)
+
+    Merge the task vectors tau_t = F_t - B of several fine-tuned checkpoints onto their base B:
+    task arithmetic (B + sum_t w_t tau_t; Ilharco et al. 2023) or TIES (trim, elect sign,
+    disjoint mean; Yadav et al. 2023), optionally after a DARE drop of every task vector
+    (--drop). Streams all checkpoints tensor by tensor and writes a plain checkpoint.
+    """
     from ..delta.merge import merge_models
 
     merge_models(args.base, args.finetuned, args.weights, args.method, args.density, args.lam,
@@ -83,27 +97,9 @@ MERGE_FLAGS = (
 )
 
 
-DARE_COMMAND = Command(
-    "dare", run=_run_dare,
-    help="DARE: prune the delta of a fine-tuned model against its base",
-    description=("DARE (Yu et al. 2024): drop a fraction --drop of the delta W_finetuned - "
-                 "W_base (random Bernoulli, or the smallest |delta| with --method magnitude), "
-                 "rescale the rest (by 1/(1-p) with --rescale dare) and write the merged model "
-                 "(--output) and/or the compact delta (--delta-output; load it with "
-                 "llmprune.load_pretrained(DIR, base=BASE)). Streams both checkpoints tensor by "
-                 "tensor."),
-    flags=(*DARE_FLAGS,))
-
-
-MERGE_COMMAND = Command(
-    "merge", run=_run_merge,
-    help="merge several fine-tuned models onto their base (task arithmetic, TIES)",
-    description=("Merge the task vectors tau_t = F_t - B of several fine-tuned checkpoints onto "
-                 "their base B: task arithmetic (B + sum_t w_t tau_t; Ilharco et al. 2023) or "
-                 "TIES (trim, elect sign, disjoint mean; Yadav et al. 2023), optionally after a "
-                 "DARE drop of every task vector (--drop). Streams all checkpoints tensor by "
-                 "tensor and writes a plain checkpoint."),
-    flags=(*MERGE_FLAGS,))
-
-# this family's commands, in the order of `llmprune --help`
-COMMANDS = (DARE_COMMAND, MERGE_COMMAND)
+# this family's commands, in the order of `llmprune --help`; each one's --help is its
+# function's docstring
+COMMANDS = (
+    Command("dare", _run_dare, DARE_FLAGS),
+    Command("merge", _run_merge, MERGE_FLAGS),
+)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-
 from .common import MODEL_FLAGS, REPLACE, Command, flag, positive
 
 
 def _run_eval(args) -> int:
+    """perplexity and lm-eval tasks of a model
+
+    Print the perplexity of a model as 'perplexity: <value>' and/or run lm-eval harness tasks
+    on it (in memory: pruned, compact and shrunk models alike).
+    """
     import json
 
     from ..core.device import check_device
@@ -37,6 +41,15 @@ def _run_eval(args) -> int:
 
 
 def _run_export(args) -> int:
+    """write a checkpoint as dense or compact safetensors
+
+    Write checkpoint SRC to --output as 'dense' (a plain Hugging Face checkpoint, zeros in
+    place) or 'compact' (pruned linears stored as their kept values plus a 1-bit mask per
+    weight, or for N:M as values [out, in*N/M] plus packed 2-bit (2:4) indices; tensors too
+    dense to gain stay plain). The masks come from the pruning run's metadata
+    (llmprune_masks.safetensors); for a checkpoint without it pass --pattern. Load compact
+    output with llmprune.load_pretrained(DIR) or any llmprune command's --model.
+    """
     from ..io.export import export_checkpoint
 
     meta = export_checkpoint(args.src, args.output, args.format, args.dtype, args.pattern,
@@ -49,6 +62,12 @@ def _run_export(args) -> int:
 
 
 def _run_inspect(args) -> int:
+    """per-tensor patterns, sparsity and bytes of a checkpoint
+
+    Print a per-tensor table (shape, pattern, encoding, sparsity, bytes on disk) and
+    whole-model totals against dense. Every tensor recorded as N:M is decoded and checked group
+    by group; the exit code is 1 if one is not.
+    """
     from ..io.inspection import format_table, inspect_checkpoint, to_json
 
     rows, totals = inspect_checkpoint(args.dir)
@@ -57,6 +76,13 @@ def _run_inspect(args) -> int:
 
 
 def _run_push(args) -> int:
+    """upload an output directory to the Hugging Face Hub with a model card
+
+    Create the Hub repo (if needed) and upload every file of DIR plus a generated model card
+    (README.md: base model, method, recipe, per-kind sparsity, size against dense, evaluations,
+    how to load). DIR itself is never modified. The token comes from HF_TOKEN or `hf auth
+    login`; HF_ENDPOINT selects another Hub.
+    """
     from ..io.hub import push
 
     files = push(args.dir, args.repo_id, private=args.private, dry_run=args.dry_run,
@@ -133,46 +159,11 @@ PUSH_FLAGS = (
 )
 
 
-EVAL_COMMAND = Command(
-    "eval", run=_run_eval,
-    help="perplexity and lm-eval tasks of a model",
-    description=("Print the perplexity of a model as 'perplexity: <value>' and/or run lm-eval "
-                 "harness tasks on it (in memory: pruned, compact and shrunk models alike)."),
-    flags=(*MODEL_FLAGS,
-           *EVAL_FLAGS))
-
-
-EXPORT_COMMAND = Command(
-    "export", run=_run_export,
-    help="write a checkpoint as dense or compact safetensors",
-    description=("Write checkpoint SRC to --output as 'dense' (a plain Hugging Face checkpoint, "
-                 "zeros in place) or 'compact' (pruned linears stored as their kept values plus "
-                 "a 1-bit mask per weight, or for N:M as values [out, in*N/M] plus packed 2-bit "
-                 "(2:4) indices; tensors too dense to gain stay plain). The masks come from the "
-                 "pruning run's metadata (llmprune_masks.safetensors); for a checkpoint without "
-                 "it pass --pattern. Load compact output with llmprune.load_pretrained(DIR) or "
-                 "any llmprune command's --model."),
-    flags=(*EXPORT_FLAGS,))
-
-
-INSPECT_COMMAND = Command(
-    "inspect", run=_run_inspect,
-    help="per-tensor patterns, sparsity and bytes of a checkpoint",
-    description=("Print a per-tensor table (shape, pattern, encoding, sparsity, bytes on disk) "
-                 "and whole-model totals against dense. Every tensor recorded as N:M is decoded "
-                 "and checked group by group; the exit code is 1 if one is not."),
-    flags=(*INSPECT_FLAGS,))
-
-
-PUSH_COMMAND = Command(
-    "push", run=_run_push,
-    help="upload an output directory to the Hugging Face Hub with a model card",
-    description=("Create the Hub repo (if needed) and upload every file of DIR plus a generated "
-                 "model card (README.md: base model, method, recipe, per-kind sparsity, size "
-                 "against dense, evaluations, how to load). DIR itself is never modified. The "
-                 "token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another "
-                 "Hub."),
-    flags=(*PUSH_FLAGS,))
-
-# this family's commands, in the order of `llmprune --help`
-COMMANDS = (EVAL_COMMAND, EXPORT_COMMAND, INSPECT_COMMAND, PUSH_COMMAND)
+# this family's commands, in the order of `llmprune --help`; each one's --help is its
+# function's docstring
+COMMANDS = (
+    Command("eval", _run_eval, (*MODEL_FLAGS, *EVAL_FLAGS)),
+    Command("export", _run_export, EXPORT_FLAGS),
+    Command("inspect", _run_inspect, INSPECT_FLAGS),
+    Command("push", _run_push, PUSH_FLAGS),
+)

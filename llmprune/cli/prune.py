@@ -165,6 +165,12 @@ def _run_streaming(args, recipe) -> int:
 
 
 def _run_recipe(args) -> int:
+    """run a YAML recipe (solver -> export -> eval)
+
+    Run a recipe: a model and stages, e.g. 'sparsegpt: {pattern: "2:4"}', 'export: {format:
+    compact, dtype: bf16}', 'eval: {ppl: wikitext2}'. Every pruning output holds the
+    recipe.yaml that reproduces it.
+    """
     from ..runner import load, run
 
     meta = run(load(args.recipe, args.set), args.output, args.overwrite,
@@ -175,6 +181,13 @@ def _run_recipe(args) -> int:
 
 
 def _run_sweep(args) -> int:
+    """perplexity over solvers x sparsities: table, JSON and PNG plot
+
+    Prune a copy of the dense model for every solver x sparsity (x allocation) on the same
+    calibration ids and evaluation windows, and write sweep.md, sweep.json, sweep.png
+    (perplexity against sparsity) and, for OWL runs, owl_layers.png into --output. Holds two
+    copies of the model in memory.
+    """
     from ..sweep import sweep
 
     try:
@@ -224,24 +237,9 @@ SWEEP_FLAGS = (
 )
 
 
-RUN_COMMAND = Command(
-    "run", run=_run_recipe,
-    help="run a YAML recipe (solver -> export -> eval)",
-    description=("Run a recipe: a model and stages, e.g. 'sparsegpt: {pattern: \"2:4\"}', "
-                 "'export: {format: compact, dtype: bf16}', 'eval: {ppl: wikitext2}'. Every "
-                 "pruning output holds the recipe.yaml that reproduces it."),
-    flags=(*RUN_FLAGS,))
-
-
-SWEEP_COMMAND = Command(
-    "sweep", run=_run_sweep,
-    help="perplexity over solvers x sparsities: table, JSON and PNG plot",
-    description=("Prune a copy of the dense model for every solver x sparsity (x allocation) on "
-                 "the same calibration ids and evaluation windows, and write sweep.md, "
-                 "sweep.json, sweep.png (perplexity against sparsity) and, for OWL runs, "
-                 "owl_layers.png into --output. Holds two copies of the model in memory."),
-    flags=(*MODEL_FLAGS,
-           *SWEEP_FLAGS))
-
-# this family's commands, in the order of `llmprune --help`
-COMMANDS = (RUN_COMMAND, SWEEP_COMMAND)
+# this family's commands, in the order of `llmprune --help`; each one's --help is its
+# function's docstring
+COMMANDS = (
+    Command("run", _run_recipe, RUN_FLAGS),
+    Command("sweep", _run_sweep, (*MODEL_FLAGS, *SWEEP_FLAGS)),
+)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-
-from .common import EXPORT_DTYPE, OVERWRITE, Command, flag, positive
+from .common import EXPORT_DTYPE, OVERWRITE, Command, config_from_args, eval_flags, flag, positive
 
 
 PERP_FLAGS = (
@@ -54,26 +53,23 @@ PERP_FLAGS = (
     flag("--export", choices=["dense", "compact"], default="dense",
          help="dense: a plain checkpoint; compact: see 'llmprune export'"),
     EXPORT_DTYPE,
-    flag("--eval-ppl", default=None, metavar="DATA",
-         help="also print perplexity on DATA (wikitext2 or a .txt file) before and "
-              "after PERP"),
-    flag("--eval-seqlen", type=positive, default=1024,
-         help="window length for --eval-ppl"),
-    flag("--max-windows", type=positive, default=16,
-         help="number of windows for --eval-ppl"),
+    *eval_flags("perplexity before and after PERP"),
 )
 
 
 def _run_perp(args) -> int:
+    """PERP: retrain norms/biases/masked LoRA of a pruned model
+
+    PERP (Zimmer et al. 2023): retrain a tiny subset of a pruned model's parameters -- norm
+    weights, biases and/or low-rank adapters whose merged update keeps the sparsity (MaskLoRA:
+    W + (s B A) * M; ScaleLoRA: (B A) * W) -- on calibration text, merge, check that every
+    pruned linear's zeros are exactly where they were, and write a plain checkpoint with the
+    same masks file.
+    """
     from ..retrain.perp import PerpConfig
     from ..runs.perp import perp_checkpoint, summary_line
 
-    config = PerpConfig(train=args.train, lora_variant=args.lora_variant, rank=args.rank,
-                        alpha=args.alpha, steps=args.steps, lr=args.lr,
-                        batch_size=args.batch_size, seqlen=args.seqlen, nsamples=args.nsamples,
-                        calib_data=args.calib_data, calib_sampling=args.calib_sampling,
-                        seed=args.seed, device=args.device, dtype=args.dtype,
-                        gradient_checkpointing=args.gradient_checkpointing)
+    config = config_from_args(PerpConfig, args)
     meta = perp_checkpoint(args.model, config, args.output, overwrite=args.overwrite,
                            eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
                            eval_max_windows=args.max_windows, progress=not args.quiet,
@@ -82,15 +78,8 @@ def _run_perp(args) -> int:
     return 0
 
 
-PERP_COMMAND = Command(
-    "perp", run=_run_perp,
-    help="PERP: retrain norms/biases/masked LoRA of a pruned model",
-    description=("PERP (Zimmer et al. 2023): retrain a tiny subset of a pruned model's "
-                 "parameters -- norm weights, biases and/or low-rank adapters whose merged "
-                 "update keeps the sparsity (MaskLoRA: W + (s B A) * M; ScaleLoRA: (B A) * W) -- "
-                 "on calibration text, merge, check that every pruned linear's zeros are exactly "
-                 "where they were, and write a plain checkpoint with the same masks file."),
-    flags=(*PERP_FLAGS,))
-
-# this family's commands, in the order of `llmprune --help`
-COMMANDS = (PERP_COMMAND,)
+# this family's commands, in the order of `llmprune --help`; each one's --help is its
+# function's docstring
+COMMANDS = (
+    Command("perp", _run_perp, PERP_FLAGS),
+)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
 from ..structured.selection import IMPORTANCES
-from .common import (EVAL_PPL_FLAGS, MODEL_FLAGS, OVERWRITE, Command, calib_and_output, flag,
-                     fraction, positive)
+from .common import (EVAL_PPL_FLAGS, MODEL_FLAGS, OVERWRITE, Command, calib_and_output,
+                     config_from_args, flag, fraction, positive)
 
 
 STRUCTURED_TARGET_FLAGS = (
@@ -49,6 +48,13 @@ STRUCTURED_FLAGS = (
 
 
 def _run_structured(args) -> int:
+    """one-shot head / MLP-channel pruning (smaller model)
+
+    One-shot structured pruning baseline: score every attention head and MLP channel
+    (magnitude: L2 norm of the group's weights; activation: L2 norm of its activations on
+    calibration text), remove the least important ones and write a physically smaller model.
+    Uniform widths load with plain AutoModelForCausalLM.from_pretrained.
+    """
     from ..core.device import check_device
     from ..runs.structured import structured_checkpoint
 
@@ -114,92 +120,66 @@ def _structured_cli_target(args):
     return Target(sparsity=args.sparsity, heads=args.heads, mlp=args.mlp)
 
 
-def _run_bonsai(args) -> int:
-    from ..structured.bonsai import BonsaiConfig
-    from ..runs.structured import bonsai_checkpoint
+def _run_options(args) -> dict:
+    """The calibration, output and evaluation options of a bonsai / loraprune run."""
+    return dict(nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data,
+                calib_sampling=args.calib_sampling, overwrite=args.overwrite,
+                eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
+                eval_max_windows=args.max_windows, trust_remote_code=args.trust_remote_code,
+                device=args.device, progress=not args.quiet)
 
-    config = BonsaiConfig(
-        _structured_cli_target(args), uniform=not args.non_uniform, gqa=args.gqa,
-        iterations=args.iterations, samples=args.samples, drop_prob=args.drop_prob,
-        candidate_factor=args.candidate_factor, mlp_block=args.mlp_block, ridge=args.ridge,
-        sub_nsamples=args.sub_nsamples, batch_size=args.batch_size, seed=args.seed)
-    info = bonsai_checkpoint(
-        args.model, args.output, config, nsamples=args.nsamples, seqlen=args.seqlen,
-        calib_data=args.calib_data, calib_sampling=args.calib_sampling,
-        overwrite=args.overwrite, eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
-        eval_max_windows=args.max_windows, trust_remote_code=args.trust_remote_code,
-        device=args.device, progress=not args.quiet)
-    print(f"removed {info['removed_fraction']:.4f} of the decoder-layer linear parameters with "
-          f"{info['report']['sub_model_evaluations']} sub-model evaluations (forward passes "
-          f"only); wrote {args.output} (loads with "
-          f"{info['loads_with']})")
+
+def _run_iterative(args, config_cls, checkpoint, detail) -> int:
+    """bonsai / loraprune: the config from the flags, the run, one summary line (``detail`` of
+    the run's report in the middle)."""
+    config = config_from_args(config_cls, args, target=_structured_cli_target(args),
+                              uniform=not args.non_uniform)
+    info = checkpoint(args.model, args.output, config, **_run_options(args))
+    print(f"removed {info['removed_fraction']:.4f} of the decoder-layer linear parameters "
+          f"{detail(info['report'])}; wrote {args.output} (loads with {info['loads_with']})")
     return 0
+
+
+def _run_bonsai(args) -> int:
+    """Bonsai: forward-only structured pruning (smaller model)
+
+    Bonsai (Dery et al. 2024, 'Everybody Prune Now'): structured pruning with forward passes
+    only. In every iteration, sub-models that drop random subsets of the candidate heads /
+    MLP-channel blocks are scored by their calibration loss, a ridge regression of that loss on
+    which groups were kept estimates each group's importance, and the least important are
+    removed; repeated until the target. Needs only inference memory. Writes a physically
+    smaller model.
+    """
+    from ..runs.structured import bonsai_checkpoint
+    from ..structured.bonsai import BonsaiConfig
+
+    return _run_iterative(args, BonsaiConfig, bonsai_checkpoint, lambda report: (
+        f"with {report['sub_model_evaluations']} sub-model evaluations (forward passes only)"))
 
 
 def _run_loraprune(args) -> int:
-    from ..structured.loraprune import LoRAPruneConfig
+    """LoRAPrune: prune while LoRA fine-tuning (smaller model)
+
+    LoRAPrune (Zhang et al. 2023): LoRA adapters (peft) on a frozen base are fine-tuned on the
+    calibration text while heads and MLP channels are removed on a schedule, ranked by the
+    LoRA-guided criterion ((W + BA) * (G_B A + B G_A))^2 with a moving average; only LoRA
+    weights get gradients. The LoRA is merged at the end and the model shrunk.
+    """
     from ..runs.structured import loraprune_checkpoint
+    from ..structured.loraprune import LoRAPruneConfig
 
-    config = LoRAPruneConfig(
-        _structured_cli_target(args), uniform=not args.non_uniform, gqa=args.gqa,
-        rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps,
-        batch_size=args.batch_size, prune_steps=args.prune_steps, prune_until=args.prune_until,
-        ema=args.ema, load_8bit=args.load_8bit, seed=args.seed)
-    info = loraprune_checkpoint(
-        args.model, args.output, config, nsamples=args.nsamples, seqlen=args.seqlen,
-        calib_data=args.calib_data, calib_sampling=args.calib_sampling,
-        overwrite=args.overwrite, eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
-        eval_max_windows=args.max_windows, trust_remote_code=args.trust_remote_code,
-        device=args.device, progress=not args.quiet)
-    print(f"removed {info['removed_fraction']:.4f} of the decoder-layer linear parameters "
-          f"({info['report']['trainable_params']:,} trainable LoRA parameters, peak RSS "
-          f"{info['report']['peak_rss_mib']:.0f} MiB); wrote {args.output} (loads with "
-          f"{info['loads_with']})")
-    return 0
+    return _run_iterative(args, LoRAPruneConfig, loraprune_checkpoint, lambda report: (
+        f"({report['trainable_params']:,} trainable LoRA parameters, peak RSS "
+        f"{report['peak_rss_mib']:.0f} MiB)"))
 
 
-STRUCTURED_COMMAND = Command(
-    "structured", run=_run_structured,
-    help="one-shot head / MLP-channel pruning (smaller model)",
-    description=("One-shot structured pruning baseline: score every attention head and MLP "
-                 "channel (magnitude: L2 norm of the group's weights; activation: L2 norm of its "
-                 "activations on calibration text), remove the least important ones and write a "
-                 "physically smaller model. Uniform widths load with plain "
-                 "AutoModelForCausalLM.from_pretrained."),
-    flags=(*MODEL_FLAGS,
-           flag("--importance", choices=IMPORTANCES, default=IMPORTANCES[0],
-                help="group importance: weight norms (no data) or activation norms"),
-           *STRUCTURED_TARGET_FLAGS,
-           *STRUCTURED_FLAGS))
-
-
-BONSAI_COMMAND = Command(
-    "bonsai", run=_run_bonsai,
-    help="Bonsai: forward-only structured pruning (smaller model)",
-    description=("Bonsai (Dery et al. 2024, 'Everybody Prune Now'): structured pruning with "
-                 "forward passes only. In every iteration, sub-models that drop random subsets "
-                 "of the candidate heads / MLP-channel blocks are scored by their calibration "
-                 "loss, a ridge regression of that loss on which groups were kept estimates each "
-                 "group's importance, and the least important are removed; repeated until the "
-                 "target. Needs only inference memory. Writes a physically smaller model."),
-    flags=(*MODEL_FLAGS,
-           *STRUCTURED_TARGET_FLAGS,
-           *calib_and_output(32, 512),
-           *BONSAI_FLAGS))
-
-
-LORAPRUNE_COMMAND = Command(
-    "loraprune", run=_run_loraprune,
-    help="LoRAPrune: prune while LoRA fine-tuning (smaller model)",
-    description=("LoRAPrune (Zhang et al. 2023): LoRA adapters (peft) on a frozen base are "
-                 "fine-tuned on the calibration text while heads and MLP channels are removed on "
-                 "a schedule, ranked by the LoRA-guided criterion ((W + BA) * (G_B A + B G_A))^2 "
-                 "with a moving average; only LoRA weights get gradients. The LoRA is merged at "
-                 "the end and the model shrunk."),
-    flags=(*MODEL_FLAGS,
-           *STRUCTURED_TARGET_FLAGS,
-           *calib_and_output(64, 512),
-           *LORAPRUNE_FLAGS))
-
-# this family's commands, in the order of `llmprune --help`
-COMMANDS = (STRUCTURED_COMMAND, BONSAI_COMMAND, LORAPRUNE_COMMAND)
+# this family's commands, in the order of `llmprune --help`; each one's --help is its
+# function's docstring
+COMMANDS = (
+    Command("structured", _run_structured,
+            (*MODEL_FLAGS, flag("--importance", choices=IMPORTANCES, default=IMPORTANCES[0], help="group importance: weight norms (no data) or activation norms"), *STRUCTURED_TARGET_FLAGS, *STRUCTURED_FLAGS)),
+    Command("bonsai", _run_bonsai,
+            (*MODEL_FLAGS, *STRUCTURED_TARGET_FLAGS, *calib_and_output(32, 512), *BONSAI_FLAGS)),
+    Command("loraprune", _run_loraprune,
+            (*MODEL_FLAGS, *STRUCTURED_TARGET_FLAGS, *calib_and_output(64, 512), *LORAPRUNE_FLAGS)),
+)

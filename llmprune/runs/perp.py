@@ -7,10 +7,9 @@ import logging
 import time
 from pathlib import Path
 
-
 from ..core.errors import UserError
-from ..retrain.perp import PerpConfig, perp, training_ids
 from ..evaluate.ppl import timed_perplexity
+from ..retrain.perp import PerpConfig, perp, training_ids
 
 log = logging.getLogger(__name__)
 

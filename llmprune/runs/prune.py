@@ -9,16 +9,15 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-
 from ..core.device import check_device, library_versions
 from ..engine.calibrate import Report, check_target
 from ..engine.prune import needs_calibration, prune
+from ..evaluate.ppl import timed_perplexity
 from ..io.data import calibration_ids, load_text, tokenize
 from ..io.export import write_checkpoint
 from ..io.output import atomic_dir, check_output
 from ..models import adapter_for
 from ..recipe import CALIB_DTYPES, PruneRecipe
-from ..evaluate.ppl import timed_perplexity
 
 log = logging.getLogger(__name__)
 

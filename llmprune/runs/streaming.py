@@ -272,7 +272,7 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
                 prune_layer(layer, i, adapter, solver, target, inputs, opts, report,
                             propagate=i + 1 < len(layers))
             else:
-                from .calibrate import solve_linear_group
+                from ..engine.calibrate import solve_linear_group
 
                 with torch.no_grad():
                     for group in adapter.groups:

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.sparsity import Sparsity
-
 from ..core.masks import select_mask
+from ..core.sparsity import Sparsity
 from .base import Solved, SolverBase, register
 
 

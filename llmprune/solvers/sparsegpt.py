@@ -29,11 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.sparsity import Sparsity
-
-from ..core.masks import lowest_k_mask, n_pruned
 from ..core.errors import UserError
 from ..core.flags import positive_int
+from ..core.masks import lowest_k_mask, n_pruned
+from ..core.sparsity import Sparsity
 from .base import STATS_DTYPE, Solved, SolverBase, option, register
 
 log = logging.getLogger(__name__)

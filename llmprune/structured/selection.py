@@ -17,9 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import UserError
-from .shrink import (LayerGroups, StructuredMask, check_mask, kv_alive, layer_groups, layout_of,
-                     removed_params)
-from .shrink import forward_with_hooks
+from .shrink import (LayerGroups, StructuredMask, check_mask, forward_with_hooks, kv_alive,
+                     layer_groups, layout_of, removed_params)
 
 log = logging.getLogger(__name__)
 
