@@ -33,32 +33,32 @@ def test_contradicting_sparsity_and_pattern():
 
 def test_nm_mask_hand_case():
     scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.0, 9.0, 8.0, 7.0]])
-    mask = nm_mask(scores, 2, 4)
-    assert mask.tolist() == [[False, True, False, True, True, False, False, True]]
+    keep = nm_mask(scores, 2, 4)  # True = kept: the 2 largest of each 4
+    assert keep.tolist() == [[True, False, True, False, False, True, True, False]]
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8)])
 def test_nm_mask_exact_per_group(n, m):
     torch.manual_seed(0)
     scores = torch.rand(17, 5 * m)
-    mask = nm_mask(scores, n, m)
-    kept = (~mask).view(17, 5, m).sum(-1)
+    keep = nm_mask(scores, n, m)
+    kept = keep.view(17, 5, m).sum(-1)
     assert (kept == n).all()
     # The kept ones are the largest of each group.
     g = scores.view(17, 5, m)
-    km = (~mask).view(17, 5, m)
+    km = keep.view(17, 5, m)
     assert (g[km].view(17, 5, n).min(-1).values >= g[~km].view(17, 5, m - n).max(-1).values).all()
-    assert nm_violations(scores.masked_fill(mask, 0), n, m) == 0
+    assert nm_violations(scores.masked_fill(~keep, 0), n, m) == 0
     assert nm_violations(scores, n, m) == 17 * 5
 
 
 def test_unstructured_per_row_and_global():
     scores = torch.tensor([[1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0, 40.0]])
-    assert unstructured_mask(scores, 0.5, per_row=True).tolist() == [
-        [True, True, False, False], [True, True, False, False]]
+    assert unstructured_mask(scores, 0.5, per_row=True).tolist() == [  # True = kept
+        [False, False, True, True], [False, False, True, True]]
     assert unstructured_mask(scores, 0.5, per_row=False).tolist() == [
-        [True, True, True, True], [False, False, False, False]]
-    assert not unstructured_mask(scores, 0.0, per_row=True).any()
+        [False, False, False, False], [True, True, True, True]]
+    assert unstructured_mask(scores, 0.0, per_row=True).all()
 
 
 def test_check_divisible():

@@ -32,8 +32,8 @@ class KeepLargestPerRow(SolverBase):
     def solve_group(self, weights, stats, target, names):
         for w in weights:
             w = w.to(torch.float32)
-            mask = select_mask(w.abs(), target, per_row=True)  # True = pruned
-            yield Solved((w * self.scale).masked_fill(mask, 0.0), mask)
+            keep = select_mask(w.abs(), target, per_row=True)  # True = kept
+            yield Solved((w * self.scale).masked_fill(~keep, 0.0), keep)
 
 
 @pytest.fixture

@@ -25,17 +25,17 @@ def test_wanda_hand_case():
     assert torch.allclose(stats.sq.sqrt(), torch.tensor([4.0, 1.0, 2.0, 0.5]))
     # Scores: row 0 = [4, 2, 6, 2.5] -> prune columns 1, 3; row 1 = [16, 3, 4, 0.5] -> 1, 3.
     res = wanda_prune(w, stats.sq, HALF)
-    assert res.mask.tolist() == [[False, True, False, True], [False, True, False, True]]
+    assert res.mask.tolist() == [[True, False, True, False], [True, False, True, False]]  # kept
     assert res.weight.tolist() == [[1.0, 0.0, 3.0, 0.0], [4.0, 0.0, -2.0, 0.0]]
     # Magnitude alone would prune row 1's columns 2 and 3 instead.
-    assert magnitude_prune(w[1:], HALF).mask.tolist() == [[False, False, True, True]]
+    assert magnitude_prune(w[1:], HALF).mask.tolist() == [[True, True, False, False]]
 
 
 def test_wanda_hand_case_2of4():
     w = torch.tensor([[1.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 3.0]])
     sq = torch.tensor([1.0, 4.0, 9.0, 16.0, 1.0, 1.0, 100.0, 1.0])  # norms 1,2,3,4,1,1,10,1
     res = wanda_prune(w, sq, TWO_FOUR)  # scores 1,2,3,4 | 2,1,10,3
-    assert res.mask.tolist() == [[True, True, False, False, True, True, False, False]]
+    assert res.mask.tolist() == [[False, False, True, True, False, False, True, True]]
 
 
 def obs_reference(w, h, target, blocksize, percdamp):
@@ -78,14 +78,14 @@ def test_sparsegpt_matches_dense_obs(target, blocksize):
     x = torch.randn(200, cols) @ torch.randn(cols, cols) * 0.3  # correlated inputs
     h = x.T @ x
     w = torch.randn(rows, cols)
-    got, mask, frac = sparsegpt_prune(w, h, target, blocksize=blocksize, percdamp=0.01)
-    ref, ref_mask = obs_reference(w, h, target, blocksize, 0.01)
+    got, keep, frac = sparsegpt_prune(w, h, target, blocksize=blocksize, percdamp=0.01)
+    ref, ref_pruned = obs_reference(w, h, target, blocksize, 0.01)
     assert frac == 0.01
-    assert torch.equal(mask, ref_mask)
-    assert (got[mask] == 0).all()
+    assert torch.equal(~keep, ref_pruned)
+    assert (got[~keep] == 0).all()
     torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
     # The OBS updates really changed the kept weights (this is not plain masking).
-    assert not torch.allclose(got[~mask], w[~mask])
+    assert not torch.allclose(got[keep], w[keep])
 
 
 def test_sparsegpt_stacked_rows_equal_separate_solves():
@@ -100,7 +100,7 @@ def test_sparsegpt_stacked_rows_equal_separate_solves():
     assert torch.equal(smask, torch.cat([ma, mb]))
     torch.testing.assert_close(stacked, torch.cat([sa, sb]))
     # Each linear gets exactly its own sparsity.
-    assert int(smask[:8].sum()) == 8 * 32 // 2 and int(smask[8:].sum()) == 4 * 32 // 2
+    assert int((~smask[:8]).sum()) == 8 * 32 // 2 and int((~smask[8:]).sum()) == 4 * 32 // 2
 
 
 def test_sparsegpt_retries_damping_when_cholesky_fails(caplog):
@@ -119,8 +119,8 @@ def test_sparsegpt_dead_inputs_are_zeroed():
     x = torch.randn(100, 16)
     x[:, 3] = 0
     w = torch.randn(4, 16)
-    got, mask, _ = sparsegpt_prune(w, x.T @ x, TWO_FOUR, blocksize=8)
-    assert (got[:, 3] == 0).all() and mask[:, 3].all()
+    got, keep, _ = sparsegpt_prune(w, x.T @ x, TWO_FOUR, blocksize=8)
+    assert (got[:, 3] == 0).all() and not keep[:, 3].any()
     assert ((got != 0).view(4, 4, 4).sum(-1) <= 2).all()
 
 
@@ -210,9 +210,9 @@ def test_wanda_rows_in_place_equals_whole_matrix(target, dtype):
     got_w = w.clone()
     res = wanda_prune_rows(got_w, sq, target, chunk_bytes=5 * 24 * 4)  # 5 rows per chunk
     assert res.weight.data_ptr() == got_w.data_ptr() and res.mask is None
-    assert torch.equal(res.keep_bits, pack_bits(~ref.mask))
+    assert torch.equal(res.keep_bits, pack_bits(ref.mask))
     assert torch.equal(got_w, ref.weight.to(dtype))
-    assert int((got_w == 0).sum()) >= int(ref.mask.sum())
+    assert int((got_w == 0).sum()) >= int((~ref.mask).sum())
 
 
 @pytest.mark.parametrize("target", [HALF, TWO_FOUR])

@@ -1,7 +1,9 @@
 """Vectorised mask selection.
 
-A mask is a bool tensor shaped like the weight, ``True`` where the weight is *pruned* (set to zero).
-Selections never loop over columns in Python: unstructured masks use one ``topk`` per row or per
+A mask is a bool tensor shaped like the weight, ``True`` where the weight is *kept* (everywhere in
+llmprune: solvers' results, the masks file, compact encodings, structured masks); the pruned
+weights are ``~mask``. :func:`lowest_k_mask` is the selection underneath: True at the k smallest
+scores, the ones a mask drops. Selections never loop over columns in Python: unstructured masks use one ``topk`` per row or per
 matrix, N:M masks reshape ``[out, in]`` to ``[out, in/M, M]`` and take a ``topk`` over the last axis.
 """
 
@@ -38,23 +40,25 @@ def lowest_k_mask(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
 
 
 def unstructured_mask(scores: torch.Tensor, ratio: float, per_row: bool) -> torch.Tensor:
-    """Prune the lowest-scoring ``ratio`` of weights, per output row or over the whole matrix."""
+    """Keep mask that drops the lowest-scoring ``ratio`` of weights, per output row or over the
+    whole matrix."""
     if per_row:
-        return lowest_k_mask(scores, n_pruned(scores.shape[1], ratio), dim=1)
+        return lowest_k_mask(scores, n_pruned(scores.shape[1], ratio), dim=1).logical_not_()
     flat = lowest_k_mask(scores.reshape(-1), n_pruned(scores.numel(), ratio), dim=0)
-    return flat.view_as(scores)
+    return flat.logical_not_().view_as(scores)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Within every group of ``m`` consecutive inputs of each row, prune the ``m - n`` lowest."""
+    """Keep mask: within every group of ``m`` consecutive inputs of each row, the ``n`` highest
+    scores kept (the ``m - n`` lowest dropped)."""
     out_f, in_f = scores.shape  # [out, in]
     assert in_f % m == 0, (in_f, m)
     groups = scores.reshape(out_f, in_f // m, m)  # [out, in/m, m]
-    return lowest_k_mask(groups, m - n, dim=2).reshape(out_f, in_f)
+    return lowest_k_mask(groups, m - n, dim=2).logical_not_().reshape(out_f, in_f)
 
 
 def select_mask(scores: torch.Tensor, target: Sparsity, per_row: bool) -> torch.Tensor:
-    """Dispatch on the sparsity kind. ``per_row`` only matters for unstructured targets."""
+    """Keep mask for ``target``. ``per_row`` only matters for unstructured targets."""
     if target.kind == "nm":
         return nm_mask(scores, target.n, target.m)
     return unstructured_mask(scores, target.ratio, per_row)

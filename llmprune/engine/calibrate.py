@@ -75,10 +75,15 @@ class Report:
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
         return sum(r.pruned for r in self.layers) / max(total, 1)
 
-    def pruned_mask(self, name: str) -> torch.Tensor:
-        """bool ``[out, in]``, True where linear ``name`` was pruned (needs ``keep_masks``)."""
+    def keep_mask(self, name: str) -> torch.Tensor:
+        """bool ``[out, in]``, True where linear ``name`` kept its weight (needs
+        ``keep_masks``)."""
         shape = next(r.shape for r in self.layers if r.name == name)
-        return ~unpack_bits(self.masks[name], shape[1])
+        return unpack_bits(self.masks[name], shape[1])
+
+    def pruned_mask(self, name: str) -> torch.Tensor:
+        """bool ``[out, in]``, True where linear ``name`` was pruned: ``~keep_mask(name)``."""
+        return ~self.keep_mask(name)
 
     def add_time(self, key: str, seconds: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + seconds
@@ -228,9 +233,9 @@ def solve_linear_group(layer, fwd_layer, adapter, index, group, solver, stats, t
         full = f"{adapter.layers_path}.{index}.{name}"
         if res.mask is not None:
             # count_true, not mask.sum(): torch sums a bool tensor through an int64 copy of it
-            mask = res.mask.cpu()
-            pruned = count_true(mask)
-            keep = pack_bits(~mask) if report.masks is not None else None
+            mask = res.mask.cpu()  # True = kept
+            pruned = mask.numel() - count_true(mask)
+            keep = pack_bits(mask) if report.masks is not None else None
             del mask
         else:
             keep = res.keep_bits.cpu()

@@ -213,7 +213,7 @@ class _BroadcastSolver:
             if res.mask is None:  # rank 0's solver gave packed keep bits
                 from ..core.bits import unpack_bits
 
-                res = Solved(res.weight, ~unpack_bits(res.keep_bits, weight.shape[1]))
+                res = Solved(res.weight, unpack_bits(res.keep_bits, weight.shape[1]))
             mask = res.mask.to(torch.uint8).contiguous()  # bool is not a gloo/nccl type
             dist.broadcast(weight, src=0)
             dist.broadcast(mask, src=0)

@@ -38,7 +38,7 @@ STATS_DTYPE = torch.float32
 class Solved:
     weight: torch.Tensor  # [out, in] float32 (or the input's dtype if exact), zeros where pruned;
     #                       may be the input tensor itself, pruned in place
-    mask: torch.Tensor | None  # [out, in] bool, True = pruned
+    mask: torch.Tensor | None  # [out, in] bool, True = kept
     keep_bits: torch.Tensor | None = None  # or the keep mask packed (compact.pack_bits)
 
 

@@ -16,9 +16,9 @@ from .base import Solved, SolverBase, register
 
 
 def magnitude_prune(weight: torch.Tensor, target: Sparsity) -> Solved:
-    """Pure function: ``weight`` [out, in] float32 -> pruned copy and mask."""
-    mask = select_mask(weight.abs(), target, per_row=False)
-    return Solved(weight.masked_fill(mask, 0.0), mask)
+    """Pure function: ``weight`` [out, in] float32 -> pruned copy and keep mask."""
+    keep = select_mask(weight.abs(), target, per_row=False)
+    return Solved(weight.masked_fill(~keep, 0.0), keep)
 
 
 @register
@@ -31,7 +31,7 @@ class Magnitude(SolverBase):
 
     def work_bytes(self, in_features: int, group_bytes: int, largest: int) -> int:
         # one member at a time, whole: float32 copy, |W|, the selection's copy of it, the
-        # pruned copy (float32), and the mask (bool, and the report's inverted copy)
+        # pruned copy (float32), the keep mask (bool) and its complement
         return 4 * largest * 4 + 2 * largest
 
     def new_stats(self, in_features, device):

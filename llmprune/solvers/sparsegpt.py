@@ -230,16 +230,16 @@ def _mark_dead(h: torch.Tensor) -> torch.Tensor | None:
 
 def _prune_rows(w: torch.Tensor, u: torch.Tensor, dead: torch.Tensor | None, target: Sparsity,
                 row_splits: list[int], blocksize: int) -> torch.Tensor:
-    """The column sweep over float32 ``w`` in place; returns the mask (True = pruned)."""
+    """The column sweep over float32 ``w`` in place; returns the keep mask (True = kept)."""
     dead_pruned = None
     if dead is not None:
         dead_pruned = dead.unsqueeze(0) & (w != 0)
         w[:, dead] = 0.0
     with _one_cpu_thread(w.device):
-        mask = _sweep(w, u, target, row_splits, blocksize)
+        pruned = _sweep(w, u, target, row_splits, blocksize)
     if dead_pruned is not None:
-        mask |= dead_pruned
-    return mask
+        pruned |= dead_pruned
+    return pruned.logical_not_()
 
 
 def _factor(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
@@ -254,7 +254,7 @@ def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity,
     """``weight`` [out, in] (rows of possibly several linears stacked, ``row_splits`` giving each
     one's row count), ``h`` [in, in] float32 = sum of x x^T.
 
-    Returns (pruned float32 weight, mask with True = pruned, damping fraction used). A pure
+    Returns (pruned float32 weight, keep mask (True = kept), damping fraction used). A pure
     function unless ``inplace``: then ``weight`` (float32) is pruned in place and returned, and
     ``h`` is consumed (overwritten by the factor of its inverse).
     """
@@ -271,7 +271,8 @@ def sparsegpt_prune(weight: torch.Tensor, h: torch.Tensor, target: Sparsity,
 
 def _sweep(w: torch.Tensor, u: torch.Tensor, target: Sparsity, row_splits: list[int],
            blocksize: int) -> torch.Tensor:
-    """Algorithm 1's column loop over ``w`` in place; returns the mask (True = pruned)."""
+    """Algorithm 1's column loop over ``w`` in place; returns the pruned set (True = pruned:
+    the OBS selection of each block picks the weights to remove)."""
     cols = w.shape[1]
     if target.kind == "nm":
         # A group of M columns must not straddle two lazy blocks.
@@ -347,8 +348,7 @@ class SparseGPT(SolverBase):
         return in_features * in_features * 4  # the Hessian, float32
 
     def work_bytes(self, in_features: int, group_bytes: int, largest: int) -> int:
-        # the group's float32 working copy, its mask (bool) and the report's inverted copy of
-        # it; the factorisation runs inside the Hessian (counted in the statistics) with
+        # the group's float32 working copy, its mask (bool) and the report's copy of it; the factorisation runs inside the Hessian (counted in the statistics) with
         # [in, 2 x FACTOR_BLOCK] panels, and the sweep has [rows, blocksize] blocks (or of its
         # largest member alone, for groups larger than STACK_BYTES)
         swept = group_bytes if group_bytes <= STACK_BYTES else largest * 4

@@ -39,8 +39,8 @@ def wanda_scores(weight: torch.Tensor, col_sq: torch.Tensor) -> torch.Tensor:
 
 
 def wanda_prune(weight: torch.Tensor, col_sq: torch.Tensor, target: Sparsity) -> Solved:
-    mask = select_mask(wanda_scores(weight, col_sq), target, per_row=True)
-    return Solved(weight.masked_fill(mask, 0.0), mask)
+    keep = select_mask(wanda_scores(weight, col_sq), target, per_row=True)
+    return Solved(weight.masked_fill(~keep, 0.0), keep)
 
 
 CHUNK_BYTES = 8 << 20  # float32 bytes of weight rows scored at a time
@@ -61,9 +61,9 @@ def wanda_prune_rows(weight: torch.Tensor, col_sq: torch.Tensor, target: Sparsit
     bits = []
     for r0 in range(0, rows, step):
         part = weight[r0:r0 + step]
-        mask = select_mask(wanda_scores(part.to(STATS_DTYPE), col_sq), target, per_row=True)
-        part.masked_fill_(mask, 0.0)
-        bits.append(pack_bits(~mask.cpu()))
+        keep = select_mask(wanda_scores(part.to(STATS_DTYPE), col_sq), target, per_row=True)
+        part.masked_fill_(~keep, 0.0)
+        bits.append(pack_bits(keep.cpu()))
     keep = torch.cat(bits) if bits else torch.zeros(0, (cols + 7) // 8, dtype=torch.uint8)
     return Solved(weight, None, keep_bits=keep)
 
