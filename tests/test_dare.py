@@ -89,6 +89,25 @@ def test_merged_model_and_compact_delta_reconstruct_bit_exactly(pair, tmp_path):
         llmprune.load_pretrained(delta)
 
 
+def test_outputs_copy_the_tokenizer_but_no_other_weights(pair, tmp_path):
+    """dare and merge copy the fine-tuned model's side files (tokenizer, generation config) and
+    never a weights file of another format lying beside its safetensors."""
+    import shutil
+
+    base, tuned = pair
+    tuned2 = tmp_path / "tuned"
+    shutil.copytree(tuned, tuned2)
+    (tuned2 / "pytorch_model.bin").write_bytes(b"stale weights of another format")
+    side = {p.name for p in tuned.iterdir() if p.name.startswith("tokenizer")}
+    assert side  # the fixture saved a tokenizer
+    for argv, out in ((["dare", "--drop", "0.5"], tmp_path / "dare"),
+                      (["merge", "--drop", "0.0"], tmp_path / "merge")):
+        assert main(["-q", *argv, "--base", str(base), "--finetuned", str(tuned2),
+                     "--output", str(out)]) == 0
+        names = {p.name for p in out.iterdir()}
+        assert side <= names and "pytorch_model.bin" not in names, names
+
+
 def test_mismatched_pair_is_one_line(pair, tmp_path, capsys, tokenizer):
     base, tuned = pair
     bad = tmp_path / "bad"

@@ -34,6 +34,7 @@ import torch
 
 from ..core.errors import UserError
 from ..core.masks import lowest_k_mask
+from ..io.export import side_files
 from ..io.meta import read_meta, write_meta
 
 RESCALES = ("dare", "darex-q", "none")
@@ -171,9 +172,7 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
         check_output(str(o), overwrite, sources=(str(base_dir), str(tuned_dir)))
     rb, rt = check_pair(base_dir, tuned_dir)
     config = json.loads((tuned_dir / "config.json").read_text())
-    copy = [p for p in sorted(tuned_dir.iterdir()) if p.is_file() and p.suffix != ".safetensors"
-            and not p.name.endswith(".index.json") and p.name not in ("config.json",
-                                                                        "llmprune.json")]
+    copy = side_files(tuned_dir)
     meta = {"method": "dare", "drop": drop, "selection": method, "rescale": rescale,
             "seed": seed, "base": base, "finetuned": finetuned}
     factors: dict[str, float] | float | None = None

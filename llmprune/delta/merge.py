@@ -32,6 +32,7 @@ import torch
 
 from ..core.errors import UserError
 from ..core.masks import lowest_k_mask
+from ..io.export import side_files
 
 METHODS = ("task-arithmetic", "ties")
 
@@ -100,9 +101,7 @@ def merge_models(base: str, finetuned: list[str], weights: list[float] | None = 
         if missing:
             raise UserError(f"tensor {missing[0]} of the first --finetuned is missing from {f}")
     config = json.loads((tuned_dirs[0] / "config.json").read_text())
-    copy = [p for p in sorted(tuned_dirs[0].iterdir()) if p.is_file()
-            and p.suffix != ".safetensors" and not p.name.endswith(".index.json")
-            and p.name not in ("config.json", "llmprune.json")]
+    copy = side_files(tuned_dirs[0])
     meta = {"method": method, "base": base, "finetuned": list(finetuned), "weights": weights,
             "density": density if method == "ties" else None, "lambda": lam, "drop": drop,
             "seed": seed}

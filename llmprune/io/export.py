@@ -93,13 +93,19 @@ class Source:
     count: int | None = None  # how many tensors ``tensors`` yields (at most), when known
 
 
+def side_files(src: Path) -> list[Path]:
+    """The files of checkpoint directory ``src`` that an output copies as they are: everything
+    but the weights (any format), ``config.json`` and llmprune's own metadata (tokenizer,
+    generation config, chat template, README, ...)."""
+    return [p for p in sorted(src.iterdir()) if p.is_file() and not WEIGHT_FILE_RE.search(p.name)
+            and p.name not in (META_FILE, MASKS_FILE, "config.json")]
+
+
 def dir_source(src: Path) -> Source:
     """A checkpoint directory: dense (with or without llmprune metadata) or compact."""
     meta = read_meta(src)
     config = json.loads((src / "config.json").read_text())
-    copy_files = [p for p in sorted(src.iterdir()) if p.is_file()
-                  and not WEIGHT_FILE_RE.search(p.name)
-                  and p.name not in (META_FILE, MASKS_FILE, "config.json")]
+    copy_files = side_files(src)
     if meta and meta.get("format") == COMPACT_FORMAT:
         masks: dict[str, torch.Tensor] = {}
 
