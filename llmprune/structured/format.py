@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UserError
-from ..io.meta import write_meta
+from ..io.meta import STRUCTURED_FORMAT, write_meta
 from .selection import describe
-from .shrink import (CONFIG_KEY, STRUCTURED_FORMAT, StructuredMask, layer_groups, shrink_,
-                     shrink_to_widths)
+from .shrink import CONFIG_KEY, StructuredMask, layer_groups, shrink_, shrink_to_widths
 
 log = logging.getLogger(__name__)
 

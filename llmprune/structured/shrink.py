@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import UnsupportedArchitectureError
+from ..io.meta import STRUCTURED_FORMAT
 from ..models import Adapter, StructuredLayout, adapter_for
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 StructuredMask = list[dict[str, torch.Tensor]]
 
 CONFIG_KEY = "llmprune_structured"  # per-layer widths of a non-uniform export, in config.json
-STRUCTURED_FORMAT = "llmprune-structured"
 
 
 @dataclass(frozen=True)
