@@ -24,7 +24,7 @@ from .core.errors import CorruptCheckpointError, ModelNotFoundError, UserError
 from .delta.dare import load_delta
 from .io.export import iter_compact
 from .io.loading import finish_load, load_config, no_init, resolve, skeleton
-from .io.meta import is_compact, read_meta
+from .io.meta import COMPACT_FORMAT, is_compact, read_meta
 from .models import adapter_for_type
 from .sparse.apply import apply_kernels
 from .sparse.linear import KERNELS
@@ -42,7 +42,8 @@ class Format:
 
 
 def _is_delta(src: Path, base: str | None) -> bool:
-    return is_compact(src) and bool((read_meta(src) or {}).get("delta_of"))
+    meta = read_meta(src) or {}  # one read: llmprune.json of a big compact export is large
+    return meta.get("format") == COMPACT_FORMAT and bool(meta.get("delta_of"))
 
 
 def _load_dense(src: Path, dtype, verify: bool, trust_remote_code: bool, base):

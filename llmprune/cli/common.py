@@ -30,20 +30,27 @@ def add_flags(p: argparse.ArgumentParser, flags: tuple[Flag, ...]) -> None:
 OVERWRITE = flag("--overwrite", action="store_true",
                  help="replace --output if it exists (only once the new one is complete)")
 REPLACE = flag("--overwrite", action="store_true", help="replace --output if it exists")
+
+
 def eval_flags(what: str = "dense and pruned perplexity") -> tuple[Flag, ...]:
     """--eval-ppl DATA (the perplexity a command prints: ``what`` on DATA) and its windows."""
     return (flag("--eval-ppl", default=None, metavar="DATA",
                  help=f"also print {what} on DATA (wikitext2 or a .txt file)"),
-            flag("--eval-seqlen", type=positive, default=1024, help="window length for --eval-ppl"),
+            flag("--eval-seqlen", type=positive, default=1024,
+                 help="window length for --eval-ppl"),
             flag("--max-windows", type=positive, default=16,
                  help="number of windows for --eval-ppl"))
 
 
 # dense and pruned perplexity printed by a pruning command
 EVAL_PPL_FLAGS = eval_flags()
+
 CALIB_DATA = flag("--calib-data", default=None,
                   help="calibration text: a .txt/.jsonl file or wikitext2|c4|ptb (default: "
                        "wikitext2 valid.txt from the local data directory, see README)")
+CALIB_SAMPLING = flag("--calib-sampling", choices=["consecutive", "random"], default="consecutive",
+                      help="consecutive: the first nsamples non-overlapping windows (the "
+                           "benchmark protocol); random: seeded random windows")
 EXPORT_DTYPE = flag("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                     help="dtype of the saved weights; auto keeps the model's")
 
@@ -96,14 +103,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def fraction(flag: str):
+def fraction(name: str):
+    """argparse type of flag ``name``: a number in [0, 1)."""
     def parse(value: str) -> float:
         try:
             v = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number in [0, 1), got {value!r}")
+            raise argparse.ArgumentTypeError(f"{name} must be a number in [0, 1), got {value!r}")
         if not (0.0 <= v < 1.0):
-            raise argparse.ArgumentTypeError(f"{flag} must be in [0, 1), got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {value}")
         return v
     return parse
 
@@ -123,22 +131,3 @@ MODEL_FLAGS = (
          help="allow custom modelling code from the checkpoint (off by default)"),
 )
 
-
-CALIB_AND_OUTPUT_FLAGS = (
-    CALIB_DATA,
-    flag("--calib-sampling", choices=["consecutive", "random"], default="consecutive",
-         help="consecutive: the first nsamples non-overlapping windows (the benchmark "
-              "protocol); random: seeded random windows"),
-    flag("--seed", type=int, default=0,
-         help="random seed (sub-model sampling / LoRA init and data order, random "
-              "windows)"),
-    flag("--output", required=True,
-         help="directory for the shrunk checkpoint and its llmprune.json"),
-    OVERWRITE,
-    *EVAL_PPL_FLAGS,
-)
-
-
-def calib_and_output(nsamples: int, seqlen: int) -> tuple[Flag, ...]:
-    """Calibration, output and evaluation flags of bonsai / loraprune."""
-    return (*calibration(nsamples, seqlen), *CALIB_AND_OUTPUT_FLAGS)

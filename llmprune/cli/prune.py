@@ -7,8 +7,9 @@ import argparse
 
 from ..core.errors import UserError
 from ..solvers import SOLVERS, options_of
-from .common import (CALIB_DATA, EVAL_PPL_FLAGS, EXPORT_DTYPE, MODEL_FLAGS, OVERWRITE, REPLACE,
-                     Command, add_flags, calibration, flag, positive, sparsity_fraction)
+from .common import (CALIB_DATA, CALIB_SAMPLING, EVAL_PPL_FLAGS, EXPORT_DTYPE, MODEL_FLAGS,
+                     OVERWRITE, REPLACE, Command, add_flags, calibration, flag, positive,
+                     sparsity_fraction)
 
 
 SOLVER_FLAGS_1 = (
@@ -34,10 +35,7 @@ SOLVER_FLAGS_1 = (
               "layer's mean"),
     *calibration(128, 2048),
     CALIB_DATA,
-    flag("--calib-sampling", choices=["consecutive", "random"],
-         default="consecutive",
-         help="consecutive: the first nsamples non-overlapping windows (the "
-              "benchmark protocol); random: seeded random windows"),
+    CALIB_SAMPLING,
     flag("--batch-size", type=positive, default=4,
          help="calibration sequences per forward pass (smaller: less memory; on "
               "smollm2 4 is as fast as 8 and peaks 100 MiB lower)"),

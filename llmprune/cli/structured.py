@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from ..structured.selection import IMPORTANCES
-from .common import (EVAL_PPL_FLAGS, MODEL_FLAGS, OVERWRITE, Command, calib_and_output,
-                     config_from_args, flag, fraction, positive)
+from .common import (CALIB_DATA, CALIB_SAMPLING, EVAL_PPL_FLAGS, MODEL_FLAGS, OVERWRITE, Command,
+                     calibration, config_from_args, flag, fraction, positive, sparsity_fraction)
+
+
+IMPORTANCE = flag("--importance", choices=IMPORTANCES, default=IMPORTANCES[0],
+                  help="group importance: weight norms (no data) or activation norms")
 
 
 STRUCTURED_TARGET_FLAGS = (
-    flag("--sparsity", type=fraction("--sparsity"), default=None,
+    flag("--sparsity", type=sparsity_fraction, default=None,
          help="fraction of decoder-layer linear parameters to remove, in [0, 1). "
               "Alone: about the same fraction of attention and of MLP parameters "
               "(heads come in coarse steps; the MLP channels make up the total)"),
@@ -30,9 +34,12 @@ STRUCTURED_TARGET_FLAGS = (
 )
 
 
+SHRUNK_OUTPUT = flag("--output", required=True,
+                     help="directory for the shrunk checkpoint and its llmprune.json")
+
+
 STRUCTURED_FLAGS = (
-    flag("--output", required=True,
-         help="directory for the shrunk checkpoint and its llmprune.json"),
+    SHRUNK_OUTPUT,
     OVERWRITE,
     flag("--nsamples", type=positive, default=32,
          help="activation: number of calibration sequences"),
@@ -46,6 +53,19 @@ STRUCTURED_FLAGS = (
     *EVAL_PPL_FLAGS,
 )
 
+
+
+# bonsai and loraprune: calibration, output and evaluation
+CALIB_AND_OUTPUT_FLAGS = (
+    CALIB_DATA,
+    CALIB_SAMPLING,
+    flag("--seed", type=int, default=0,
+         help="random seed (sub-model sampling / LoRA init and data order, random "
+              "windows)"),
+    SHRUNK_OUTPUT,
+    OVERWRITE,
+    *EVAL_PPL_FLAGS,
+)
 
 def _run_structured(args) -> int:
     """one-shot head / MLP-channel pruning (smaller model)
@@ -177,9 +197,11 @@ def _run_loraprune(args) -> int:
 # function's docstring
 COMMANDS = (
     Command("structured", _run_structured,
-            (*MODEL_FLAGS, flag("--importance", choices=IMPORTANCES, default=IMPORTANCES[0], help="group importance: weight norms (no data) or activation norms"), *STRUCTURED_TARGET_FLAGS, *STRUCTURED_FLAGS)),
+            (*MODEL_FLAGS, IMPORTANCE, *STRUCTURED_TARGET_FLAGS, *STRUCTURED_FLAGS)),
     Command("bonsai", _run_bonsai,
-            (*MODEL_FLAGS, *STRUCTURED_TARGET_FLAGS, *calib_and_output(32, 512), *BONSAI_FLAGS)),
+            (*MODEL_FLAGS, *STRUCTURED_TARGET_FLAGS, *calibration(32, 512),
+             *CALIB_AND_OUTPUT_FLAGS, *BONSAI_FLAGS)),
     Command("loraprune", _run_loraprune,
-            (*MODEL_FLAGS, *STRUCTURED_TARGET_FLAGS, *calib_and_output(64, 512), *LORAPRUNE_FLAGS)),
+            (*MODEL_FLAGS, *STRUCTURED_TARGET_FLAGS, *calibration(64, 512),
+             *CALIB_AND_OUTPUT_FLAGS, *LORAPRUNE_FLAGS)),
 )

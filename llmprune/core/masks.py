@@ -1,10 +1,11 @@
 """Vectorised mask selection.
 
-A mask is a bool tensor shaped like the weight, ``True`` where the weight is *kept* (everywhere in
-llmprune: solvers' results, the masks file, compact encodings, structured masks); the pruned
-weights are ``~mask``. :func:`lowest_k_mask` is the selection underneath: True at the k smallest
-scores, the ones a mask drops. Selections never loop over columns in Python: unstructured masks use one ``topk`` per row or per
-matrix, N:M masks reshape ``[out, in]`` to ``[out, in/M, M]`` and take a ``topk`` over the last axis.
+A mask is a bool tensor shaped like the weight, ``True`` where the weight is *kept* (everywhere
+in llmprune: solvers' results, the masks file, compact encodings, structured masks); the pruned
+weights are ``~mask``. :func:`lowest_k_mask` is the selection underneath: True at the k
+smallest scores, the ones a mask drops. Selections never loop over columns in Python:
+unstructured masks use one ``topk`` per row or per matrix, N:M masks reshape ``[out, in]`` to
+``[out, in/M, M]`` and take a ``topk`` over the last axis.
 """
 
 from __future__ import annotations

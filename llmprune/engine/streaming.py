@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..core.errors import UserError
 from ..io.export import parse_size
 from ..io.output import write_text_atomic
-from ..io.safetensors import ST_DTYPES, SafetensorsFiles, write_safetensors
+from ..io.safetensors import SafetensorsFiles, write_safetensors
 from ..models import adapter_for
 
 log = logging.getLogger(__name__)
@@ -231,13 +231,6 @@ def to_meta(module: nn.Module) -> None:
 def write_json(path: Path, data: dict) -> None:
     """A small JSON file of the work directory, written atomically and durably."""
     write_text_atomic(path, json.dumps(data, indent=2) + "\n", durable=True)
-
-
-def stored_dtype(files: SafetensorsFiles) -> torch.dtype:
-    for _, info, _ in files.entries.values():
-        if info["dtype"] in ("F32", "BF16", "F16"):
-            return ST_DTYPES[info["dtype"]]
-    return torch.float32
 
 
 def load_outside(model: nn.Module, files: SafetensorsFiles, names: list[str]) -> None:

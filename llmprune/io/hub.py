@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import CorruptCheckpointError, UserError
-from .meta import read_meta
+from .meta import COMPACT_FORMAT, read_meta
 
 # Hub ids and licenses of the built-in models, for the card's base_model / license.
 BUILTIN_BASES = {
@@ -94,7 +94,7 @@ def model_card(directory: Path, repo_id: str, license: str | None = None) -> str
     target = src_meta.get("target") or ""
     base = _base_info(meta)
     lic = license or base.get("license")
-    compact = meta.get("format") == "llmprune-compact"
+    compact = meta.get("format") == COMPACT_FORMAT
     tags = ["pruned", "llmprune", method]
     if target:
         tags.append(f"{target.replace(':', 'of')}-sparsity" if ":" in target else

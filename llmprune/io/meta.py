@@ -1,4 +1,4 @@
-"""``llmprune.json`` and ``llmprune_masks.safetensors``: the metadata every llmprune output carries.
+"""``llmprune.json`` and ``llmprune_masks.safetensors``: the metadata of every llmprune output.
 
 ``llmprune.json`` has one writer (:func:`write_meta`) and one reader (:func:`read_meta`), both
 of which validate it: a JSON object whose ``format`` says which kind of output the directory
@@ -75,8 +75,9 @@ def write_meta(directory: Path, meta: dict, durable: bool = False) -> None:
 
 def check_meta(meta, where: Path) -> dict:
     """``meta`` if it is a valid llmprune.json: a JSON object whose ``format`` is one of
-    :data:`FORMATS` and whose ``format_version``, when present, is an integer no newer than
-    this llmprune reads; CorruptCheckpointError otherwise."""
+    :data:`FORMATS` and whose ``format_version``, when present, is a positive integer (a compact
+    export newer than this llmprune reads is refused by :func:`llmprune.io.export.iter_compact`);
+    CorruptCheckpointError otherwise."""
     if not isinstance(meta, dict):
         raise CorruptCheckpointError(f"{where} is not a JSON object; the file is damaged")
     fmt = meta.get("format")

@@ -60,6 +60,14 @@ class SafetensorsFiles:
             for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 self.entries[key] = (path, info, 8 + n)
 
+    def float_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint stores its weights in: that of its first float32, bfloat16
+        or float16 tensor (float32 when it has none)."""
+        for _, info, _ in self.entries.values():
+            if info["dtype"] in ("F32", "BF16", "F16"):
+                return ST_DTYPES[info["dtype"]]
+        return torch.float32
+
     def shape(self, name: str) -> list[int]:
         return self.entries[name][1]["shape"]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from ..evaluate.ppl import timed_perplexity
+from ..io.meta import DENSE_FORMAT
 from ..retrain.perp import PerpConfig, perp, training_ids
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
 
     meta = {k: v for k, v in src_meta.items() if k not in ("evaluations", "timings")}
     meta.update({
-        "format": "llmprune-dense", "format_version": 1,
+        "format": DENSE_FORMAT, "format_version": 1,
         "perp": {"source": str(src), "config": config.to_dict(), **report.to_dict(),
                  "training_data": info,
                  # the pruned model's evaluations, before PERP

@@ -15,6 +15,7 @@ from ..engine.prune import needs_calibration, prune
 from ..evaluate.ppl import timed_perplexity
 from ..io.data import calibration_ids, load_text, tokenize
 from ..io.export import write_checkpoint
+from ..io.meta import DENSE_FORMAT
 from ..io.output import atomic_dir, check_output
 from ..models import adapter_for
 from ..recipe import CALIB_DTYPES, PruneRecipe
@@ -40,7 +41,7 @@ def prune_meta(model_name: str, resolved: str, recipe: PruneRecipe, report: Repo
                calib_info: dict | None, evaluation: dict | None, timings: dict) -> dict:
     """The llmprune.json of a dense pruning output (in-memory and streaming engines alike)."""
     return {
-        "format": "llmprune-dense",
+        "format": DENSE_FORMAT,
         "format_version": 1,
         "source_model": model_name,
         "resolved_model": resolved,

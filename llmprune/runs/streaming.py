@@ -49,8 +49,7 @@ from ..engine.calibrate import (EngineOptions, LinearReport, Report, capture_inp
                                 prune_layer)
 from ..engine.streaming import (PROGRESS_VERSION, DiskActivations, gib, load_layer, load_outside,
                                 memory_plan, meta_skeleton, parse_memory, prefer_mmap,
-                                read_tensors, save_hidden, stored_dtype, to_meta, work_dir,
-                                write_json)
+                                read_tensors, save_hidden, to_meta, work_dir, write_json)
 from ..io.meta import MASKS_FILE, META_FILE, read_meta, write_meta
 from ..io.output import publish_dir
 from ..io.safetensors import WEIGHT_FILE_RE, SafetensorsFiles, checkpoint_files, write_safetensors
@@ -161,7 +160,7 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
 
     adapter = adapter_for_type(config.model_type)
     files = SafetensorsFiles(checkpoint_files(src))
-    skel = meta_skeleton(config, stored_dtype(files), trust_remote_code)
+    skel = meta_skeleton(config, files.float_dtype(), trust_remote_code)
     check_target(skel, adapter, target)
     solver = get_solver(recipe.method, **recipe.solver_options())
     calib_dtype = resolve_calib_dtype(recipe, solver, skel)
@@ -324,7 +323,7 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     del inputs
 
     rows = [LinearReport(r["name"], tuple(r["shape"]), r["pruned"]) for r in state["layers"]]
-    summary = Report(layers=rows, calib_dtype=str(calib_dtype or stored_dtype(files))
+    summary = Report(layers=rows, calib_dtype=str(calib_dtype or files.float_dtype())
                      if calib_info else None)
     meta = prune_meta(model_name, resolved, recipe, summary, calib_info, None,
                       {"prune": time.perf_counter() - t_start,

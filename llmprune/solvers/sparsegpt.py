@@ -348,7 +348,8 @@ class SparseGPT(SolverBase):
         return in_features * in_features * 4  # the Hessian, float32
 
     def work_bytes(self, in_features: int, group_bytes: int, largest: int) -> int:
-        # the group's float32 working copy, its mask (bool) and the report's copy of it; the factorisation runs inside the Hessian (counted in the statistics) with
+        # the group's float32 working copy, its mask (bool) and the report's copy of it; the
+        # factorisation runs inside the Hessian (counted in the statistics) with
         # [in, 2 x FACTOR_BLOCK] panels, and the sweep has [rows, blocksize] blocks (or of its
         # largest member alone, for groups larger than STACK_BYTES)
         swept = group_bytes if group_bytes <= STACK_BYTES else largest * 4

@@ -118,7 +118,6 @@ def load_structured(src: Path, dtype: torch.dtype | None, trust_remote_code: boo
     (every tensor must be there with exactly the shape the shrunk model wants)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..io.safetensors import ST_DTYPES
     from ..core.errors import CorruptCheckpointError
     from ..io.safetensors import SafetensorsFiles
     from ..io.loading import finish_load, no_init
@@ -126,10 +125,8 @@ def load_structured(src: Path, dtype: torch.dtype | None, trust_remote_code: boo
     config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     widths = getattr(config, CONFIG_KEY)["layers"]
     files = SafetensorsFiles(weight_files(src))
-    stored = next((ST_DTYPES[info["dtype"]] for _, info, _ in files.entries.values()
-                   if info["dtype"] in ("F32", "BF16", "F16")), torch.float32)
     with no_init():
-        model = AutoModelForCausalLM.from_config(config, dtype=stored,
+        model = AutoModelForCausalLM.from_config(config, dtype=files.float_dtype(),
                                                  trust_remote_code=trust_remote_code)
     try:
         shrink_to_widths(model, widths)
