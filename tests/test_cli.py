@@ -130,3 +130,29 @@ def test_help_explains_every_flag():
             if s.startswith("--") and "  " not in s:
                 idx = proc.stdout.splitlines().index(line)
                 assert proc.stdout.splitlines()[idx + 1].startswith(" " * 10), line
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("bonsai", ["--sparsity", "0.2"]),
+    ("loraprune", ["--sparsity", "0.2"]),
+    ("perp", []),
+])
+def test_flag_defaults_are_the_config_defaults(command, extra):
+    """A command run without its method's flags builds the same config as the Python API's
+    defaults (the flags are made from the config's options)."""
+    from llmprune.cli.app import build_parser
+    from llmprune.cli.common import config_from_args
+    from llmprune.retrain.perp import PerpConfig
+    from llmprune.structured.bonsai import BonsaiConfig, Target
+    from llmprune.structured.loraprune import LoRAPruneConfig
+
+    args = build_parser().parse_args([command, "--model", "m", "--output", "o", *extra])
+    if command == "perp":
+        assert config_from_args(PerpConfig, args) == PerpConfig()
+        assert PerpConfig().train == ("norms", "lora") and PerpConfig().steps == 200
+        return
+    cls = BonsaiConfig if command == "bonsai" else LoRAPruneConfig
+    target = Target(sparsity=0.2)
+    assert config_from_args(cls, args, target=target, uniform=True) == cls(target)
+    if cls is LoRAPruneConfig:
+        assert cls(target).steps == 200 and args.steps == 200

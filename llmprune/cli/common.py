@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from ..core.flags import positive_int as positive
+from ..core.options import options_of
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,24 @@ class Flag:
 
 def flag(*names: str, **options) -> Flag:
     return Flag(names, options)
+
+
+def option_flags(cls) -> tuple[Flag, ...]:
+    """One flag per option of dataclass ``cls`` (:func:`llmprune.core.options.option`), in field
+    order: ``--batch-size`` for field ``batch_size``, with the option's default (a tuple shown as
+    its comma list), help, parse function or choices; a ``False`` bool is a switch."""
+    out = []
+    for f in options_of(cls):
+        name, meta = "--" + f.name.replace("_", "-"), f.metadata
+        help = meta["help"].replace("%", "%%")  # argparse formats help with %
+        if isinstance(f.default, bool):
+            out.append(flag(name, action="store_true", help=help))
+        elif "choices" in meta:
+            out.append(flag(name, choices=list(meta["choices"]), default=f.default, help=help))
+        else:
+            default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+            out.append(flag(name, type=meta["parse"], default=default, help=help))
+    return tuple(out)
 
 
 def add_flags(p: argparse.ArgumentParser, flags: tuple[Flag, ...]) -> None:
@@ -55,12 +74,26 @@ EXPORT_DTYPE = flag("--export-dtype", choices=["auto", "bf16", "fp16", "fp32"], 
                     help="dtype of the saved weights; auto keeps the model's")
 
 
-def calibration(nsamples: int, seqlen: int) -> tuple[Flag, ...]:
-    """--nsamples and --seqlen with a command's defaults."""
-    return (flag("--nsamples", type=positive, default=nsamples,
-                 help="number of calibration sequences"),
-            flag("--seqlen", type=positive, default=seqlen,
-                 help="tokens per calibration sequence"))
+def calibration(nsamples: int, seqlen: int, use: str = "", data: str | None = None,
+                batch_size: int | None = None) -> tuple[Flag, ...]:
+    """--nsamples and --seqlen with a command's defaults, their help prefixed by ``use`` (what the
+    calibration is for, e.g. ``"activation: "``); with ``data``, also --calib-data with that help;
+    with ``batch_size``, also --batch-size with that default."""
+    out = (flag("--nsamples", type=positive, default=nsamples,
+                help=f"{use}number of calibration sequences"),
+           flag("--seqlen", type=positive, default=seqlen,
+                help=f"{use}tokens per calibration sequence"))
+    if data is not None:
+        out += (flag("--calib-data", default=None, help=use + data),)
+    if batch_size is not None:
+        out += (flag("--batch-size", type=positive, default=batch_size,
+                     help=f"{use}calibration sequences per forward pass"),)
+    return out
+
+
+def output_dir(help: str, required: bool = True) -> Flag:
+    """--output: the directory a command writes (built beside it and renamed when complete)."""
+    return flag("--output", required=required, default=None, help=help)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..delta.dare import METHODS as DROP_METHODS, RESCALES
-from .common import REPLACE, Command, flag, positive, sparsity_fraction
+from .common import REPLACE, Command, calibration, flag, output_dir, sparsity_fraction
 
 
 def _run_dare(args) -> int:
@@ -64,14 +64,11 @@ DARE_FLAGS = (
               "calibration loss on a grid; per-layer = a closed-form least-squares q "
               "per decoder linear that keeps its calibration outputs closest to the "
               "fine-tuned model's, plus the global search for the other tensors"),
-    flag("--calib-data", default=None,
-         help="darex-q: text of the fine-tuning domain (.txt/.jsonl path or a data "
-              "set name; default wikitext2)"),
-    flag("--nsamples", type=positive, default=16, help="darex-q: calibration windows"),
-    flag("--seqlen", type=positive, default=256,
-         help="darex-q: tokens per calibration window"),
+    *calibration(16, 256, "darex-q: ",
+                 data="text of the fine-tuning domain (.txt/.jsonl path or a data set name; "
+                      "default wikitext2)"),
     flag("--seed", type=int, default=0, help="seed of the random drop"),
-    flag("--output", default=None, help="directory for the merged model"),
+    output_dir("directory for the merged model", required=False),
     flag("--delta-output", default=None, help="directory for the compact delta"),
     flag("--overwrite", action="store_true", help="replace outputs that exist"),
 )
@@ -92,7 +89,7 @@ MERGE_FLAGS = (
     flag("--drop", type=sparsity_fraction, default=0.0,
          help="DARE drop rate applied to every task vector before merging (0 = off)"),
     flag("--seed", type=int, default=0, help="seed of the DARE drop"),
-    flag("--output", required=True, help="directory for the merged model"),
+    output_dir("directory for the merged model"),
     REPLACE,
 )
 

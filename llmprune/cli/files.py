@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import MODEL_FLAGS, REPLACE, Command, flag, positive
+from .common import MODEL_FLAGS, REPLACE, Command, flag, output_dir, positive
 
 
 def _run_eval(args) -> int:
@@ -136,7 +136,7 @@ EXPORT_FLAGS = (
               "the decoder linears' zeros become the masks, verified against it first"),
     flag("--max-shard-size", default="5GB",
          help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB"),
-    flag("--output", required=True, help="output directory (written atomically)"),
+    output_dir("output directory (written atomically)"),
     REPLACE,
 )
 

@@ -8,8 +8,8 @@ import argparse
 from ..core.errors import UserError
 from ..solvers import SOLVERS, options_of
 from .common import (CALIB_DATA, CALIB_SAMPLING, EVAL_PPL_FLAGS, EXPORT_DTYPE, MODEL_FLAGS,
-                     OVERWRITE, REPLACE, Command, add_flags, calibration, flag, positive,
-                     sparsity_fraction)
+                     OVERWRITE, REPLACE, Command, add_flags, calibration, flag, option_flags,
+                     output_dir, positive, sparsity_fraction)
 
 
 SOLVER_FLAGS_1 = (
@@ -19,9 +19,8 @@ SOLVER_FLAGS_1 = (
     flag("--pattern", default=None,
          help="'unstructured' (default) or N:M, e.g. 2:4 or 4:8: keep at most N of "
               "every M consecutive weights along the input dimension"),
-    flag("--output", required=True,
-         help="directory for the pruned checkpoint (dense, zeros in place, loads with "
-              "AutoModelForCausalLM.from_pretrained) and its llmprune.json"),
+    output_dir("directory for the pruned checkpoint (dense, zeros in place, loads with "
+               "AutoModelForCausalLM.from_pretrained) and its llmprune.json"),
     OVERWRITE,
     flag("--seed", type=int, default=0, help="random seed (calibration sampling, ties)"),
     flag("--allocation", choices=["uniform", "owl"], default="uniform",
@@ -96,9 +95,7 @@ def add_solver(sub, cls) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_flags(p, MODEL_FLAGS)
     add_flags(p, SOLVER_FLAGS_1)
-    for f in options_of(cls):
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default,
-                       type=f.metadata["parse"], help=f.metadata["help"])
+    add_flags(p, option_flags(cls))
     add_flags(p, SOLVER_FLAGS_2)
     p.set_defaults(func=_run_solver, method=cls.name)
 
@@ -209,7 +206,7 @@ RUN_FLAGS = (
     flag("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
          help="override a value, e.g. --set sparsegpt.nsamples=64 or --set model=DIR "
               "(repeatable)"),
-    flag("--output", default=None, help="output directory (else the recipe's)"),
+    output_dir("output directory (else the recipe's)", required=False),
     REPLACE,
 )
 
@@ -222,15 +219,11 @@ SWEEP_FLAGS = (
     flag("--pattern", default=None, help="N:M instead of --sparsity (one point)"),
     flag("--allocation", default="uniform",
          help="comma-separated allocations: uniform, owl"),
-    flag("--nsamples", type=positive, default=128, help="calibration sequences"),
-    flag("--seqlen", type=positive, default=2048, help="tokens per sequence"),
-    flag("--calib-data", default=None, help="calibration text (default wikitext2)"),
-    flag("--batch-size", type=positive, default=4,
-         help="calibration sequences per forward pass"),
+    *calibration(128, 2048, data="calibration text (default wikitext2)", batch_size=4),
     flag("--eval-ppl", default="wikitext2", help="perplexity text"),
     flag("--eval-seqlen", type=positive, default=1024, help="perplexity window"),
     flag("--max-windows", type=positive, default=16, help="perplexity windows"),
-    flag("--output", required=True, help="directory for the table, JSON and plots"),
+    output_dir("directory for the table, JSON and plots"),
     REPLACE,
 )
 

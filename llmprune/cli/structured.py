@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from ..structured.bonsai import BonsaiConfig
+from ..structured.loraprune import LoRAPruneConfig
 from ..structured.selection import IMPORTANCES
 from .common import (CALIB_DATA, CALIB_SAMPLING, EVAL_PPL_FLAGS, MODEL_FLAGS, OVERWRITE, Command,
-                     calibration, config_from_args, flag, fraction, positive, sparsity_fraction)
+                     calibration, config_from_args, flag, fraction, option_flags, output_dir,
+                     sparsity_fraction)
 
 
 IMPORTANCE = flag("--importance", choices=IMPORTANCES, default=IMPORTANCES[0],
@@ -34,22 +37,15 @@ STRUCTURED_TARGET_FLAGS = (
 )
 
 
-SHRUNK_OUTPUT = flag("--output", required=True,
-                     help="directory for the shrunk checkpoint and its llmprune.json")
+SHRUNK_OUTPUT = output_dir("directory for the shrunk checkpoint and its llmprune.json")
 
 
 STRUCTURED_FLAGS = (
     SHRUNK_OUTPUT,
     OVERWRITE,
-    flag("--nsamples", type=positive, default=32,
-         help="activation: number of calibration sequences"),
-    flag("--seqlen", type=positive, default=512,
-         help="activation: tokens per calibration sequence"),
-    flag("--calib-data", default=None,
-         help="activation: calibration text, a .txt/.jsonl file or wikitext2|c4|ptb "
-              "(default: wikitext2 valid.txt)"),
-    flag("--batch-size", type=positive, default=4,
-         help="activation: calibration sequences per forward pass"),
+    *calibration(32, 512, "activation: ", batch_size=4,
+                 data="calibration text, a .txt/.jsonl file or wikitext2|c4|ptb (default: "
+                      "wikitext2 valid.txt)"),
     *EVAL_PPL_FLAGS,
 )
 
@@ -91,49 +87,6 @@ def _run_structured(args) -> int:
     return 0
 
 
-BONSAI_FLAGS = (
-    flag("--iterations", type=positive, default=4,
-         help="pruning iterations to reach the target"),
-    flag("--samples", type=positive, default=48,
-         help="sub-models evaluated per iteration (regression samples)"),
-    flag("--sub-nsamples", type=positive, default=4,
-         help="calibration sequences each sub-model's loss is measured on (the first "
-              "ones; all of --nsamples feed the prior)"),
-    flag("--mlp-block", type=positive, default=64,
-         help="MLP channels per regression variable (channels of similar prior "
-              "importance in one layer)"),
-    flag("--candidate-factor", type=float, default=2.0,
-         help="candidates per iteration: the groups the forward-only prior would "
-              "remove at this many times the iteration's amount"),
-    flag("--drop-prob", type=float, default=0.5,
-         help="probability that a candidate is dropped in a sampled sub-model"),
-    flag("--ridge", type=float, default=1.0,
-         help="ridge penalty of the regression, relative to the design's diagonal"),
-    flag("--batch-size", type=positive, default=2,
-         help="sequences per forward pass"),
-)
-
-
-LORAPRUNE_FLAGS = (
-    flag("--steps", type=positive, default=200,
-         help="LoRA optimizer steps (batches of --batch-size calibration sequences)"),
-    flag("--batch-size", type=positive, default=1,
-         help="calibration sequences per step"),
-    flag("--lr", type=float, default=3e-4, help="AdamW learning rate of the LoRA"),
-    flag("--rank", type=positive, default=8, help="LoRA rank r"),
-    flag("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)"),
-    flag("--prune-steps", type=positive, default=5,
-         help="pruning events; each removes an equal share of the target"),
-    flag("--prune-until", type=float, default=0.6,
-         help="fraction of the fine-tuning by which the target is reached (the rest "
-              "recovers with the final mask)"),
-    flag("--ema", type=float, default=0.9,
-         help="moving-average factor of the importance (lambda in the paper's Eq. 10)"),
-    flag("--load-8bit", action="store_true",
-         help="8-bit base through bitsandbytes (CUDA only; an error elsewhere)"),
-)
-
-
 def _structured_cli_target(args):
     from ..structured.bonsai import Target
 
@@ -171,7 +124,6 @@ def _run_bonsai(args) -> int:
     smaller model.
     """
     from ..runs.structured import bonsai_checkpoint
-    from ..structured.bonsai import BonsaiConfig
 
     return _run_iterative(args, BonsaiConfig, bonsai_checkpoint, lambda report: (
         f"with {report['sub_model_evaluations']} sub-model evaluations (forward passes only)"))
@@ -186,7 +138,6 @@ def _run_loraprune(args) -> int:
     weights get gradients. The LoRA is merged at the end and the model shrunk.
     """
     from ..runs.structured import loraprune_checkpoint
-    from ..structured.loraprune import LoRAPruneConfig
 
     return _run_iterative(args, LoRAPruneConfig, loraprune_checkpoint, lambda report: (
         f"({report['trainable_params']:,} trainable LoRA parameters, peak RSS "
@@ -200,8 +151,8 @@ COMMANDS = (
             (*MODEL_FLAGS, IMPORTANCE, *STRUCTURED_TARGET_FLAGS, *STRUCTURED_FLAGS)),
     Command("bonsai", _run_bonsai,
             (*MODEL_FLAGS, *STRUCTURED_TARGET_FLAGS, *calibration(32, 512),
-             *CALIB_AND_OUTPUT_FLAGS, *BONSAI_FLAGS)),
+             *CALIB_AND_OUTPUT_FLAGS, *option_flags(BonsaiConfig))),
     Command("loraprune", _run_loraprune,
             (*MODEL_FLAGS, *STRUCTURED_TARGET_FLAGS, *calibration(64, 512),
-             *CALIB_AND_OUTPUT_FLAGS, *LORAPRUNE_FLAGS)),
+             *CALIB_AND_OUTPUT_FLAGS, *option_flags(LoRAPruneConfig))),
 )

@@ -48,6 +48,8 @@ from tqdm.auto import tqdm
 
 from ..core.bits import pack_bits, unpack_bits
 from ..core.errors import UserError
+from ..core.flags import positive_int
+from ..core.options import option
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +71,43 @@ class PerpConfig:
     alphas and learning rates carry over, and it starts from zero like LoRA.
     """
 
-    train: tuple[str, ...] = ("norms", "lora")
-    lora_variant: str = "masklora"
-    rank: int = 8
-    alpha: float = 16.0
-    steps: int = 200
-    lr: float = 3e-4
+    train: tuple[str, ...] = option(
+        ("norms", "lora"), "comma list of what is trained: norms (LayerNorm/RMSNorm weights), "
+                           "biases (every bias), lora (adapters on the pruned linears)",
+        parse=str)  # the comma list, split by __post_init__
+    lora_variant: str = option(
+        "masklora", "masklora: W + (alpha/rank B A) * M, the LoRA delta masked (starts at 0, "
+                    "LoRA's usual rank/alpha/lr carry over); scalelora: (B A) * W, initialised "
+                    "to B A = 1 (rank 1 = scaling rows and columns)", choices=VARIANTS)
+    rank: int = option(8, "LoRA rank", positive_int)
+    alpha: float = option(16.0, "LoRA alpha; MaskLoRA's delta is scaled by alpha/rank "
+                                "(ScaleLoRA ignores it)")
+    steps: int = option(200, "optimizer steps (AdamW)", positive_int)
+    lr: float = option(3e-4, "peak learning rate (linear warm-up over 10% of the steps, then "
+                             "linear decay to 0)")
     warmup: float = 0.1  # fraction of the steps with a linear warm-up; then linear decay to 0
     weight_decay: float = 0.0
-    batch_size: int = 4
-    seqlen: int = 512
-    nsamples: int = 128
-    calib_data: str | None = None
-    calib_sampling: str = "consecutive"
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "auto"  # compute dtype of the forward/backward: auto | fp32 | bf16
-    gradient_checkpointing: str = "auto"  # auto | on | off
+    batch_size: int = option(4, "sequences per step", positive_int)
+    seqlen: int = option(512, "tokens per training sequence", positive_int)
+    nsamples: int = option(128, "training windows cut from --calib-data (cycled through in "
+                                "seeded random order)", positive_int)
+    calib_data: str | None = option(None, "training text: a .txt/.jsonl file or "
+                                          "wikitext2|c4|ptb (default: wikitext2 valid.txt, the "
+                                          "calibration text)")
+    calib_sampling: str = option("consecutive", "consecutive: the first nsamples "
+                                                "non-overlapping windows; random: seeded random "
+                                                "windows", choices=("consecutive", "random"))
+    seed: int = option(0, "seed (adapter init, batch order)")
+    device: str = option("cpu", "compute device: cpu or cuda[:N]")
+    dtype: str = option(
+        "auto", "compute dtype of training; auto = bf16 autocast (fp32 master weights) on a "
+                "CUDA device with bf16 for an fp32 model, else the model's (on CPU, bf16 "
+                "autocast training measured 5-20x slower than fp32)",
+        choices=("auto", "fp32", "bf16"))
+    gradient_checkpointing: str = option(
+        "auto", "recompute activations in the backward to save memory; auto = on for "
+                "accelerators (memory-bound), off on CPU (RAM is plenty; it would only add "
+                "~30% compute)", choices=("auto", "on", "off"))
 
     def __post_init__(self):
         train = self.train

@@ -21,13 +21,14 @@ the package, an import of the module that registers it before the CLI parses its
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from collections.abc import Iterable
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 from ..core.errors import UserError
+from ..core.options import option, options_of  # noqa: F401  (a solver module declares its options with these)
 from ..core.sparsity import Sparsity
 
 # Statistics are always accumulated in float32, whatever dtype the forward passes run in.
@@ -86,17 +87,6 @@ class SolverBase:
 
     def work_bytes(self, in_features: int, group_bytes: int, largest: int) -> int:
         return 3 * largest * 4 + 2 * largest
-
-
-def option(default, help: str, parse=None):
-    """A solver option: a dataclass field with its CLI help, and the function that parses its
-    flag's text (argparse ``type``; default: the type of ``default``)."""
-    return field(default=default, metadata={"help": help, "parse": parse or default.__class__})
-
-
-def options_of(cls) -> list:
-    """The option fields of solver class ``cls`` (dataclass fields declared with :func:`option`)."""
-    return [f for f in fields(cls) if "help" in f.metadata]
 
 
 SOLVERS: dict[str, type] = {}

@@ -54,6 +54,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.errors import UserError
+from ..core.flags import positive_int
+from ..core.options import option
 
 log = logging.getLogger(__name__)
 
@@ -246,14 +248,24 @@ class BonsaiConfig:
     target: Target
     uniform: bool = True  # same number of heads / channels removed in every layer
     gqa: str = "even"  # query heads removed evenly within KV groups, or whole KV groups ("kv")
-    iterations: int = 4  # pruning steps to the target
-    samples: int = 48  # perturbed sub-models evaluated per step (n in Eq. 2)
-    drop_prob: float = 0.5  # probability that a candidate is dropped in a sub-model
-    candidate_factor: float = 2.0  # candidates = groups the prior removes at this x the step
-    mlp_block: int = 64  # MLP channels per regression variable
-    ridge: float = 1.0  # gamma of Eq. (2), relative to the Gram diagonal
-    sub_nsamples: int = 4  # calibration windows each sub-model's utility is measured on
-    batch_size: int = 2
+    iterations: int = option(4, "pruning iterations to reach the target", positive_int)
+    # n in Eq. (2)
+    samples: int = option(48, "sub-models evaluated per iteration (regression samples)",
+                          positive_int)
+    sub_nsamples: int = option(4, "calibration sequences each sub-model's loss is measured on "
+                                  "(the first ones; all of --nsamples feed the prior)",
+                               positive_int)
+    mlp_block: int = option(64, "MLP channels per regression variable (channels of similar "
+                                "prior importance in one layer)", positive_int)
+    candidate_factor: float = option(2.0, "candidates per iteration: the groups the "
+                                          "forward-only prior would remove at this many times "
+                                          "the iteration's amount")
+    drop_prob: float = option(0.5, "probability that a candidate is dropped in a sampled "
+                                   "sub-model")
+    # gamma of Eq. (2)
+    ridge: float = option(1.0, "ridge penalty of the regression, relative to the design's "
+                               "diagonal")
+    batch_size: int = option(2, "sequences per forward pass", positive_int)
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -44,6 +44,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.errors import UserError
+from ..core.flags import positive_int
+from ..core.options import option
 from .bonsai import Target, check_nested, forced_scores, split_target
 
 log = logging.getLogger(__name__)
@@ -98,15 +100,20 @@ class LoRAPruneConfig:
     target: Target
     uniform: bool = True
     gqa: str = "even"
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 3e-4
-    steps: int = 100  # optimizer steps of LoRA fine-tuning on the calibration windows
-    batch_size: int = 1
-    prune_steps: int = 5  # pruning events (iterative pruning)
-    prune_until: float = 0.6  # fraction of the fine-tuning by which the target is reached
-    ema: float = 0.9  # lambda of Eq. (10)
-    load_8bit: bool = False
+    steps: int = option(200, "LoRA optimizer steps (batches of --batch-size calibration "
+                             "sequences)", positive_int)
+    batch_size: int = option(1, "calibration sequences per step", positive_int)
+    lr: float = option(3e-4, "AdamW learning rate of the LoRA")
+    rank: int = option(8, "LoRA rank r", positive_int)
+    alpha: float = option(16.0, "LoRA alpha (scaling alpha / r)")
+    prune_steps: int = option(5, "pruning events; each removes an equal share of the target",
+                              positive_int)
+    prune_until: float = option(0.6, "fraction of the fine-tuning by which the target is "
+                                     "reached (the rest recovers with the final mask)")
+    ema: float = option(0.9, "moving-average factor of the importance (lambda in the paper's "
+                             "Eq. 10)")
+    load_8bit: bool = option(False, "8-bit base through bitsandbytes (CUDA only; an error "
+                                    "elsewhere)")
     seed: int = 0
 
     def __post_init__(self) -> None:
