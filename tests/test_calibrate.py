@@ -142,11 +142,13 @@ def test_pattern_must_divide_every_layer(calib_ids):
     assert (adapter_for(model).layers(model)[0].self_attn.q_proj.weight != 0).all()
 
 
-def test_unsupported_architecture():
+def test_model_without_findable_layers_is_one_clear_error():
+    # GPT-2's blocks hold transformers' Conv1D, not nn.Linear: no list of blocks with linears
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError, match="llama, mistral, opt, qwen2"):
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"cannot find decoder layers in GPT2LMHeadModel \(model type 'gpt2'\)"):
         llmprune.prune(model, PruneRecipe("magnitude", sparsity=0.5))
 
 

@@ -24,7 +24,8 @@ from ..core.errors import UserError
 from ..core.sparsity import Sparsity
 from ..models import Adapter
 from ..solvers.wanda import ColumnSquares
-from .calibrate import EngineOptions, capture_inputs, collect_layer_stats, run_layer
+from .calibrate import (EngineOptions, capture_inputs, collect_layer_stats, layer_groups,
+                        run_layer)
 
 
 @torch.no_grad()
@@ -43,9 +44,11 @@ def outlier_ratios(model, adapter: Adapter, ids: torch.Tensor, m: float,
     ratios, sizes = [], []
     for i, layer in enumerate(layers):
         layer.to(device)
-        stats = collect_layer_stats(layer, list(adapter.groups), inputs, _Norms, device)
+        groups = layer_groups(adapter, layer, inputs)
+        stats = collect_layer_stats(layer, list(groups), inputs, _Norms, device)
+
         def scores():  # Wanda's A = |W| * ||X||, one linear at a time (never the whole layer)
-            for group, st in zip(adapter.groups, stats):
+            for group, st in zip(groups, stats):
                 norm = st.sq.sqrt().unsqueeze(0)
                 for name in group:
                     yield layer.get_submodule(name).weight.detach().float().abs() * norm

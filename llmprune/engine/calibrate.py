@@ -164,6 +164,13 @@ def capture_inputs(model: nn.Module, adapter: Adapter, ids: torch.Tensor, opts: 
             for h, kw in catcher.captured]
 
 
+def layer_groups(adapter: Adapter, layer: nn.Module, inputs: list) -> tuple[tuple[str, ...], ...]:
+    """The input groups of ``layer``: declared by its adapter, or watched while the layer runs
+    its first calibration batch (:meth:`Adapter.groups_of`)."""
+    hidden, kwargs = inputs[0]
+    return adapter.groups_of(layer, lambda: layer(hidden, **kwargs))
+
+
 def run_layer(layer: nn.Module, inputs: list) -> None:
     """Replace every batch's hidden state by the layer's output, in place, one batch at a time,
     so that inputs and outputs of all batches are never held at once."""
@@ -206,7 +213,7 @@ def prune_without_data(model: nn.Module, adapter: Adapter, solver: Solver, targe
     layers = adapter.layers(model)
     for i, layer in enumerate(tqdm(layers, desc=f"{solver.name}", unit="layer",
                                    disable=not opts.progress)):
-        for group in adapter.groups:
+        for group in adapter.groups_of(layer):
             solve_linear_group(layer, None, adapter, i, group, solver, None, target, report)
     report.add_time("solve", time.perf_counter() - t0)
     return report
@@ -448,7 +455,6 @@ def prune_layer(layer: nn.Module, i: int, adapter: Adapter, solver: Solver, targ
     The one per-layer step of the engine, shared by :func:`prune_layerwise` and the streaming
     engine (:mod:`llmprune.streaming`), so both give bit-identical results."""
     device = torch.device(opts.device)
-    schedule = [[g] for g in adapter.groups] if opts.true_sequential else [list(adapter.groups)]
     if opts.placement is None:
         layer.to(device)
     else:
@@ -458,18 +464,20 @@ def prune_layer(layer: nn.Module, i: int, adapter: Adapter, solver: Solver, targ
         # Forward passes in a cheaper dtype; the solver still reads and writes the
         # original (master) weights in float32.
         fwd_layer = copy.deepcopy(layer).to(opts.calib_dtype)
-    if _use_lockstep(fwd_layer, adapter.groups, inputs, opts, device):
+    groups = layer_groups(adapter, fwd_layer, inputs)
+    schedule = [[g] for g in groups] if opts.true_sequential else [list(groups)]
+    if _use_lockstep(fwd_layer, groups, inputs, opts, device):
         t = time.perf_counter()
         solve_seconds = 0.0
 
         def solve(g, stats):
             nonlocal solve_seconds
             ts = time.perf_counter()
-            solve_linear_group(layer, fwd_layer, adapter, i, adapter.groups[g], solver, stats,
-                               target, report)
+            solve_linear_group(layer, fwd_layer, adapter, i, groups[g], solver, stats, target,
+                               report)
             solve_seconds += time.perf_counter() - ts
 
-        _Lockstep(fwd_layer, list(adapter.groups), solver, solve).run(inputs)
+        _Lockstep(fwd_layer, list(groups), solver, solve).run(inputs)
         report.add_time("calibrate_forward", time.perf_counter() - t - solve_seconds)
         report.add_time("solve", solve_seconds)
         schedule, propagate = [], False  # the lock-step pass's outputs are already propagated

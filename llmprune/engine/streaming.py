@@ -143,7 +143,8 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
         layer += layer // stored.itemsize * calib_dtype.itemsize
     # (in_features, float32 bytes of the group's weights, elements of its largest member)
     groups = []
-    for group in adapter.groups:
+    first_groups = adapter.groups_of(first)
+    for group in first_groups:
         lins = [first.get_submodule(n) for n in group]
         groups.append((lins[0].in_features, sum(lin.weight.numel() for lin in lins) * 4,
                        max(lin.weight.numel() for lin in lins)))
@@ -155,7 +156,7 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
         alive = stat_bytes[g] if recipe.true_sequential else sum(stat_bytes[g:])
         work = solver.work_bytes(in_f, w32, big)
         if alive + work > best[1] + best[2]:
-            best = (g, alive, work, ",".join(adapter.groups[g]))
+            best = (g, alive, work, ",".join(first_groups[g]))
     _, stats, work, peak_group = best
     hidden = skel.config.hidden_size
     act_bytes = (calib_dtype or stored).itemsize

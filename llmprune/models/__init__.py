@@ -1,23 +1,31 @@
 """Architecture adapters: where a family keeps its decoder layers and prunable linears.
 
 Architecture differences are *data* here, never a copied calibration loop (the SliceGPT lesson).
-An adapter names
+An adapter gives
 
 * the path of the decoder-layer list inside the ``*ForCausalLM`` model, and
 * the prunable linears of one decoder layer as *input groups*, in forward (true-sequential) order.
   Members of one group read the very same input tensor (q/k/v read the normed hidden state,
   gate/up read the normed residual), so they share one set of calibration statistics.
 
-Adding a family is one ``register(Adapter(...))`` call.
+Any decoder-only model gets an adapter found from the model itself
+(:mod:`llmprune.models.discovery`: its layers from ``_no_split_modules``, its linears by type, its
+groups by watching one forward pass of a layer). A registered adapter (``register(Adapter(...))``)
+overrides what discovery would find for its ``model_type``s: it declares the groups (so they are
+known before any weight is loaded), and a ``StructuredLayout`` for head / channel pruning.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
 from ..core.errors import UnsupportedArchitectureError
+from .discovery import expert_count, find_layers_path, layer_signature, prunable_linears, watch_groups
+
+Groups = tuple[tuple[str, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -52,11 +60,19 @@ class Adapter:
     name: str
     model_types: tuple[str, ...]
     layers_path: str  # attribute path from the CausalLM to the nn.ModuleList of decoder layers
-    groups: tuple[tuple[str, ...], ...]  # linear names inside one layer; each tuple shares an input
+    # linear names inside one layer, each tuple sharing an input; None: every nn.Linear of a
+    # layer, grouped by watching a forward pass (:meth:`groups_of`)
+    groups: Groups | None = None
     structured: StructuredLayout | None = None  # None: no head / channel pruning for this family
+    experts: int | None = None  # routed experts per MoE layer (their routers are not pruned)
+    # discovered groups by layer signature, filled as layers are watched (one model's adapter)
+    watched: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def linear_names(self) -> tuple[str, ...]:
+        """The declared linears of every layer (a registered adapter only)."""
+        if self.groups is None:
+            raise TypeError(f"adapter {self.name!r} finds its linears per layer: use linears()")
         return tuple(name for group in self.groups for name in group)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -67,7 +83,24 @@ class Adapter:
 
     def linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
         """The prunable linears of one decoder layer, by their name inside the layer."""
+        if self.groups is None:
+            return prunable_linears(layer, self.experts)
         return {name: layer.get_submodule(name) for name in self.linear_names}
+
+    def groups_of(self, layer: nn.Module, probe: Callable[[], object] | None = None) -> Groups:
+        """The input groups of ``layer`` in forward order. Declared ones as they are; else
+        watched while ``probe()`` runs one forward pass of the layer (once per kind of layer).
+        Without a probe and not yet watched (no calibration data, or a memory plan made before
+        any weight is read): one group per linear, in module order."""
+        if self.groups is not None:
+            return self.groups
+        lins = self.linears(layer)
+        key = layer_signature(layer, lins)
+        if key not in self.watched:
+            if probe is None:
+                return tuple((name,) for name in lins)
+            self.watched[key] = watch_groups(lins, probe)
+        return self.watched[key]
 
 
 _REGISTRY: dict[str, Adapter] = {}
@@ -123,15 +156,21 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def adapter_for_type(model_type: str) -> Adapter:
-    try:
-        return _REGISTRY[model_type]
-    except KeyError:
+def discover(model: nn.Module) -> Adapter:
+    """The adapter of a model no registered adapter covers, found from the model itself."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    path = find_layers_path(model)
+    if path is None:
         raise UnsupportedArchitectureError(
-            f"unsupported architecture {model_type!r}; supported model types: "
-            f"{', '.join(supported_model_types())}"
-        ) from None
+            f"cannot find decoder layers in {type(model).__name__} (model type {model_type!r}): "
+            f"no nn.ModuleList of blocks holding nn.Linear layers; llmprune prunes decoder-only "
+            f"models whose layers are such a list")
+    return Adapter(model_type, (model_type,), path, experts=expert_count(model.config))
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    return adapter_for_type(getattr(model.config, "model_type", type(model).__name__))
+    """The registered adapter of ``model``'s type, else one discovered from the model."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type]
+    return discover(model)

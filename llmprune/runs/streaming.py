@@ -156,11 +156,11 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
         raise UserError(f"{work} holds an interrupted run of this output; pass --resume to "
                         "continue it, or --overwrite to start again")
     config = load_config(resolved, trust_remote_code)
-    from ..models import adapter_for_type
+    from ..models import adapter_for
 
-    adapter = adapter_for_type(config.model_type)
     files = SafetensorsFiles(checkpoint_files(src))
     skel = meta_skeleton(config, files.float_dtype(), trust_remote_code)
+    adapter = adapter_for(skel)
     check_target(skel, adapter, target)
     solver = get_solver(recipe.method, **recipe.solver_options())
     calib_dtype = resolve_calib_dtype(recipe, solver, skel)
@@ -274,7 +274,7 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
                 from ..engine.calibrate import solve_linear_group
 
                 with torch.no_grad():
-                    for group in adapter.groups:
+                    for group in adapter.groups_of(layer):
                         solve_linear_group(layer, None, adapter, i, group, solver, None, target,
                                            report)
             t = time.perf_counter()
