@@ -23,7 +23,7 @@ import torch
 from .core.errors import CorruptCheckpointError, ModelNotFoundError, UserError
 from .delta.dare import load_delta
 from .io.export import iter_compact
-from .io.loading import finish_load, load_config, no_init, resolve, skeleton
+from .io.loading import finish_load, load_config, model_key, no_init, resolve, skeleton
 from .io.meta import COMPACT_FORMAT, is_compact, read_meta
 from .models import adapter_for
 from .sparse.apply import apply_kernels
@@ -66,9 +66,11 @@ def _load_compact(src: Path, dtype, verify: bool, trust_remote_code: bool, base)
         model = AutoModelForCausalLM.from_config(config, dtype=stored,
                                                  trust_remote_code=trust_remote_code)
     params = model.state_dict()
+    key = model_key(model)
     loaded: set[str] = set()
     with torch.no_grad():
         for name, tensor, _ in iter_compact(src, verify=verify):
+            name = key(name)
             if name not in params:
                 raise CorruptCheckpointError(f"{src}: tensor {name} does not belong to a "
                                              f"{config.model_type} model")

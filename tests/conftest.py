@@ -30,6 +30,34 @@ def tiny_config(family: str):
 
 FAMILIES = ["llama", "mistral", "qwen2", "opt"]
 
+# model types with no registered adapter, pruned through discovery (tiny configs of transformers'
+# own classes); value: config keys this type needs besides the common ones
+DISCOVERED = {
+    "gemma3_text": {}, "gemma2": {}, "phi3": {}, "olmo2": {}, "smollm3": {}, "granite": {},
+    "glm4": {}, "gpt_neox": {}, "starcoder2": {}, "lfm2": {},
+    "falcon": {"head_dim": None, "new_decoder_architecture": False, "parallel_attn": True},
+    # hybrid: a linear-attention (gated delta net) layer and a full-attention one
+    "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"]},
+}
+
+
+def family_config(model_type: str):
+    """A tiny config of any model type transformers knows (two layers, hidden 64, vocab 300)."""
+    from transformers import AutoConfig
+
+    keys = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, head_dim=16,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    keys.update(DISCOVERED.get(model_type, {}))
+    return AutoConfig.for_model(model_type, **{k: v for k, v in keys.items() if v is not None})
+
+
+def family_model(model_type: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(family_config(model_type), dtype=torch.float32).eval()
+
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality: same dtype, shape and bytes (so -0.0 != +0.0 and NaN == NaN)."""

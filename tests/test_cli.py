@@ -79,7 +79,7 @@ BAD = [
       "--nsamples", "2", "--seqlen", "16"], "does not divide"),
     (["wanda", "--model", "{ckpt}", "--sparsity", "0.5", "--calib-data", "{text}",
       "--nsamples", "100000", "--seqlen", "512"], "fewer than nsamples x seqlen"),
-    (["wanda", "--model", "{gpt2}", "--sparsity", "0.5"], "supported model types"),
+    (["wanda", "--model", "{gpt2}", "--sparsity", "0.5"], "cannot find decoder layers in GPT2LMHeadModel"),
     (["wanda", "--model", "{ckpt}", "--sparsity", "0.5", "--calib-data", "/no/file.txt"],
      "neither a file"),
     (["sparsegpt", "--model", "{ckpt}", "--sparsity", "0.5", "--device", "cuda"], "CUDA"),

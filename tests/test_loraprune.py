@@ -12,7 +12,7 @@ from llmprune.structured.bonsai import Target
 from llmprune.cli import main
 from llmprune.structured.loraprune import (LoRAPruneConfig, group_importance, lora_importance,
                                            loraprune, prune_schedule)
-from llmprune.models import adapter_for_type
+from llmprune.models import adapter_for
 from llmprune.structured.shrink import LayerGroups
 
 from tests.conftest import assert_shrunk_equals_masked, tiny_model
@@ -45,7 +45,7 @@ def test_lora_importance_matches_a_hand_computation():
 
 
 def test_group_importance_sums_each_groups_weights():
-    lay = adapter_for_type("llama").structured
+    lay = adapter_for(tiny_model("llama")).structured
     # 4 query heads of dim 2 in 2 KV groups, 3 channels, 5 hidden units
     g = LayerGroups(n_heads=4, n_kv_heads=2, head_dim=2, n_channels=3, head_params=0,
                     kv_params=0, channel_params=0)

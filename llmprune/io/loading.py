@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -135,6 +136,36 @@ def skeleton(config, trust_remote_code: bool = False):
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def model_key(model) -> Callable[[str], str]:
+    """The name under which transformers loads a checkpoint key into ``model`` (its conversion
+    mapping renames some: GPT-NeoX's ``embed_out`` is ``lm_head``). A key that transformers
+    converts (several tensors fused into one, as for unfused MoE experts) cannot be read a
+    tensor at a time: a UserError."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: checkpoint keys are the model's
+        return lambda name: name
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+
+    def key(name: str) -> str:
+        new, converted = rename_source_key(name, renamings, converters)
+        if converted is not None:
+            raise UserError(f"checkpoint tensor {name} is converted by transformers on load "
+                            f"(into {new}); llmprune reads such checkpoints only through "
+                            "transformers: run without --stream/--max-memory/--resume")
+        return new
+    return key
+
+
+def checkpoint_renames(model, names) -> dict[str, str]:
+    """The keys among ``names`` that ``model`` loads under another name (:func:`model_key`)."""
+    key = model_key(model)
+    return {n: key(n) for n in names if key(n) != n}
 
 
 @contextlib.contextmanager

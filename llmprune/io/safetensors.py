@@ -60,6 +60,10 @@ class SafetensorsFiles:
             for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 self.entries[key] = (path, info, 8 + n)
 
+    def rename(self, names: dict[str, str]) -> None:
+        """Serve the tensors named by the keys of ``names`` under their values instead."""
+        self.entries = {names.get(k, k): v for k, v in self.entries.items()}
+
     def float_dtype(self) -> torch.dtype:
         """The dtype the checkpoint stores its weights in: that of its first float32, bfloat16
         or float16 tensor (float32 when it has none)."""

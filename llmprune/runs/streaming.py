@@ -120,7 +120,7 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     from .prune import prune_meta
     from ..core.device import check_device
     from ..io.export import check_export_args
-    from ..io.loading import load_config, resolve
+    from ..io.loading import checkpoint_renames, load_config, resolve
     from ..io.output import check_output
     from ..solvers import get_solver
 
@@ -160,6 +160,7 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
 
     files = SafetensorsFiles(checkpoint_files(src))
     skel = meta_skeleton(config, files.float_dtype(), trust_remote_code)
+    files.rename(checkpoint_renames(skel, files.entries))
     adapter = adapter_for(skel)
     check_target(skel, adapter, target)
     solver = get_solver(recipe.method, **recipe.solver_options())

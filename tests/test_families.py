@@ -1,0 +1,176 @@
+"""Model families without a registered adapter: found from the model itself.
+
+Each family is a tiny random model of transformers' own class, saved with a tokenizer, pruned
+through the CLI, and reloaded with plain ``AutoModelForCausalLM.from_pretrained``. The checks
+do not use llmprune's discovery: the prunable weights are every ``nn.Linear`` except the LM head.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from llmprune.cli import main
+from llmprune.core.errors import UnsupportedArchitectureError
+from llmprune.engine.calibrate import EngineOptions, capture_inputs, layer_groups
+from llmprune.models import adapter_for, discover
+from llmprune.models.discovery import find_layers_path, watch_groups
+
+from .conftest import DISCOVERED, VOCAB, family_model, tiny_model
+
+
+def _decoder_linears(model) -> dict[str, nn.Linear]:
+    head = model.get_output_embeddings()
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, tokenizer):
+    def make(model_type):
+        path = tmp_path_factory.mktemp("fam") / model_type
+        family_model(model_type).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+    return make
+
+
+@pytest.mark.parametrize("model_type", sorted(DISCOVERED))
+def test_prune_save_reload_any_family(model_type, family_dirs, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = family_dirs(model_type)
+    calib = ["--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32"]
+    runs = {"sparsegpt": ["--sparsity", "0.5"], "wanda": ["--pattern", "2:4"]}
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    for method, target in runs.items():
+        out = tmp_path / method
+        assert main(["-q", method, "--model", str(src), *target, *calib, "--output", str(out)]) == 0
+        model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        lins = _decoder_linears(model)
+        assert lins
+        for name, lin in lins.items():
+            w = lin.weight.detach()
+            zero = w == 0
+            if method == "sparsegpt":
+                # 50% of the weights of every linear, to one weight per row
+                assert abs(int(zero.sum()) - w.numel() // 2) <= w.shape[0], name
+            else:  # at least 2 zeros in every group of 4 consecutive inputs
+                assert (zero.reshape(w.shape[0], -1, 4).sum(-1) >= 2).all(), name
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt"])
+def test_discovery_finds_the_registered_layouts(family):
+    """What discovery finds on the registered families is exactly their declared layout."""
+    model = tiny_model(family)
+    declared, found = adapter_for(model), discover(model)
+    assert found.groups is None and found.layers_path == declared.layers_path
+    inputs = capture_inputs(model, found, torch.randint(0, VOCAB, (2, 16)),
+                            EngineOptions(progress=False))
+    for layer in found.layers(model):
+        assert found.linears(layer) == declared.linears(layer)
+        assert layer_groups(found, layer, inputs) == declared.groups
+
+
+def test_watch_groups_by_tensor_identity():
+    """Hand-built layer: a and b read x, c reads a copy of x (other memory: its own group),
+    d reads a's output, e is never called."""
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d, self.e = (nn.Linear(4, 4) for _ in range(5))
+
+        def forward(self, x):
+            return self.d(self.c(x.clone()) + self.a(x)) + self.b(x)
+
+    layer = Layer()
+    lins = {n: getattr(layer, n) for n in "abcde"}
+    groups = watch_groups(lins, lambda: layer(torch.randn(2, 4)))
+    assert groups == (("c",), ("a", "b"), ("d",), ("e",))
+
+
+def test_layers_are_the_no_split_blocks_not_a_longer_list():
+    """A list of experts longer than the list of layers is not taken for the layers."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(8))
+
+    class Model(nn.Module):
+        _no_split_modules = ["Block"]
+
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(2))
+
+    assert find_layers_path(Model()) == "blocks"
+    Model._no_split_modules = []
+    assert find_layers_path(Model()) == "blocks.0.experts"  # longest list, without the hint
+
+
+def test_router_linears_are_not_prunable():
+    from llmprune.models.discovery import prunable_linears
+
+    layer = nn.Module()
+    layer.gate = nn.Linear(8, 4)  # 4 experts: the router
+    layer.up = nn.Linear(8, 16)
+    assert list(prunable_linears(layer, experts=4)) == ["up"]
+    assert list(prunable_linears(layer)) == ["gate", "up"]
+
+
+def test_model_without_linear_blocks_is_refused_in_one_line():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("C", (), {"model_type": "toy"})()
+            self.blocks = nn.ModuleList(nn.Conv1d(2, 2, 1) for _ in range(2))
+
+    with pytest.raises(UnsupportedArchitectureError, match="cannot find decoder layers") as e:
+        discover(Model())
+    assert "\n" not in str(e.value)
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.mark.parametrize("model_type", sorted(DISCOVERED))
+def test_every_capability_on_any_family(model_type, family_dirs, text_file, tmp_path):
+    """OWL, --stream (bit-identical to the in-memory run), compact export read back by
+    load_pretrained, PERP (zeros kept) and DARE on a discovered family."""
+    import llmprune
+
+    src = str(family_dirs(model_type))
+    calib = ["--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32"]
+    run = lambda *args: main(["-q", *map(str, args)])  # noqa: E731
+    owl, mem, stream = tmp_path / "owl", tmp_path / "mem", tmp_path / "stream"
+    assert run("wanda", "--model", src, "--sparsity", "0.5", "--allocation", "owl", *calib,
+               "--output", owl) == 0
+    weights = [w for k, w in _state(owl).items() if k.endswith(".weight") and w.dim() == 2]
+    assert len({round(float((w == 0).float().mean()), 2) for w in weights}) > 1  # non-uniform
+    assert run("sparsegpt", "--model", src, "--sparsity", "0.5", *calib, "--output", mem) == 0
+    assert run("sparsegpt", "--model", src, "--sparsity", "0.5", *calib, "--stream",
+               "--output", stream) == 0
+    a, b = _state(mem), _state(stream)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert run("export", mem, "--format", "compact", "--output", tmp_path / "compact") == 0
+    loaded = llmprune.load_pretrained(str(tmp_path / "compact"))
+    got = loaded.state_dict()
+    assert all(torch.equal(got[k], a[k]) for k in a if k in got) and set(a) <= set(got)
+
+    assert run("perp", "--model", mem, "--steps", "2", "--batch-size", "2", "--seqlen", "32",
+               "--nsamples", "4", "--calib-data", text_file, "--output", tmp_path / "perp") == 0
+    retrained = _state(tmp_path / "perp")
+    for name, lin in _decoder_linears(family_model(model_type)).items():
+        key = name + ".weight"
+        assert torch.equal(retrained[key][a[key] == 0], torch.zeros_like(a[key][a[key] == 0]))
+
+    assert run("dare", "--base", src, "--finetuned", tmp_path / "perp", "--drop", "0.5",
+               "--output", tmp_path / "dare") == 0
+    assert _state(tmp_path / "dare").keys() == a.keys()
