@@ -115,10 +115,13 @@ def test_router_linears_are_not_prunable():
     from llmprune.models.discovery import prunable_linears
 
     layer = nn.Module()
-    layer.gate = nn.Linear(8, 4)  # 4 experts: the router
-    layer.up = nn.Linear(8, 16)
-    assert list(prunable_linears(layer, experts=4)) == ["up"]
-    assert list(prunable_linears(layer)) == ["gate", "up"]
+    layer.moe = nn.Module()
+    layer.moe.gate = nn.Linear(8, 4)  # 4 experts: the router, beside them
+    layer.moe.experts = nn.ModuleList(nn.Linear(8, 4) for _ in range(4))
+    layer.out = nn.Linear(8, 4)  # 4 outputs, but no experts beside it: not a router
+    assert list(prunable_linears(layer, experts=4)) == [
+        "moe.experts.0", "moe.experts.1", "moe.experts.2", "moe.experts.3", "out"]
+    assert "moe.gate" in prunable_linears(layer)
 
 
 def test_model_without_linear_blocks_is_refused_in_one_line():

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..core.bits import count_true, pack_bits, unpack_bits
 from ..core.sparsity import Sparsity, check_divisible
 from ..models import Adapter
+from ..solvers import data_free_solver
 from ..solvers.base import Solver
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class Report:
     masks: dict[str, torch.Tensor] | None = None
     calib_dtype: str | None = None  # dtype the calibration forward passes ran in
     allocation: dict | None = None  # per-layer sparsity allocation (OWL), when not uniform
+    # linears no calibration token reached (experts the router never chose), pruned by magnitude
+    uncalibrated: list[str] = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
@@ -227,6 +230,11 @@ def layer_target(target: "Sparsity | list[Sparsity]", index: int) -> Sparsity:
 def solve_linear_group(layer, fwd_layer, adapter, index, group, solver, stats, target, report):
     target = layer_target(target, index)
     lins = [layer.get_submodule(n) for n in group]
+    if stats is not None and getattr(stats, "tokens", None) == 0:
+        # no calibration token reached this group (an expert never routed to): statistics of
+        # zeros would make SparseGPT drop every weight, so it is pruned by magnitude instead
+        solver, stats = data_free_solver(), None
+        report.uncalibrated += [f"{adapter.layers_path}.{index}.{n}" for n in group]
     solved = solver.solve_group([lin.weight.detach() for lin in lins], stats, target,
                                 list(group))
     for name, lin, res in zip(group, lins, solved):

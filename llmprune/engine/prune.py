@@ -13,6 +13,7 @@ from ..core.device import bf16_is_fast, check_device
 from ..core.errors import UserError
 from ..io.data import calibration_ids
 from ..models import adapter_for
+from ..models.experts import expert_linears
 from ..recipe import PruneRecipe
 from ..solvers import get_solver
 from .calibrate import EngineOptions, Report, check_target, prune_layerwise, prune_without_data
@@ -46,6 +47,14 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
     """
     check_device(recipe.device)
     adapter = adapter_for(model)
+    # fused MoE experts are pruned as one linear per expert, calibrated on the tokens routed to it
+    with expert_linears(adapter.layers(model), adapter.experts, model.config):
+        return _prune(model, adapter, recipe, calib_ids, tokenizer, keep_masks, progress,
+                      parallel, device_map)
+
+
+def _prune(model, adapter, recipe, calib_ids, tokenizer, keep_masks, progress, parallel,
+           device_map) -> Report:
     target = recipe.target
     check_target(model, adapter, target)
     solver = get_solver(recipe.method, **recipe.solver_options())
@@ -82,6 +91,10 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
     else:  # magnitude with OWL: the data set the allocation, the solver still reads none
         report = prune_without_data(model, adapter, solver, target, opts)
     report.allocation = allocation
+    if report.uncalibrated:
+        log.warning("%d linears (experts no calibration token was routed to) were pruned by "
+                    "magnitude; more calibration text (--nsamples) reaches more experts",
+                    len(report.uncalibrated))
     return report
 
 

@@ -6,7 +6,7 @@ Nothing here reads a module or parameter name for its meaning:
   ``_no_split_modules`` classes (the blocks transformers itself never splits across devices),
   else the outermost, longest ``nn.ModuleList`` of modules that hold linears;
 * the prunable weights of a layer are its ``nn.Linear`` modules, in module order, less the
-  routers of a mixture of experts (a linear with one output per expert);
+  routers of a mixture of experts (a linear with one output per expert, beside the experts);
 * the input groups (linears that read the very same tensor, and so share one set of calibration
   statistics) come from watching one forward pass of the layer: every linear's first input is
   recorded and linears whose inputs are the same tensor form a group, in the order of their
@@ -50,11 +50,29 @@ def expert_count(config) -> int | None:
     return None
 
 
+def _holds_experts(module: nn.Module, experts: int) -> bool:
+    """A module of ``experts`` experts: a list of that many, or 3D parameters with one slice per
+    expert."""
+    if isinstance(module, nn.ModuleList):
+        return len(module) == experts
+    return any(p.dim() == 3 and p.shape[0] == experts
+               for p in module.parameters(recurse=False))
+
+
+def is_router(layer: nn.Module, name: str, lin: nn.Linear, experts: int | None) -> bool:
+    """A router: a linear with one output per expert beside the experts it routes to (a sibling
+    module that holds ``experts`` experts)."""
+    if not experts or lin.out_features != experts:
+        return False
+    parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+    return any(_holds_experts(child, experts) for child in parent.children() if child is not lin)
+
+
 def prunable_linears(layer: nn.Module, experts: int | None = None) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` of one decoder layer by its name inside the layer, in module order,
-    except routers: linears with one output per expert (``experts``, the model's expert count)."""
+    except routers (:func:`is_router`; ``experts`` is the model's expert count)."""
     return {name: mod for name, mod in layer.named_modules()
-            if isinstance(mod, nn.Linear) and not (experts and mod.out_features == experts)}
+            if isinstance(mod, nn.Linear) and not is_router(layer, name, mod, experts)}
 
 
 def _tensor_key(x: torch.Tensor) -> tuple:
@@ -99,4 +117,4 @@ def layer_signature(layer: nn.Module, linears: dict[str, nn.Linear]) -> tuple:
 
 
 __all__ = ["EXPERT_COUNT_KEYS", "expert_count", "find_layers_path", "layer_signature",
-           "prunable_linears", "watch_groups"]
+           "is_router", "prunable_linears", "watch_groups"]

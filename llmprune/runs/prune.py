@@ -51,6 +51,7 @@ def prune_meta(model_name: str, resolved: str, recipe: PruneRecipe, report: Repo
         "target": recipe.target.label,
         "sparsity": report.sparsity,
         "allocation": report.allocation,
+        **({"uncalibrated_linears": report.uncalibrated} if report.uncalibrated else {}),
         "layers": {r.name: {"shape": list(r.shape), "sparsity": r.sparsity} for r in report.layers},
         "calibration": (dict(calib_info, forward_dtype=report.calib_dtype)
                         if calib_info else None),

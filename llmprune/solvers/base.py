@@ -44,6 +44,8 @@ class Solved:
 
 
 class Stats(Protocol):
+    tokens: int  # calibration tokens added so far
+
     def add(self, x: torch.Tensor) -> None:
         """Accumulate one batch of inputs ``x`` shaped ``[..., in_features]``."""
 

@@ -1,0 +1,166 @@
+"""Fused mixture-of-experts weights seen as one linear per expert.
+
+transformers 5 stores the experts of most MoE families as 3D parameters ``[experts, out, in]``
+(``is_transposed``: ``[experts, in, out]``), gate and up fused in one of them, and runs each
+expert as ``F.linear(tokens, W[e])`` (or ``tokens @ W[e]``, or one ``bmm`` over all experts).
+Inside :func:`expert_linears`, every such parameter gets one :class:`ExpertLinear` per expert:
+an ``nn.Linear`` without weights of its own whose ``weight`` is the view ``W[e]`` (``W[e].T``),
+so the calibration engine sees plain linears:
+
+* while the experts module runs, a ``TorchFunctionMode`` sends each of those products through the
+  expert's ExpertLinear, so its hooks see exactly the tokens routed to that expert (an expert no
+  calibration token reaches gets no statistics);
+* a solver's result written into ``ExpertLinear.weight`` lands in the fused parameter, so the
+  model saves in its family's own layout and loads with plain ``from_pretrained``;
+* an ExpertLinear holds no parameter, so ``state_dict`` and ``.to(dtype)`` see only the fused one.
+
+Routers are not expert parameters (their first dimension is not one per expert), so they stay
+dense.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+HOLDER = "expert_linears"  # the child module of an experts module that holds its ExpertLinears
+
+
+class ExpertLinear(nn.Linear):
+    """Expert ``index`` of the fused parameter ``param`` of ``owner``, as an ``nn.Linear``."""
+
+    def __init__(self, owner: nn.Module, param: str, index: int, transposed: bool):
+        nn.Module.__init__(self)
+        w = getattr(owner, param)
+        self.out_features, self.in_features = (w.shape[2], w.shape[1]) if transposed \
+            else (w.shape[1], w.shape[2])
+        self.param, self.index, self.transposed = param, index, transposed
+        self.bias = None
+        object.__setattr__(self, "owner", owner)  # a plain reference: not a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:  # [out, in], a view of the owner's fused parameter
+        w = getattr(self.owner, self.param)[self.index]
+        return w.T if self.transposed else w
+
+    def extra_repr(self) -> str:
+        return f"{self.param}[{self.index}], in_features={self.in_features}, " \
+               f"out_features={self.out_features}"
+
+
+def fused_params(module: nn.Module, experts: int) -> list[str]:
+    """The names of ``module``'s own 3D parameters with one slice per expert."""
+    return [n for n, p in module.named_parameters(recurse=False)
+            if p.dim() == 3 and p.shape[0] == experts]
+
+
+def _transposed(module: nn.Module, params: list[str], hidden: int) -> bool:
+    """Whether ``module`` stores ``[experts, in, out]``: its own flag (transformers' experts
+    implementations set ``is_transposed``), else whether its first fused parameter (the one that
+    reads the hidden state) has the hidden size as its second dimension."""
+    flag = getattr(module, "is_transposed", None)
+    if isinstance(flag, bool):
+        return flag
+    first = getattr(module, params[0])
+    return first.shape[1] == hidden and first.shape[2] != hidden
+
+
+def _same_view(w: torch.Tensor, p: torch.Tensor) -> int | None:
+    """The expert whose slice ``p[e]`` is the tensor ``w``, else None."""
+    if (w.device != p.device or w.dtype != p.dtype or tuple(w.shape) != tuple(p.shape[1:])
+            or w.stride() != p.stride()[1:]
+            or w.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()):
+        return None
+    e, rest = divmod(w.storage_offset() - p.storage_offset(), p.stride(0))
+    return e if rest == 0 and 0 <= e < p.shape[0] else None
+
+
+def _is_whole(w: torch.Tensor, p: torch.Tensor) -> bool:
+    return (w.shape == p.shape and w.stride() == p.stride()
+            and w.storage_offset() == p.storage_offset()
+            and w.untyped_storage().data_ptr() == p.untyped_storage().data_ptr())
+
+
+class _Route(TorchFunctionMode):
+    """Sends the expert products of one experts module through its ExpertLinears."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        holder = getattr(module, HOLDER)
+        self.params = [(getattr(module, name), holder[name]) for name in holder]
+
+    def _expert(self, w, transposed: bool):
+        if not isinstance(w, torch.Tensor):
+            return None
+        for p, lins in self.params:
+            if lins[0].transposed == transposed:
+                e = _same_view(w, p)
+                if e is not None:
+                    return lins[e]
+        return None
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2:
+            lin = self._expert(args[1], transposed=False)
+            if lin is not None:
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                y = lin(args[0])
+                return y if bias is None else y + bias
+        elif func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) \
+                and len(args) == 2 and not kwargs:
+            lin = self._expert(args[1], transposed=True)
+            if lin is not None:
+                return lin(args[0])
+        elif func in (torch.bmm, torch.Tensor.bmm) and len(args) == 2 and not kwargs:
+            for p, lins in self.params:
+                if lins[0].transposed and _is_whole(args[1], p):  # [E, T, in] @ [E, in, out]
+                    return torch.stack([lin(x) for lin, x in zip(lins, args[0])])
+        return func(*args, **kwargs)
+
+
+def _routed_forward(self, *args, **kwargs):
+    with _Route(self):
+        return type(self).forward(self, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def expert_linears(layers: nn.ModuleList, experts: int | None, config):
+    """Within the block, every experts module of ``layers`` (a module with 3D parameters of
+    ``experts`` slices) holds one :class:`ExpertLinear` per expert and fused parameter, in a
+    child ``expert_linears.<param>.<e>``, and routes its products through them; the model runs
+    its experts eagerly (``config._experts_implementation``). Everything is undone on exit."""
+    if not experts:
+        yield
+        return
+    installed = []
+    saved = getattr(config, "_experts_implementation", None)
+    try:
+        for layer in layers:
+            for module in list(layer.modules()):
+                params = fused_params(module, experts)
+                if not params or isinstance(module, ExpertLinear):
+                    continue
+                transposed = _transposed(module, params, config.hidden_size)
+                module.add_module(HOLDER, nn.ModuleDict({
+                    name: nn.ModuleList(ExpertLinear(module, name, e, transposed)
+                                        for e in range(experts)) for name in params}))
+                module.forward = types.MethodType(_routed_forward, module)
+                installed.append(module)
+        if installed and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = "eager"
+        yield
+    finally:
+        for module in installed:
+            delattr(module, HOLDER)
+            del module.forward
+        if installed and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = saved
+
+
+__all__ = ["ExpertLinear", "HOLDER", "expert_linears", "fused_params"]
