@@ -40,6 +40,19 @@ DISCOVERED = {
     "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"]},
 }
 
+# mixture-of-experts types (fused 3D expert parameters in transformers 5): 4 experts, 2 per token
+MOE = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "decoder_sparse_step": 1},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2,
+                "layer_types": ["sliding_attention", "full_attention"]},
+    "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1,
+                    "intermediate_size_mlp": 128, "interleave_moe_layer_step": 1},
+}
+
+
 
 def family_config(model_type: str):
     """A tiny config of any model type transformers knows (two layers, hidden 64, vocab 300)."""
@@ -48,7 +61,7 @@ def family_config(model_type: str):
     keys = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, head_dim=16,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    keys.update(DISCOVERED.get(model_type, {}))
+    keys.update(DISCOVERED.get(model_type) or MOE.get(model_type) or {})
     return AutoConfig.for_model(model_type, **{k: v for k, v in keys.items() if v is not None})
 
 

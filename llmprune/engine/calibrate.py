@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..core.bits import count_true, pack_bits, unpack_bits
 from ..core.sparsity import Sparsity, check_divisible
 from ..models import Adapter
+from ..models.experts import ExpertLinear
 from ..solvers import data_free_solver
 from ..solvers.base import Solver
 
@@ -318,6 +319,26 @@ def available_bytes(device: torch.device) -> int | None:
     return None
 
 
+def sequential_phases(layer: nn.Module, groups) -> list[list[tuple[str, ...]]]:
+    """The true-sequential schedule: one calibration pass per group, in forward order, except
+    for MoE experts: the groups of one fused expert parameter (one per expert, each reached by
+    its own tokens only) share one pass, at the place of the first of them, so a layer of E
+    experts costs a pass per expert parameter, not per expert."""
+    phases: list[list[tuple[str, ...]]] = []
+    by_param: dict[tuple, list] = {}
+    for group in groups:
+        lin = layer.get_submodule(group[0])
+        if isinstance(lin, ExpertLinear):
+            key = (id(lin.owner), lin.param)
+            if key not in by_param:
+                by_param[key] = []
+                phases.append(by_param[key])
+            by_param[key].append(group)
+        else:
+            phases.append([group])
+    return phases
+
+
 def _use_lockstep(layer: nn.Module, groups, inputs: list, opts: EngineOptions,
                   device: torch.device) -> bool:
     if not opts.true_sequential or opts.collect_stats is not None or opts.fused is False:
@@ -473,8 +494,9 @@ def prune_layer(layer: nn.Module, i: int, adapter: Adapter, solver: Solver, targ
         # original (master) weights in float32.
         fwd_layer = copy.deepcopy(layer).to(opts.calib_dtype)
     groups = layer_groups(adapter, fwd_layer, inputs)
-    schedule = [[g] for g in groups] if opts.true_sequential else [list(groups)]
-    if _use_lockstep(fwd_layer, groups, inputs, opts, device):
+    schedule = sequential_phases(fwd_layer, groups) if opts.true_sequential else [list(groups)]
+    if not any(len(p) > 1 for p in schedule) and _use_lockstep(fwd_layer, groups, inputs, opts,
+                                                                 device):
         t = time.perf_counter()
         solve_seconds = 0.0
 
