@@ -50,6 +50,16 @@ MOE = {
                 "layer_types": ["sliding_attention", "full_attention"]},
     "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1,
                     "intermediate_size_mlp": 128, "interleave_moe_layer_step": 1},
+    # multi-latent attention (low-rank q and kv projections), a dense first layer, then MoE with
+    # a shared expert and grouped routing
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
+                    "topk_group": 1, "first_k_dense_replace": 1, "moe_intermediate_size": 32,
+                    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8},
+    # hybrid: a mamba layer with experts, then an attention layer with a dense MLP
+    "jamba": {"num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2,
+              "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 0,
+              "use_mamba_kernels": False},
 }
 
 
