@@ -7,6 +7,8 @@ do not use llmprune's discovery: the prunable weights are every ``nn.Linear`` ex
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -259,3 +261,73 @@ def test_each_expert_is_calibrated_on_its_routed_tokens():
             1, score.topk(k, dim=1, largest=False).indices, True)
         got_pruned = moe.experts.gate_up_proj[e].detach() == 0
         assert torch.equal(got_pruned, want_pruned), e
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("saliency", ["reap", "frequency"])
+def test_experts_command_keeps_half_and_reloads(model_type, saliency, family_dirs, text_file,
+                                                 tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src, out = family_dirs(model_type), tmp_path / "out"
+    assert main(["-q", "experts", "--model", str(src), "--keep-ratio", "0.5", "--saliency",
+                 saliency, "--calib-data", str(text_file), "--nsamples", "8", "--seqlen", "32",
+                 "--output", str(out)]) == 0
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    dense = AutoModelForCausalLM.from_pretrained(src)
+    experts = {n: p for n, p in model.named_parameters() if p.dim() == 3 and p.shape[0] == 2}
+    assert experts and all(dense.get_parameter(n).shape[0] == 4 for n in experts)
+    meta = json.loads((out / "llmprune.json").read_text())
+    for layer, kept in meta["experts"]["kept"].items():
+        assert len(kept) == 2
+        for n, p in experts.items():
+            if f"layers.{layer}." in n:  # the kept experts' weights, unchanged
+                assert torch.equal(p, dense.get_parameter(n)[kept])
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_reap_saliency_by_hand_on_mixtral():
+    """REAP and frequency of layer 0 against a hand computation of Mixtral's router
+    (softmax, top-2, renormalised) and experts (down(silu(gate x) * up x))."""
+    import torch.nn.functional as F
+
+    from llmprune.structured.experts import expert_saliency
+
+    model = family_model("mixtral")
+    moe = model.model.layers[0].mlp
+    grabbed = []
+    handle = moe.register_forward_pre_hook(lambda _m, args: grabbed.append(args[0].detach()))
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+    scores = expert_saliency(model, ids, batch_size=4, progress=False)
+    handle.remove()
+    x = grabbed[0].reshape(-1, 64).double()
+    probs = F.softmax(x @ moe.gate.weight.detach().double().T, dim=-1)
+    top, idx = probs.topk(2, dim=-1)
+    top = top / top.sum(-1, keepdim=True)
+    gate_up = moe.experts.gate_up_proj.detach().double()
+    down = moe.experts.down_proj.detach().double()
+    for j in range(4):
+        rows = (idx == j).any(-1)
+        g = (top * (idx == j)).sum(-1)[rows]
+        gate, up = (x[rows] @ gate_up[j].T).chunk(2, dim=-1)
+        f = (F.silu(gate) * up) @ down[j].T
+        assert scores["frequency"][0][j] == rows.sum()
+        want = (g * f.norm(dim=-1)).sum() / rows.sum()
+        assert torch.allclose(scores["reap"][0][j], want, rtol=1e-4), j
+
+
+def test_experts_refuses_dense_models_and_too_few_experts(checkpoint_dir, text_file, tmp_path,
+                                                          family_dirs, capsys):
+    out = tmp_path / "out"
+    assert main(["-q", "experts", "--model", str(checkpoint_dir), "--keep-ratio", "0.5",
+                 "--calib-data", str(text_file), "--output", str(out)]) == 2
+    assert "no mixture-of-experts layers" in capsys.readouterr().err
+    # mixtral picks 2 experts per token: keeping 1 of 4 cannot work
+    assert main(["-q", "experts", "--model", str(family_dirs("mixtral")), "--keep-ratio", "0.25",
+                 "--calib-data", str(text_file), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than the 2 the router picks" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -144,6 +144,48 @@ def _run_loraprune(args) -> int:
         f"{report['peak_rss_mib']:.0f} MiB)"))
 
 
+def _run_experts(args) -> int:
+    """remove whole MoE experts (fewer experts per layer)
+
+    Whole-expert pruning of a mixture-of-experts model: every expert is scored on the
+    calibration tokens the router sends to it -- reap (Lasby et al. 2025): the mean over those
+    tokens of the router's gate value times the norm of the expert's output; frequency: how many
+    tokens it receives -- and the least salient are removed, the same number in every layer.
+    The fused expert weights and the router rows are sliced and the config's expert count set,
+    so plain AutoModelForCausalLM.from_pretrained loads the result.
+    """
+    from ..runs.experts import experts_checkpoint
+
+    meta = experts_checkpoint(
+        args.model, args.output, keep_ratio=args.keep_ratio, saliency=args.saliency,
+        nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data,
+        calib_sampling=args.calib_sampling, batch_size=args.batch_size, seed=args.seed,
+        overwrite=args.overwrite, eval_ppl=args.eval_ppl, eval_seqlen=args.eval_seqlen,
+        eval_max_windows=args.max_windows, trust_remote_code=args.trust_remote_code,
+        device=args.device, progress=not args.quiet)
+    e = meta["experts"]
+    print(f"kept {e['experts_after']} of {e['experts_before']} experts in each of {e['blocks']} "
+          f"MoE layers ({args.saliency}); wrote {args.output} (loads with {meta['loads_with']})")
+    return 0
+
+
+EXPERTS_FLAGS = (
+    flag("--keep-ratio", type=float, required=True,
+         help="fraction of the experts each MoE layer keeps, in (0, 1] (rounded to a whole "
+              "count, the same in every layer)"),
+    flag("--saliency", choices=["reap", "frequency"], default="reap",
+         help="reap: router gate x expert output norm on the tokens routed to the expert; "
+              "frequency: number of tokens routed to it"),
+    *calibration(32, 512, batch_size=4),
+    CALIB_DATA,
+    CALIB_SAMPLING,
+    flag("--seed", type=int, default=0, help="random seed (random calibration windows)"),
+    output_dir("directory for the checkpoint with fewer experts and its llmprune.json"),
+    OVERWRITE,
+    *EVAL_PPL_FLAGS,
+)
+
+
 # this family's commands, in the order of `llmprune --help`; each one's --help is its
 # function's docstring
 COMMANDS = (
@@ -155,4 +197,5 @@ COMMANDS = (
     Command("loraprune", _run_loraprune,
             (*MODEL_FLAGS, *STRUCTURED_TARGET_FLAGS, *calibration(64, 512),
              *CALIB_AND_OUTPUT_FLAGS, *option_flags(LoRAPruneConfig))),
+    Command("experts", _run_experts, (*MODEL_FLAGS, *EXPERTS_FLAGS)),
 )

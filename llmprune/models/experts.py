@@ -130,6 +130,21 @@ def _routed_forward(self, *args, **kwargs):
 
 
 @contextlib.contextmanager
+def eager_experts(config):
+    """Within the block the model runs its experts with their eager per-expert loop
+    (transformers' ``config._experts_implementation``), whatever kernel it would pick."""
+    if not hasattr(config, "_experts_implementation"):
+        yield
+        return
+    saved = config._experts_implementation
+    config._experts_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._experts_implementation = saved
+
+
+@contextlib.contextmanager
 def expert_linears(layers: nn.ModuleList, experts: int | None, config):
     """Within the block, every experts module of ``layers`` (a module with 3D parameters of
     ``experts`` slices) holds one :class:`ExpertLinear` per expert and fused parameter, in a
@@ -139,7 +154,6 @@ def expert_linears(layers: nn.ModuleList, experts: int | None, config):
         yield
         return
     installed = []
-    saved = getattr(config, "_experts_implementation", None)
     try:
         for layer in layers:
             for module in list(layer.modules()):
@@ -152,15 +166,12 @@ def expert_linears(layers: nn.ModuleList, experts: int | None, config):
                                         for e in range(experts)) for name in params}))
                 module.forward = types.MethodType(_routed_forward, module)
                 installed.append(module)
-        if installed and hasattr(config, "_experts_implementation"):
-            config._experts_implementation = "eager"
-        yield
+        with eager_experts(config) if installed else contextlib.nullcontext():
+            yield
     finally:
         for module in installed:
             delattr(module, HOLDER)
             del module.forward
-        if installed and hasattr(config, "_experts_implementation"):
-            config._experts_implementation = saved
 
 
-__all__ = ["ExpertLinear", "HOLDER", "expert_linears", "fused_params"]
+__all__ = ["ExpertLinear", "HOLDER", "eager_experts", "expert_linears", "fused_params"]
