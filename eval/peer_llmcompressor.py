@@ -50,10 +50,11 @@ def peak_rss_mib() -> float:
 
 
 def layer_sparsity(model) -> tuple[int, int]:
-    """(zeros, total) over all nn.Linear weights inside model.model.layers."""
+    """(zeros, total) over all nn.Linear weights but the LM head (the decoder layers' linears)."""
     zeros = total = 0
-    for module in model.model.layers.modules():
-        if isinstance(module, torch.nn.Linear):
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
             zeros += int((module.weight == 0).sum())
             total += module.weight.numel()
     return zeros, total
@@ -193,7 +194,7 @@ def main() -> None:
         "llmcompressor_defaults": defaults,
         "notes": (
             f"measured sparsity {zeros / total:.4f} = exact zeros over all nn.Linear "
-            f"weights in model.model.layers ({zeros}/{total}, {dense_zeros} zeros before); "
+            f"weights but the LM head ({zeros}/{total}, {dense_zeros} zeros before); "
             f"calibration ids seen by the model equal the file in order: {calib_exact}; "
             "calibration via DataLoader(batch_size=1, SequentialSampler, "
             "DataCollatorWithTruncation(seqlen)) over a datasets.Dataset; "

@@ -1,0 +1,274 @@
+"""Which model families each tool prunes correctly: llmprune against llm-compressor.
+
+For every model type below, a tiny random model of transformers' own class (2 layers, hidden 64,
+vocabulary 300; MoE types with 4 experts) is built from its config and saved; no download. Then
+SparseGPT 50% unstructured and Wanda 2:4 run
+
+* with llmprune (``llmprune.prune`` on the same calibration ids, ``save_pretrained``), and
+* with the peer, llm-compressor 0.14.0.1 (``eval/peer_llmcompressor.py`` in ``eval/.peer-venv``,
+  made by ``eval/peer_setup.sh``; targets every ``Linear`` but the LM head),
+
+on the same calibration token ids (8 random sequences of 64 tokens). Each output is checked the
+same way, independently of both tools, in this process: plain
+``AutoModelForCausalLM.from_pretrained`` with no missing or unexpected keys (a missing key is a
+weight transformers re-initialises at random), every prunable weight at the target (every
+``nn.Linear`` but the LM head and routers, and every expert of every fused ``[experts, ...]``
+parameter; 50%: within one weight per row; 2:4: at least 2 zeros in every 4 consecutive inputs),
+routers unchanged, finite logits. A cell is ``ok`` with the pruning time in seconds, or what
+failed.
+
+    .venv/bin/python eval/bench_families.py                   # all types, ours and the peer
+    .venv/bin/python eval/bench_families.py --types llama,mixtral --skip-peer
+
+Writes eval/results/bench_families.json and prints the markdown table (docs/models.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_PY = ROOT / "eval" / ".peer-venv" / "bin" / "python"
+VOCAB, EXPERTS = 300, 4
+PEER_TIMEOUT = 180  # seconds per peer run (a tiny model takes under 5 s where it works)
+
+# model type -> config keys besides the common ones (as in tests/conftest.py)
+DENSE = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "opt": {"ffn_dim": 128,
+                                                               "word_embed_proj_dim": 64},
+    "gemma": {}, "gemma2": {}, "gemma3_text": {}, "phi": {}, "phi3": {}, "olmo": {},
+    "olmo2": {}, "olmo3": {}, "smollm3": {}, "granite": {}, "glm": {}, "glm4": {},
+    "gpt_neox": {}, "starcoder2": {}, "cohere": {}, "cohere2": {}, "stablelm": {},
+    "helium": {}, "exaone4": {}, "seed_oss": {}, "apertus": {}, "ernie4_5": {},
+    "hunyuan_v1_dense": {}, "arcee": {}, "ministral": {}, "nemotron": {},
+    "falcon": {"head_dim": None, "new_decoder_architecture": False, "parallel_attn": True},
+}
+HYBRID = {
+    "lfm2": {},
+    "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"]},
+    "falcon_h1": {},
+}
+MOE = {
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "decoder_sparse_step": 1},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 64},
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "minimax": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+                 "first_k_dense_replace": 1, "moe_intermediate_size": 32},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2,
+                "layer_types": ["sliding_attention", "full_attention"]},
+    "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1,
+                    "intermediate_size_mlp": 128, "interleave_moe_layer_step": 1},
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
+                    "topk_group": 1, "first_k_dense_replace": 1, "moe_intermediate_size": 32,
+                    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8},
+    "jamba": {"num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2,
+              "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 0,
+              "use_mamba_kernels": False},
+}
+KINDS = {**{t: "dense" for t in DENSE}, **{t: "hybrid" for t in HYBRID},
+         **{t: "moe" for t in MOE}}
+RUNS = {"sparsegpt 50%": ("sparsegpt", 0.5, "0:0"), "wanda 2:4": ("wanda", 0.5, "2:4")}
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    keys = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=128, vocab_size=VOCAB,
+                max_position_embeddings=256, head_dim=16, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    keys.update({**DENSE, **HYBRID, **MOE}[model_type])
+    return AutoConfig.for_model(model_type, **{k: v for k, v in keys.items() if v is not None})
+
+
+def _is_router(name: str, lin: nn.Linear) -> bool:
+    return lin.out_features == EXPERTS and ("gate" in name or "router" in name)
+
+
+def prunable(model) -> list[tuple[str, torch.Tensor]]:
+    """Every weight the check expects pruned, each as ``[out, in]``: the decoder linears (not the
+    LM head or routers) and every expert of every fused expert parameter."""
+    head = model.get_output_embeddings()
+    out = [(n, m.weight.detach()) for n, m in model.named_modules()
+           if isinstance(m, nn.Linear) and m is not head and not _is_router(n, m)]
+    for path, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 and p.shape[0] == EXPERTS:
+                transposed = bool(getattr(module, "is_transposed", False))
+                out += [(f"{path}.{pname}[{e}]", (w.T if transposed else w).detach())
+                        for e, w in enumerate(p)]
+    return out
+
+
+def routers(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items()
+            if ("gate" in k or "router" in k) and v.dim() == 2 and v.shape[0] == EXPERTS}
+
+
+def check(out_dir: Path, dense_dir: Path, pattern: str) -> str:
+    """'' if the output is right, else what is wrong (short)."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out_dir, output_loading_info=True)
+    missing, unexpected = info["missing_keys"], info["unexpected_keys"]
+    if missing:
+        return f"{len(missing)} weights missing on reload (re-initialised), e.g. {sorted(missing)[0]}"
+    if unexpected:
+        return f"{len(unexpected)} unexpected keys, e.g. {sorted(unexpected)[0]}"
+    bad = []
+    for name, w in prunable(model):
+        zero = w == 0
+        if pattern == "0:0":
+            ok = abs(int(zero.sum()) - w.numel() // 2) <= w.shape[0]
+        else:
+            ok = w.shape[1] % 4 == 0 and bool((zero.reshape(w.shape[0], -1, 4).sum(-1) >= 2).all())
+        if not ok:
+            bad.append(name)
+    if bad:
+        dense_experts = [b for b in bad if "[" in b]
+        what = "experts left dense" if dense_experts and len(dense_experts) == len(bad) else \
+            "weights not at the target"
+        return f"{len(bad)} {what}, e.g. {bad[0]}"
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    before, after = routers(dense), routers(model)
+    if any(not torch.equal(before[k], after[k]) for k in before if k in after):
+        return "router changed"
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.isfinite(model(input_ids=ids).logits).all():
+            return "non-finite logits"
+    return ""
+
+
+def run_ours(dense_dir: Path, ids: torch.Tensor, method: str, pattern: str, out: Path) -> float:
+    from transformers import AutoModelForCausalLM
+
+    import llmprune
+
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    recipe = llmprune.PruneRecipe(method, pattern=None if pattern == "0:0" else pattern,
+                                  sparsity=0.5 if pattern == "0:0" else None,
+                                  nsamples=ids.shape[0], seqlen=ids.shape[1])
+    t = time.perf_counter()
+    llmprune.prune(model, recipe, calib_ids=ids, progress=False)
+    seconds = time.perf_counter() - t
+    model.save_pretrained(out)
+    return seconds
+
+
+def run_peer(dense_dir: Path, ids_file: Path, method: str, pattern: str, out: Path) -> float:
+    js = out.with_suffix(".json")
+    proc = subprocess.run(
+        [str(PEER_PY), str(ROOT / "eval" / "peer_llmcompressor.py"), "--model", str(dense_dir),
+         "--calib-ids", str(ids_file), "--method", method, "--sparsity", "0.5",
+         "--mask-structure", pattern, "--output", str(out), "--json", str(js)],
+        capture_output=True, text=True, timeout=PEER_TIMEOUT)
+    if proc.returncode != 0:
+        last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["?"]
+        raise RuntimeError(last[0][:160])
+    return json.loads(js.read_text())["prune_seconds"]
+
+
+def cell(fn, *args) -> dict:
+    try:
+        seconds = fn(*args[:-1])
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"no result within {PEER_TIMEOUT} s"}
+    except Exception as exc:  # noqa: BLE001 - a failure is a result here
+        return {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    problem = args[-1]()
+    return {"ok": not problem, "seconds": round(seconds, 2), **({"error": problem} if problem
+                                                               else {})}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--types", default=",".join(KINDS), help="comma-separated model types")
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_families.json"))
+    args = ap.parse_args()
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    if not args.skip_peer:
+        subprocess.run(["bash", str(ROOT / "eval" / "peer_setup.sh")], check=True)
+    torch.set_num_threads(2)
+    work = Path(tempfile.mkdtemp(prefix="bench_families-"))
+    ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(0))
+    ids_file = work / "calib.safetensors"
+    save_file({"input_ids": ids}, str(ids_file))
+    rows = {}
+    for t in args.types.split(","):
+        dense_dir = work / t / "dense"
+        try:
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(tiny_config(t), dtype=torch.float32).save_pretrained(
+                dense_dir)
+        except Exception as exc:  # noqa: BLE001
+            rows[t] = {"kind": KINDS[t], "build_error": f"{type(exc).__name__}: {exc}"[:160]}
+            print(t, "cannot be built:", rows[t]["build_error"], flush=True)
+            continue
+        row = {"kind": KINDS[t]}
+        for label, (method, _, pattern) in RUNS.items():
+            out = work / t / f"ours-{method}"
+            row[f"ours {label}"] = cell(run_ours, dense_dir, ids, method, pattern, out,
+                                        lambda: check(out, dense_dir, pattern))
+            if not args.skip_peer:
+                pout = work / t / f"peer-{method}"
+                row[f"peer {label}"] = cell(run_peer, dense_dir, ids_file, method, pattern, pout,
+                                            lambda: check(pout, dense_dir, pattern))
+        rows[t] = row
+        print(t, json.dumps(row), flush=True)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(
+        {"types": rows, "calibration": {"shape": list(ids.shape), "seed": 0},
+         "versions": _versions()}, indent=2) + "\n")
+    print(table(rows))
+
+
+def _versions() -> dict:
+    import transformers
+
+    import llmprune
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "llmprune": getattr(llmprune, "__version__", "?"), "python": sys.version.split()[0]}
+
+
+def table(rows: dict) -> str:
+    cols = [f"{who} {label}" for label in RUNS for who in ("ours", "peer")]
+    lines = ["| type | kind | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for t, row in rows.items():
+        cells = []
+        for c in cols:
+            r = row.get(c)
+            cells.append("" if r is None else f"ok {r['seconds']:.2f} s" if r["ok"]
+                         else "FAIL: " + r["error"].replace("|", "/"))
+        if "build_error" in row:
+            cells = ["cannot build the tiny model"] * len(cols)
+        lines.append(f"| {t} | {row['kind']} | " + " | ".join(cells) + " |")
+    totals = [sum(1 for row in rows.values() if row.get(c, {}).get("ok")) for c in cols]
+    lines.append(f"| **passed** | | " + " | ".join(f"**{n} / {len(rows)}**" for n in totals) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
