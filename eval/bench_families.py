@@ -20,7 +20,8 @@ failed.
     .venv/bin/python eval/bench_families.py                   # all types, ours and the peer
     .venv/bin/python eval/bench_families.py --types llama,mixtral --skip-peer
 
-Writes eval/results/bench_families.json and prints the markdown table (docs/models.md).
+Writes eval/results/bench_families.json (rows of types not run this time are kept) and prints
+the markdown table (docs/models.md).
 """
 
 from __future__ import annotations
@@ -109,7 +110,10 @@ def prunable(model) -> list[tuple[str, torch.Tensor]]:
     for path, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if p.dim() == 3 and p.shape[0] == EXPERTS:
-                transposed = bool(getattr(module, "is_transposed", False))
+                # [experts, in, out]: transformers' experts modules say so in is_transposed;
+                # Llama 4's (which has no such flag) is [experts, in, out] in its source too
+                transposed = bool(getattr(module, "is_transposed",
+                                          type(module).__name__ == "Llama4TextExperts"))
                 out += [(f"{path}.{pname}[{e}]", (w.T if transposed else w).detach())
                         for e, w in enumerate(p)]
     return out
@@ -238,6 +242,9 @@ def main() -> None:
         rows[t] = row
         print(t, json.dumps(row), flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    if Path(args.json).exists():  # rows of types not run this time are kept
+        rows = {**json.loads(Path(args.json).read_text())["types"], **rows}
+        rows = {t: rows[t] for t in KINDS if t in rows}
     Path(args.json).write_text(json.dumps(
         {"types": rows, "calibration": {"shape": list(ids.shape), "seed": 0},
          "versions": _versions()}, indent=2) + "\n")
