@@ -331,3 +331,23 @@ def test_experts_refuses_dense_models_and_too_few_experts(checkpoint_dir, text_f
     err = capsys.readouterr().err
     assert "fewer than the 2 the router picks" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_owl_on_moe_allocates_per_layer_and_prunes_every_expert():
+    """OWL's outlier ratios count the experts' weights with their routed activations; each
+    layer's experts and attention get that layer's sparsity, the average stays the target."""
+    import llmprune
+    from llmprune.recipe import PruneRecipe
+
+    model = family_model("mixtral")
+    ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(3))
+    report = llmprune.prune(model, PruneRecipe("wanda", sparsity=0.5, allocation="owl"),
+                            calib_ids=ids, progress=False)
+    layer_sparsity = report.allocation["layer_sparsity"]
+    assert len(set(layer_sparsity)) == 2 and abs(report.sparsity - 0.5) < 0.01
+    for i, layer in enumerate(model.model.layers):
+        for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj,
+                  layer.self_attn.q_proj.weight):
+            for w in (p if p.dim() == 3 else p[None]):
+                got = float((w == 0).float().mean())
+                assert abs(got - layer_sparsity[i]) <= 1 / w.shape[-1], (i, got)
