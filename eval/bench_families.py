@@ -39,62 +39,15 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PY = ROOT / "eval" / ".peer-venv" / "bin" / "python"
-VOCAB, EXPERTS = 300, 4
 PEER_TIMEOUT = 180  # seconds per peer run (a tiny model takes under 5 s where it works)
+sys.path.insert(0, str(ROOT))
+# the tiny models' configs: one table, shared with the tests
+from tests.tiny_families import (DENSE, EXPERTS, HYBRID, MOE, VOCAB,  # noqa: E402
+                                 tiny_family_model)
 
-# model type -> config keys besides the common ones (as in tests/conftest.py)
-DENSE = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "opt": {"ffn_dim": 128,
-                                                               "word_embed_proj_dim": 64},
-    "gemma": {}, "gemma2": {}, "gemma3_text": {}, "phi": {}, "phi3": {}, "olmo": {},
-    "olmo2": {}, "olmo3": {}, "smollm3": {}, "granite": {}, "glm": {}, "glm4": {},
-    "gpt_neox": {}, "starcoder2": {}, "cohere": {}, "cohere2": {}, "stablelm": {},
-    "helium": {}, "exaone4": {}, "seed_oss": {}, "apertus": {}, "ernie4_5": {},
-    "hunyuan_v1_dense": {}, "arcee": {}, "ministral": {}, "nemotron": {},
-    "falcon": {"head_dim": None, "new_decoder_architecture": False, "parallel_attn": True},
-}
-HYBRID = {
-    "lfm2": {},
-    "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"]},
-    "falcon_h1": {},
-}
-MOE = {
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "decoder_sparse_step": 1},
-    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "shared_expert_intermediate_size": 64},
-    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
-    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "minimax": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "glm4_moe": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
-                 "first_k_dense_replace": 1, "moe_intermediate_size": 32},
-    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2,
-                "layer_types": ["sliding_attention", "full_attention"]},
-    "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1,
-                    "intermediate_size_mlp": 128, "interleave_moe_layer_step": 1},
-    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
-                    "topk_group": 1, "first_k_dense_replace": 1, "moe_intermediate_size": 32,
-                    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-                    "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8},
-    "jamba": {"num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2,
-              "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 0,
-              "use_mamba_kernels": False},
-}
 KINDS = {**{t: "dense" for t in DENSE}, **{t: "hybrid" for t in HYBRID},
          **{t: "moe" for t in MOE}}
 RUNS = {"sparsegpt 50%": ("sparsegpt", 0.5, "0:0"), "wanda 2:4": ("wanda", 0.5, "2:4")}
-
-
-def tiny_config(model_type: str):
-    from transformers import AutoConfig
-
-    keys = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, intermediate_size=128, vocab_size=VOCAB,
-                max_position_embeddings=256, head_dim=16, pad_token_id=0, bos_token_id=1,
-                eos_token_id=2)
-    keys.update({**DENSE, **HYBRID, **MOE}[model_type])
-    return AutoConfig.for_model(model_type, **{k: v for k, v in keys.items() if v is not None})
 
 
 def _is_router(name: str, lin: nn.Linear) -> bool:
@@ -207,7 +160,6 @@ def main() -> None:
     ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_families.json"))
     args = ap.parse_args()
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -223,9 +175,7 @@ def main() -> None:
     for t in args.types.split(","):
         dense_dir = work / t / "dense"
         try:
-            torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(tiny_config(t), dtype=torch.float32).save_pretrained(
-                dense_dir)
+            tiny_family_model(t).save_pretrained(dense_dir)
         except Exception as exc:  # noqa: BLE001
             rows[t] = {"kind": KINDS[t], "build_error": f"{type(exc).__name__}: {exc}"[:160]}
             print(t, "cannot be built:", rows[t]["build_error"], flush=True)
@@ -273,7 +223,8 @@ def table(rows: dict) -> str:
             cells = ["cannot build the tiny model"] * len(cols)
         lines.append(f"| {t} | {row['kind']} | " + " | ".join(cells) + " |")
     totals = [sum(1 for row in rows.values() if row.get(c, {}).get("ok")) for c in cols]
-    lines.append(f"| **passed** | | " + " | ".join(f"**{n} / {len(rows)}**" for n in totals) + " |")
+    lines.append("| **passed** | | "
+                 + " | ".join(f"**{n} / {len(rows)}**" for n in totals) + " |")
     return "\n".join(lines)
 
 

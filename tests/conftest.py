@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-VOCAB = 300
+from .tiny_families import VOCAB
 
 
 def tiny_config(family: str):
@@ -30,56 +30,11 @@ def tiny_config(family: str):
 
 FAMILIES = ["llama", "mistral", "qwen2", "opt"]
 
-# model types with no registered adapter, pruned through discovery (tiny configs of transformers'
-# own classes); value: config keys this type needs besides the common ones
-DISCOVERED = {
-    "gemma3_text": {}, "gemma2": {}, "phi3": {}, "olmo2": {}, "smollm3": {}, "granite": {},
-    "glm4": {}, "gpt_neox": {}, "starcoder2": {}, "lfm2": {},
-    "falcon": {"head_dim": None, "new_decoder_architecture": False, "parallel_attn": True},
-    # hybrid: a linear-attention (gated delta net) layer and a full-attention one
-    "qwen3_5_text": {"layer_types": ["linear_attention", "full_attention"]},
-}
-
-# mixture-of-experts types (fused 3D expert parameters in transformers 5): 4 experts, 2 per token
-MOE = {
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "decoder_sparse_step": 1},
-    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
-    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2,
-                "layer_types": ["sliding_attention", "full_attention"]},
-    "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1,
-                    "intermediate_size_mlp": 128, "interleave_moe_layer_step": 1},
-    # multi-latent attention (low-rank q and kv projections), a dense first layer, then MoE with
-    # a shared expert and grouped routing
-    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1,
-                    "topk_group": 1, "first_k_dense_replace": 1, "moe_intermediate_size": 32,
-                    "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-                    "qk_nope_head_dim": 8, "v_head_dim": 16, "head_dim": 8},
-    # hybrid: a mamba layer with experts, then an attention layer with a dense MLP
-    "jamba": {"num_experts": 4, "num_experts_per_tok": 2, "attn_layer_period": 2,
-              "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 0,
-              "use_mamba_kernels": False},
-}
-
-
-
-def family_config(model_type: str):
-    """A tiny config of any model type transformers knows (two layers, hidden 64, vocab 300)."""
-    from transformers import AutoConfig
-
-    keys = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, head_dim=16,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    keys.update(DISCOVERED.get(model_type) or MOE.get(model_type) or {})
-    return AutoConfig.for_model(model_type, **{k: v for k, v in keys.items() if v is not None})
-
-
-def family_model(model_type: str, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(family_config(model_type), dtype=torch.float32).eval()
+# model types with no registered adapter, pruned through discovery in the tests (their configs,
+# and MOE's, are in tests/tiny_families.py)
+DISCOVERED = ["gemma3_text", "gemma2", "phi3", "olmo2", "smollm3", "granite", "glm4", "gpt_neox",
+              "starcoder2", "lfm2", "falcon", "qwen3_5_text"]
+MOE = ["mixtral", "qwen3_moe", "olmoe", "gpt_oss", "llama4_text", "deepseek_v3", "jamba"]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -19,7 +19,8 @@ from llmprune.engine.calibrate import EngineOptions, capture_inputs, layer_group
 from llmprune.models import adapter_for, discover
 from llmprune.models.discovery import find_layers_path, watch_groups
 
-from .conftest import DISCOVERED, MOE, VOCAB, family_model, tiny_model
+from .conftest import DISCOVERED, MOE, tiny_model
+from .tiny_families import VOCAB, tiny_family_model
 
 
 def _decoder_linears(model) -> dict[str, nn.Linear]:
@@ -31,7 +32,7 @@ def _decoder_linears(model) -> dict[str, nn.Linear]:
 def family_dirs(tmp_path_factory, tokenizer):
     def make(model_type):
         path = tmp_path_factory.mktemp("fam") / model_type
-        family_model(model_type).save_pretrained(path)
+        tiny_family_model(model_type).save_pretrained(path)
         tokenizer.save_pretrained(path)
         return path
     return make
@@ -172,7 +173,7 @@ def test_every_capability_on_any_family(model_type, family_dirs, text_file, tmp_
     assert run("perp", "--model", mem, "--steps", "2", "--batch-size", "2", "--seqlen", "32",
                "--nsamples", "4", "--calib-data", text_file, "--output", tmp_path / "perp") == 0
     retrained = _state(tmp_path / "perp")
-    for name, lin in _decoder_linears(family_model(model_type)).items():
+    for name, lin in _decoder_linears(tiny_family_model(model_type)).items():
         key = name + ".weight"
         assert torch.equal(retrained[key][a[key] == 0], torch.zeros_like(a[key][a[key] == 0]))
 
@@ -232,7 +233,7 @@ def test_each_expert_is_calibrated_on_its_routed_tokens():
     import llmprune
     from llmprune.recipe import PruneRecipe
 
-    model = family_model("mixtral")
+    model = tiny_family_model("mixtral")
     moe = model.model.layers[0].mlp
     seen = {}
 
@@ -296,7 +297,7 @@ def test_reap_saliency_by_hand_on_mixtral():
 
     from llmprune.structured.experts import expert_saliency
 
-    model = family_model("mixtral")
+    model = tiny_family_model("mixtral")
     moe = model.model.layers[0].mlp
     grabbed = []
     handle = moe.register_forward_pre_hook(lambda _m, args: grabbed.append(args[0].detach()))
@@ -339,7 +340,7 @@ def test_owl_on_moe_allocates_per_layer_and_prunes_every_expert():
     import llmprune
     from llmprune.recipe import PruneRecipe
 
-    model = family_model("mixtral")
+    model = tiny_family_model("mixtral")
     ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(3))
     report = llmprune.prune(model, PruneRecipe("wanda", sparsity=0.5, allocation="owl"),
                             calib_ids=ids, progress=False)
