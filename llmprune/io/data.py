@@ -171,11 +171,17 @@ def ids_sha256(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
+def text_windows(tokenizer, text: Text, nsamples: int, seqlen: int,
+                 sampling: str = "consecutive", seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """Token ids ``[nsamples, seqlen]`` cut from ``text`` (:func:`windows`), and a description
+    for reports: the text's source and hash, the ids' hash and shape."""
+    ids = windows(tokenize(tokenizer, text.text), nsamples, seqlen, sampling, seed, text.source)
+    return ids, {"source": text.source, "text_sha256": text.sha256, "ids_sha256": ids_sha256(ids),
+                 "shape": list(ids.shape)}
+
+
 def calibration_ids(tokenizer, recipe) -> tuple[torch.Tensor, dict]:
     """Token ids ``[nsamples, seqlen]`` for a recipe (anything with ``calib_data``, ``nsamples``,
     ``seqlen``, ``calib_sampling`` and ``seed``), and a description for reports."""
-    text = load_text(recipe.calib_data, "calib")
-    ids = windows(tokenize(tokenizer, text.text), recipe.nsamples, recipe.seqlen,
-                  recipe.calib_sampling, recipe.seed, text.source)
-    return ids, {"source": text.source, "text_sha256": text.sha256, "ids_sha256": ids_sha256(ids),
-                 "shape": list(ids.shape)}
+    return text_windows(tokenizer, load_text(recipe.calib_data, "calib"), recipe.nsamples,
+                        recipe.seqlen, recipe.calib_sampling, recipe.seed)

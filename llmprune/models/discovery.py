@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from .experts import fused_params
+
 # config keys that hold the number of routed experts of a mixture-of-experts layer
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
@@ -55,14 +57,22 @@ def _holds_experts(module: nn.Module, experts: int) -> bool:
     expert."""
     if isinstance(module, nn.ModuleList):
         return len(module) == experts
-    return any(p.dim() == 3 and p.shape[0] == experts
-               for p in module.parameters(recurse=False))
+    return bool(fused_params(module, experts))
+
+
+def one_row_per_expert(module: nn.Module, experts: int) -> bool:
+    """Whether every tensor of ``module`` itself (parameters and buffers) has one row per
+    expert: the shape of a router (a linear with one output per expert, its bias, a score
+    correction)."""
+    tensors = [t for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+               if t is not None and t.dim() >= 1]
+    return bool(tensors) and all(t.shape[0] == experts for t in tensors)
 
 
 def is_router(layer: nn.Module, name: str, lin: nn.Linear, experts: int | None) -> bool:
     """A router: a linear with one output per expert beside the experts it routes to (a sibling
     module that holds ``experts`` experts)."""
-    if not experts or lin.out_features != experts:
+    if not experts or not one_row_per_expert(lin, experts):
         return False
     parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
     return any(_holds_experts(child, experts) for child in parent.children() if child is not lin)
@@ -117,4 +127,4 @@ def layer_signature(layer: nn.Module, linears: dict[str, nn.Linear]) -> tuple:
 
 
 __all__ = ["EXPERT_COUNT_KEYS", "expert_count", "find_layers_path", "layer_signature",
-           "is_router", "prunable_linears", "watch_groups"]
+           "is_router", "one_row_per_expert", "prunable_linears", "watch_groups"]

@@ -7,8 +7,8 @@ import time
 
 from ..core.errors import UserError
 from ..io.meta import DENSE_FORMAT, write_meta
-from ..structured.experts import SALIENCIES, check_keep, expert_saliency, kept_experts, moe_blocks
-from ..structured.experts import remove_experts
+from ..structured.experts import (SALIENCIES, check_keep, expert_saliency, kept_count,
+                                  kept_experts, moe_blocks, remove_experts)
 
 
 def experts_checkpoint(model_name: str, output: str, *, keep_ratio: float, saliency: str = "reap",
@@ -21,7 +21,7 @@ def experts_checkpoint(model_name: str, output: str, *, keep_ratio: float, salie
     """Whole-expert pruning of ``model_name`` to ``output``; returns the llmprune.json written."""
     from ..core.device import check_device, library_versions
     from ..evaluate.ppl import timed_perplexity
-    from ..io.data import ids_sha256, load_text, tokenize, windows
+    from ..io.data import load_text, text_windows, tokenize
     from ..io.loading import resolve
     from ..io.output import atomic_dir, check_output
     from ..loaders import load_model
@@ -39,7 +39,7 @@ def experts_checkpoint(model_name: str, output: str, *, keep_ratio: float, salie
 
     def check(skeleton):  # before any weight is read
         _, n = moe_blocks(skeleton)
-        check_keep(skeleton.config, n, max(1, min(n, round(keep_ratio * n))))
+        check_keep(skeleton.config, n, kept_count(n, keep_ratio))
 
     timings = {}
     t = time.perf_counter()
@@ -47,8 +47,7 @@ def experts_checkpoint(model_name: str, output: str, *, keep_ratio: float, salie
                                             check=check)
     timings["load"] = time.perf_counter() - t
     model.to(device)
-    ids = windows(tokenize(tokenizer, calib.text), nsamples, seqlen, calib_sampling, seed,
-                  calib.source)
+    ids, calib_info = text_windows(tokenizer, calib, nsamples, seqlen, calib_sampling, seed)
     results = {}
     eval_ids = tokenize(tokenizer, evaluation.text) if evaluation is not None else None
     if eval_ids is not None:
@@ -67,9 +66,7 @@ def experts_checkpoint(model_name: str, output: str, *, keep_ratio: float, salie
             "target": {"keep_ratio": keep_ratio, "saliency": saliency}, "experts": summary,
             "saliency": {k: [[round(float(x), 6) for x in s] for s in v]
                          for k, v in scores.items()},
-            "calibration": {"source": calib.source, "text_sha256": calib.sha256,
-                            "ids_sha256": ids_sha256(ids), "shape": list(ids.shape),
-                            "sampling": calib_sampling},
+            "calibration": dict(calib_info, sampling=calib_sampling),
             "eval": results or None, "loads_with": "AutoModelForCausalLM.from_pretrained",
             "versions": library_versions(), "timings": timings}
     with atomic_dir(out) as tmp:

@@ -28,7 +28,7 @@ def run_checkpoint(method: str, model_name: str, output: str, prune_fn, *, targe
     import time
 
     from ..core.device import check_device, library_versions
-    from ..io.data import ids_sha256, load_text, tokenize, windows
+    from ..io.data import load_text, text_windows, tokenize
     from ..loaders import load_model
     from ..io.loading import resolve
     from ..io.output import check_output
@@ -49,11 +49,9 @@ def run_checkpoint(method: str, model_name: str, output: str, prune_fn, *, targe
     model.to(device)
     ids, calib_info = None, None
     if calib_text is not None:
-        ids = windows(tokenize(tokenizer, calib_text.text), nsamples, seqlen, calib_sampling,
-                      seed, calib_text.source)
-        calib_info = {"source": calib_text.source, "text_sha256": calib_text.sha256,
-                      "ids_sha256": ids_sha256(ids), "shape": list(ids.shape),
-                      "sampling": calib_sampling}
+        ids, calib_info = text_windows(tokenizer, calib_text, nsamples, seqlen, calib_sampling,
+                                       seed)
+        calib_info["sampling"] = calib_sampling
         ids = ids.to(device)
     results: dict[str, float] = {}
     eval_ids = tokenize(tokenizer, eval_text.text) if eval_text is not None else None

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import UnsupportedArchitectureError, UserError
 from ..models import adapter_for
-from ..models.discovery import EXPERT_COUNT_KEYS
+from ..models.discovery import EXPERT_COUNT_KEYS, one_row_per_expert
 from ..models.experts import eager_experts, fused_params
 
 SALIENCIES = ("reap", "frequency")
@@ -49,12 +49,6 @@ def _per_expert_tensors(module: nn.Module, n: int) -> list[str]:
             if t is not None and t.dim() >= 1 and t.shape[0] == n]
 
 
-def _is_router(module: nn.Module, n: int) -> bool:
-    tensors = [t for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-               if t is not None and t.dim() >= 1]
-    return bool(tensors) and all(t.shape[0] == n for t in tensors)
-
-
 def moe_blocks(model) -> tuple[list[MoEBlock], int]:
     """The experts modules of ``model`` with their routers, and the expert count."""
     adapter = adapter_for(model)
@@ -70,7 +64,8 @@ def moe_blocks(model) -> tuple[list[MoEBlock], int]:
                 continue
             parent = layer.get_submodule(path.rpartition(".")[0]) if "." in path else layer
             inside = set(map(id, module.modules()))
-            routers = [m for m in parent.modules() if id(m) not in inside and _is_router(m, n)]
+            routers = [m for m in parent.modules()
+                       if id(m) not in inside and one_row_per_expert(m, n)]
             if not routers:
                 raise UnsupportedArchitectureError(
                     f"layer {i}: found the experts {path} but no router beside them (a module "
@@ -105,9 +100,10 @@ def expert_saliency(model, ids: torch.Tensor, batch_size: int = 4, progress: boo
 
     def hook_for(b: int, module: nn.Module, names: list[str]):
         forward = type(module).forward
+        signature = inspect.signature(forward)
 
         def hook(_mod, args, kwargs):
-            bound = inspect.signature(forward).bind(module, *args, **kwargs).arguments
+            bound = signature.bind(module, *args, **kwargs).arguments
             hidden, index, weight = (bound[k] for k in names)
             hidden = hidden.reshape(-1, hidden.shape[-1])
             index = index.reshape(hidden.shape[0], -1)
@@ -142,11 +138,17 @@ def expert_saliency(model, ids: torch.Tensor, batch_size: int = 4, progress: boo
     return {"reap": [s / c.clamp(min=1) for s, c in zip(sums, counts)], "frequency": counts}
 
 
+def kept_count(experts: int, keep_ratio: float) -> int:
+    """How many of ``experts`` experts a layer keeps: ``round(keep_ratio * experts)``, at least
+    one."""
+    return max(1, min(experts, round(keep_ratio * experts)))
+
+
 def kept_experts(saliency: list[torch.Tensor], keep_ratio: float) -> tuple[list[torch.Tensor], int]:
-    """The experts each block keeps (the ``round(keep_ratio * experts)`` most salient, ties to
-    the lower index, in their original order), and that count."""
+    """The experts each block keeps (the :func:`kept_count` most salient, ties to the lower
+    index, in their original order), and that count."""
     n = saliency[0].numel()
-    keep = max(1, min(n, round(keep_ratio * n)))
+    keep = kept_count(n, keep_ratio)
     out = []
     for s in saliency:
         order = sorted(range(n), key=lambda j: (-float(s[j]), j))
@@ -196,5 +198,5 @@ def remove_experts(model, keep: list[torch.Tensor]) -> dict:
             "kept": {str(b.layer): idx.tolist() for b, idx in zip(blocks, keep)}}
 
 
-__all__ = ["MoEBlock", "SALIENCIES", "check_keep", "expert_saliency", "kept_experts",
-           "moe_blocks", "remove_experts"]
+__all__ = ["MoEBlock", "SALIENCIES", "check_keep", "expert_saliency", "kept_count",
+           "kept_experts", "moe_blocks", "remove_experts"]
