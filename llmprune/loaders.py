@@ -25,7 +25,7 @@ from .delta.dare import load_delta
 from .io.export import iter_compact
 from .io.loading import finish_load, load_config, model_key, no_init, resolve, skeleton
 from .io.meta import COMPACT_FORMAT, is_compact, read_meta
-from .models import adapter_for
+from .models import adapter_for, supported_model_types
 from .sparse.apply import apply_kernels
 from .sparse.linear import KERNELS
 from .structured.format import is_structured_dir, load_structured
@@ -144,21 +144,20 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", trust_remote_code:
 
     resolved = resolve(model)
     config = load_config(resolved, trust_remote_code)
+    # before any weight is read: decoder layers discovery can find (a registered family has
+    # them), and the caller's check on the weightless model
+    if check is not None or config.model_type not in supported_model_types():
+        skel = skeleton(config, trust_remote_code)
+        adapter_for(skel)
+        if check is not None:
+            check(skel)
+        del skel
     if is_compact(resolved) or _is_structured_dir(resolved):
         # a compact llmprune export (decoded bit-exact), or a structured one with per-layer
         # widths (built shrunk, then loaded)
-        skel = skeleton(config, trust_remote_code)
-        adapter_for(skel)  # fail before reading any weights
-        if check is not None:
-            check(skel)
         lm = load_pretrained(resolved, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
         return lm, tokenizer, resolved
-    skel = skeleton(config, trust_remote_code)
-    adapter_for(skel)  # fail before reading any weights
-    if check is not None:
-        check(skel)
-    del skel
     try:
         lm = AutoModelForCausalLM.from_pretrained(
             resolved, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True

@@ -165,7 +165,8 @@ def model_key(model) -> Callable[[str], str]:
 def checkpoint_renames(model, names) -> dict[str, str]:
     """The keys among ``names`` that ``model`` loads under another name (:func:`model_key`)."""
     key = model_key(model)
-    return {n: key(n) for n in names if key(n) != n}
+    renamed = {n: key(n) for n in names}
+    return {n: new for n, new in renamed.items() if new != n}
 
 
 @contextlib.contextmanager
