@@ -147,8 +147,8 @@ def test_model_without_findable_layers_is_one_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError,
-                       match=r"cannot find decoder layers in GPT2LMHeadModel \(model type 'gpt2'\)"):
+    want = r"cannot find decoder layers in GPT2LMHeadModel \(model type 'gpt2'\)"
+    with pytest.raises(UnsupportedArchitectureError, match=want):
         llmprune.prune(model, PruneRecipe("magnitude", sparsity=0.5))
 
 

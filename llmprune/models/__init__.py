@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch.nn as nn
 
 from ..core.errors import UnsupportedArchitectureError
-from .discovery import expert_count, find_layers_path, layer_signature, prunable_linears, watch_groups
+from .discovery import (expert_count, find_layers_path, layer_signature, prunable_linears,
+                        watch_groups)
 
 Groups = tuple[tuple[str, ...], ...]
 

@@ -14,4 +14,5 @@ def data_free_solver():
     return magnitude.Magnitude()
 
 
-__all__ = ["data_free_solver", "SOLVERS", "Solved", "SolverBase", "get_solver", "option", "options_of", "register"]
+__all__ = ["data_free_solver", "SOLVERS", "Solved", "SolverBase", "get_solver", "option",
+           "options_of", "register"]

@@ -28,7 +28,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from ..core.errors import UserError
-from ..core.options import option, options_of  # noqa: F401  (a solver module declares its options with these)
+# a solver module declares its options with these
+from ..core.options import option, options_of  # noqa: F401
 from ..core.sparsity import Sparsity
 
 # Statistics are always accumulated in float32, whatever dtype the forward passes run in.
