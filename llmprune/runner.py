@@ -29,12 +29,22 @@ from .solvers import SOLVERS
 EXPORT_KEYS = {"format": "dense", "dtype": "auto"}
 EVAL_KEYS = {"ppl": None, "seqlen": 1024, "max_windows": 16, "tasks": None, "limit": None,
              "num_fewshot": None, "include_path": None, "batch_size": 1}
-TOP_KEYS = {"model", "stages", "output", "trust_remote_code"}
+TOP_KEYS = {"model", "stages", "output"}
+# Running the model folder's own Python is the caller's decision alone (--trust-remote-code, or
+# trust_remote_code=True from Python): a recipe is a file people share, so it cannot set it.
+CALLER_ONLY_KEYS = {"trust_remote_code"}
 
 
 def _nearest(word: str, options) -> str:
     close = difflib.get_close_matches(word, sorted(options), n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(options))}"
+
+
+def _refuse_caller_only(given: dict, where: str) -> None:
+    for key in CALLER_ONLY_KEYS & set(given):
+        raise UserError(f"{where} sets {key!r}, which only the command line may set; remove it "
+                        "and pass --trust-remote-code to 'llmprune run' if you trust the "
+                        "model's own code")
 
 
 def _check_keys(where: str, given: dict, valid) -> None:
@@ -47,6 +57,7 @@ def validate(data: dict) -> dict:
     """Check a recipe's structure and keys; return it normalised (``{stage: {args}}`` list)."""
     if not isinstance(data, dict):
         raise UserError("a recipe is a YAML mapping with 'model' and 'stages'")
+    _refuse_caller_only(data, "the recipe")
     _check_keys("the recipe", data, TOP_KEYS)
     if "model" not in data or "stages" not in data:
         raise UserError("a recipe needs 'model' and 'stages'")
@@ -93,6 +104,7 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
         path, value = item.split("=", 1)
         value = _parse_value(value)
         if "." not in path:
+            _refuse_caller_only({path: None}, f"--set {item}")
             _check_keys("the recipe", {path: None}, TOP_KEYS - {"stages"})
             data[path] = value
             continue
@@ -117,8 +129,11 @@ def load(path: str, sets: list[str] | None = None) -> dict:
     return apply_sets(validate(data), sets or [])
 
 
-def run(data: dict, output: str | None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Run a validated recipe; returns the pruning metadata (with evaluations, if any)."""
+def run(data: dict, output: str | None, overwrite: bool = False, progress: bool = True,
+        trust_remote_code: bool = False) -> dict:
+    """Run a validated recipe; returns the pruning metadata (with evaluations, if any).
+    ``trust_remote_code`` (never from the recipe) lets transformers run the model folder's own
+    modelling code."""
     from .runs.prune import prune_checkpoint
 
     out = output or data.get("output")
@@ -132,10 +147,11 @@ def run(data: dict, output: str | None, overwrite: bool = False, progress: bool 
     if evaluation is not None:
         evaluation = {**EVAL_KEYS, **evaluation}
     if "perp" in stages:
-        meta = _run_with_perp(data, stages, recipe, out, overwrite, progress, export)
+        meta = _run_with_perp(data, stages, recipe, out, overwrite, progress, export,
+                              trust_remote_code)
     else:
         meta = prune_checkpoint(str(data["model"]), recipe, out, overwrite=overwrite,
-                                trust_remote_code=bool(data.get("trust_remote_code")),
+                                trust_remote_code=trust_remote_code,
                                 progress=progress, export=export["format"],
                                 export_dtype=export["dtype"],
                                 recipe_yaml=lambda ran: dump(str(data["model"]), ran,
@@ -165,7 +181,8 @@ def evaluate_output(out: str, ev: dict, device: str, progress: bool) -> dict:
     return results
 
 
-def _run_with_perp(data, stages, recipe, out, overwrite, progress, export) -> dict:
+def _run_with_perp(data, stages, recipe, out, overwrite, progress, export,
+                   trust_remote_code: bool) -> dict:
     """Solver -> PERP: prune into a hidden sibling of ``out``, retrain from it into ``out``
     (which gets the export format and the whole recipe), then remove the sibling."""
     import os
@@ -181,7 +198,7 @@ def _run_with_perp(data, stages, recipe, out, overwrite, progress, export) -> di
     pruned = final.parent / f".{final.name}.pruned-{os.getpid()}"
     try:
         meta = prune_checkpoint(str(data["model"]), recipe, str(pruned), overwrite=True,
-                                trust_remote_code=bool(data.get("trust_remote_code")),
+                                trust_remote_code=trust_remote_code,
                                 progress=progress)
         ran = PruneRecipe.from_dict(meta["recipe_resolved"])
         return perp_checkpoint(str(pruned), config, out, overwrite=overwrite, progress=progress,

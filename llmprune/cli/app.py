@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from ..core.errors import UserError
+from ..core.errors import UserError, redact
 from ..solvers import SOLVERS
 from . import delta, files, prune, retrain, structured
 from .common import Parser, add_command
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"llmprune: error: {exc}", file=sys.stderr)
+        print(f"llmprune: error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("llmprune: interrupted; no output was written", file=sys.stderr)

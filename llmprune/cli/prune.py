@@ -169,7 +169,7 @@ def _run_recipe(args) -> int:
     from ..runner import load, run
 
     meta = run(load(args.recipe, args.set), args.output, args.overwrite,
-               progress=not args.quiet)
+               progress=not args.quiet, trust_remote_code=args.trust_remote_code)
     print(f"pruned {len(meta['layers'])} linears to sparsity {meta['sparsity']:.4f}; wrote "
           f"{args.output or 'the recipe output'}")
     return 0
@@ -208,6 +208,9 @@ RUN_FLAGS = (
               "(repeatable)"),
     output_dir("output directory (else the recipe's)", required=False),
     REPLACE,
+    flag("--trust-remote-code", action="store_true",
+         help="allow custom modelling code from the checkpoint (off by default; a recipe "
+              "cannot set it)"),
 )
 
 

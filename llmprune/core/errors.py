@@ -7,6 +7,11 @@ nothing else in the package prints tracebacks at users. ``assert`` is kept for i
 
 from __future__ import annotations
 
+import re
+
+# user:password@ (or token@) in a URL, e.g. HF_ENDPOINT=https://user:secret@hub.example
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
 
 class UserError(Exception):
     """An error caused by the user's input. The message says what was wrong and what to do."""
@@ -36,3 +41,21 @@ class OutputExistsError(UserError):
 
 class CorruptCheckpointError(UserError):
     """A checkpoint file is damaged, truncated or does not match its metadata."""
+
+
+class OutputLockedError(UserError):
+    """Another run holds the lock of the output path (:mod:`llmprune.io.lock`)."""
+
+
+class NonFiniteError(UserError):
+    """A weight or an evaluation loss is NaN or infinite."""
+
+
+class ResumableError(UserError):
+    """A run stopped for a reason the user can fix (memory) and kept its work directory, so
+    that ``--resume`` continues it; unlike other user errors it leaves ``OUTPUT.partial``."""
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)

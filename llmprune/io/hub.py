@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import CorruptCheckpointError, UserError
+from ..core.errors import CorruptCheckpointError, UserError, redact
 from .meta import COMPACT_FORMAT, read_meta
 
 # Hub ids and licenses of the built-in models, for the card's base_model / license.
@@ -156,12 +157,24 @@ def model_card(directory: Path, repo_id: str, license: str | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
+def regular_files(directory: Path) -> list[Path]:
+    """The regular files inside ``directory``, sorted: symbolic links (to files or folders,
+    inside or outside it) are skipped, never followed, as are hidden entries."""
+    out = []
+    for root, dirs, names in os.walk(directory, followlinks=False):
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and not os.path.islink(os.path.join(root, d))]
+        for name in names:
+            path = Path(root) / name
+            if not name.startswith(".") and stat.S_ISREG(path.lstat().st_mode):
+                out.append(path)
+    return sorted(out)
+
+
 def plan(directory: Path, card: str) -> list[UploadFile]:
-    files = [UploadFile(p.relative_to(directory).as_posix(), p, p.stat().st_size)
-             for p in sorted(directory.rglob("*"))
-             if p.is_file() and not any(part.startswith(".") for part in
-                                        p.relative_to(directory).parts)
-             and p.relative_to(directory).as_posix() != "README.md"]
+    files = [UploadFile(p.relative_to(directory).as_posix(), p, p.lstat().st_size)
+             for p in regular_files(directory)
+             if p.relative_to(directory).as_posix() != "README.md"]
     return files + [UploadFile("README.md", None, len(card.encode()))]
 
 
@@ -182,7 +195,7 @@ def push(directory: str, repo_id: str, private: bool = False, dry_run: bool = Fa
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint)
-    where = endpoint or "the Hugging Face Hub"
+    where = redact(endpoint) if endpoint else "the Hugging Face Hub"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         ops = [CommitOperationAdd(f.path_in_repo, str(f.local)) for f in files if f.local]
@@ -190,7 +203,7 @@ def push(directory: str, repo_id: str, private: bool = False, dry_run: bool = Fa
         api.create_commit(repo_id, operations=ops, repo_type="model",
                           commit_message=commit_message or "Upload pruned model (llmprune)")
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line for the user
-        raise HubError(_explain(exc, repo_id, where)) from None
+        raise HubError(redact(_explain(exc, repo_id, where))) from None
     return files
 
 

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from ..core.errors import OutputExistsError, UserError
+from .lock import output_lock, pid_alive
 
 
 def check_output(output: str | Path, overwrite: bool, sources: tuple[str, ...] = ()) -> Path:
@@ -47,39 +48,30 @@ def _check_writable(path: Path, message: str) -> None:
         raise UserError(message.replace("{parent}", str(parent)))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(output: Path) -> None:
     """Remove half-written temporary siblings left by runs of ``output`` that were killed (their
     pid is dead). ``.old-PID`` siblings (a replaced previous output) are left for the user."""
     for path in output.parent.glob(f".{output.name}.tmp-*"):
         pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(output: Path):
-    """Yield a temporary directory; on success rename it to ``output`` (replacing an old one)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(output)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
+    """Yield a temporary directory; on success rename it to ``output`` (replacing an old one).
+    The output's lock (:mod:`llmprune.io.lock`) is held throughout."""
+    with output_lock(output):
+        _remove_stale(output)
+        tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, output)
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        publish_dir(tmp, output)
 
 
 def publish_dir(done: Path, output: Path) -> None:

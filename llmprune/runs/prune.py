@@ -4,6 +4,7 @@ recipes and :func:`llmprune.prune_checkpoint` all run it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from ..evaluate.ppl import timed_perplexity
 from ..io.data import calibration_ids, load_text, tokenize
 from ..io.export import write_checkpoint
 from ..io.meta import DENSE_FORMAT
+from ..io.lock import output_lock
 from ..io.output import atomic_dir, check_output
 from ..models import adapter_for
 from ..recipe import CALIB_DTYPES, PruneRecipe
@@ -74,15 +76,27 @@ def prune_checkpoint(model_name: str, recipe: PruneRecipe, output: str, overwrit
     (see :func:`resolved_recipe`) that returns it; None writes this run's own recipe.
     ``parallel`` / ``device_map``: see :func:`prune`; in a data-parallel run only the main
     process (rank 0) evaluates and writes, the others wait for it."""
-    from ..loaders import load_model
-    from ..io.loading import resolve
-
     from ..io.export import check_export_args
 
     check_device(recipe.device)
     recipe.target  # validate before touching anything
     check_export_args(export, export_dtype, "--export", "--export-dtype")
-    out = check_output(output, overwrite)
+    check_output(output, overwrite)
+    main = parallel is None or parallel.is_main
+    # one run per output, held from here to the rename (only the main process writes)
+    with output_lock(output) if main else contextlib.nullcontext():
+        return _prune_checkpoint(model_name, recipe, output, overwrite, eval_ppl, eval_seqlen,
+                                 eval_max_windows, trust_remote_code, progress, export,
+                                 export_dtype, recipe_yaml, parallel, device_map)
+
+
+def _prune_checkpoint(model_name, recipe, output, overwrite, eval_ppl, eval_seqlen,
+                      eval_max_windows, trust_remote_code, progress, export, export_dtype,
+                      recipe_yaml, parallel, device_map) -> dict:
+    from ..loaders import load_model
+    from ..io.loading import resolve
+
+    out = check_output(output, overwrite)  # again, under the lock: a run that just finished
     resolved = resolve(model_name)
     check_output(output, overwrite, sources=(resolved,))
     timings: dict[str, float] = {}

@@ -44,12 +44,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..core.errors import CorruptCheckpointError, UserError
+from ..core.errors import CorruptCheckpointError, ResumableError, UserError
 from ..engine.calibrate import (EngineOptions, LinearReport, Report, capture_inputs, check_target,
                                 prune_layer)
 from ..engine.streaming import (PROGRESS_VERSION, DiskActivations, gib, load_layer, load_outside,
                                 memory_plan, meta_skeleton, parse_memory, prefer_mmap,
                                 read_tensors, save_hidden, to_meta, work_dir, write_json)
+from ..io.lock import output_lock
 from ..io.meta import MASKS_FILE, META_FILE, read_meta, write_meta
 from ..io.output import publish_dir
 from ..io.safetensors import WEIGHT_FILE_RE, SafetensorsFiles, checkpoint_files, write_safetensors
@@ -115,6 +116,27 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     halfway through writing decoder layer ``i``'s shard (flushed, not yet renamed) and "after"
     once layer ``i`` is recorded as complete (crash tests kill the process there). Returns the
     metadata written (llmprune.json)."""
+    work = work_dir(Path(output).expanduser().resolve())
+    with output_lock(output):
+        existed = work.exists()
+        try:
+            return _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
+                                    activations_offload, export, export_dtype,
+                                    trust_remote_code, progress, max_shard_size, recipe_yaml,
+                                    max_layers, on_layer)
+        except ResumableError:
+            raise
+        except UserError:
+            # bad input found midway: the work directory this run created cannot be resumed
+            # into a result, so it goes (one that was there before, the user's, stays)
+            if not existed:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+
+
+def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
+                     activations_offload, export, export_dtype, trust_remote_code, progress,
+                     max_shard_size, recipe_yaml, max_layers, on_layer) -> dict:
     from ..io.data import calibration_ids
     from ..engine.prune import needs_calibration, resolve_calib_dtype
     from .prune import prune_meta
@@ -316,7 +338,7 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
         done = state["completed"]
         kept = f"layers 0-{done} are recorded in {work}" if done >= 0 else \
             f"the calibration setup is recorded in {work}"
-        raise UserError(
+        raise ResumableError(
             f"out of memory while pruning layer {done + 1} (estimated need "
             f"{gib(plan.total)}, see --max-memory); {kept}: free memory or raise the limit "
             "and rerun with --resume") from None

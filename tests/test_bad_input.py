@@ -1,0 +1,167 @@
+"""Bad input, faults and concurrent runs (issue 23): every user error is exit code 2 and one line
+on stderr, with no traceback and nothing left at the output path; remote code runs only when the
+caller asks; one run per output."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from llmprune.cli import main
+from llmprune.io.lock import lock_path, output_lock
+
+
+def one_line_error(argv, capsys) -> str:
+    """Run the CLI in-process; assert exit 2 and one stderr line without a traceback; return it."""
+    rc = main(["-q", *map(str, argv)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def leftovers(out) -> list[str]:
+    """What a run left at (or beside) output path ``out``."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name)
+                  or p.name.startswith(f".{out.name}"))
+
+
+# ----------------------------------------------------------------------------- remote code
+RECIPE = "model: {ckpt}\nstages:\n  - magnitude: {{sparsity: 0.5}}\n"
+
+
+@pytest.mark.parametrize("extra,sets", [
+    ("trust_remote_code: true\n", []),
+    ("", ["--set", "trust_remote_code=true"]),
+])
+def test_a_recipe_cannot_enable_remote_code(extra, sets, tmp_path, checkpoint_dir, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(ckpt=checkpoint_dir) + extra)
+    out = tmp_path / "out"
+    line = one_line_error(["run", recipe, *sets, "--output", out], capsys)
+    assert "trust_remote_code" in line and "--trust-remote-code" in line
+    assert leftovers(out) == []
+
+
+def test_run_passes_the_command_line_trust_flag_on(tmp_path, checkpoint_dir, monkeypatch):
+    import llmprune.runs.prune as runs_prune
+
+    seen = {}
+
+    def fake(model, recipe, output, **kwargs):
+        seen.update(kwargs)
+        return {"layers": {}, "sparsity": 0.5}
+
+    monkeypatch.setattr(runs_prune, "prune_checkpoint", fake)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE.format(ckpt=checkpoint_dir))
+    for flags, want in (([], False), (["--trust-remote-code"], True)):
+        assert main(["-q", "run", str(recipe), *flags, "--output", str(tmp_path / "o")]) == 0
+        assert seen["trust_remote_code"] is want
+
+
+# ----------------------------------------------------------------------------- locks
+def _prune_args(ckpt, out, *extra):
+    return ["magnitude", "--model", ckpt, "--sparsity", "0.5", "--output", out, *extra]
+
+
+HOLDER = ("import sys; from llmprune.io.lock import output_lock\n"
+          "with output_lock(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()\n")
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_a_second_run_on_a_locked_output_refuses_at_once(stream, tmp_path, checkpoint_dir,
+                                                         capsys):
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    # the first run, still working, in another process
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        partial.mkdir()  # its streaming work directory
+        (partial / "progress.json").write_text("{}")
+        line = one_line_error(_prune_args(checkpoint_dir, out, *stream), capsys)
+        assert "in use by" in line and f"run {first.pid} on" in line
+        assert (partial / "progress.json").exists()  # the other run's work is never deleted
+        assert lock_path(out).exists()
+    finally:
+        first.communicate("", timeout=60)
+    assert first.returncode == 0
+    assert not lock_path(out).exists() and not out.exists()
+
+
+def test_the_lock_is_released_on_an_exception(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with output_lock(out) as lock:
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+            raise RuntimeError
+    assert not lock_path(out).exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, checkpoint_dir, capsys):
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_path(out).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                          "started": 0}))
+    assert main(["-q", *map(str, _prune_args(checkpoint_dir, out))]) == 0
+    assert (out / "model.safetensors").exists() and not lock_path(out).exists()
+
+
+def test_another_hosts_lock_is_never_broken(tmp_path, checkpoint_dir, capsys):
+    out = tmp_path / "out"
+    lock = lock_path(out)
+    lock.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0}))
+    line = one_line_error(_prune_args(checkpoint_dir, out), capsys)
+    assert "elsewhere" in line and f"remove {lock}" in line
+    assert lock.exists() and not out.exists()
+
+
+def test_two_concurrent_runs_one_wins(tmp_path, checkpoint_dir):
+    """Two real processes on the same --output: one writes it, the other refuses (exit 2)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "llmprune", "-q", *map(str, _prune_args(checkpoint_dir, out))]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    err = next(e for rc, e in results if rc == 2)
+    assert "in use by" in err or "already exists" in err
+    assert (out / "model.safetensors").exists() and not lock_path(out).exists()
+
+
+# ----------------------------------------------------------------------------- push
+def test_push_uploads_only_regular_files_inside_the_folder(tmp_path, checkpoint_dir):
+    import shutil
+
+    from llmprune.io.hub import push
+
+    src = tmp_path / "model"
+    shutil.copytree(checkpoint_dir, src)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for upload")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.txt").write_text("no")
+    os.symlink(secret, src / "passwd")
+    os.symlink(outside, src / "linked_dir")
+    files = push(str(src), "user/name", dry_run=True)
+    names = {f.path_in_repo for f in files}
+    assert "passwd" not in names and not any(n.startswith("linked_dir") for n in names)
+    assert "config.json" in names
+
+
+def test_push_redacts_credentials_in_the_endpoint(tmp_path, checkpoint_dir, capsys,
+                                                  monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://alice:s3cret@127.0.0.1:9")
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    line = one_line_error(["push", checkpoint_dir, "--repo-id", "user/name"], capsys)
+    assert "s3cret" not in line and "alice" not in line
+    assert "127.0.0.1:9" in line
