@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .core.finite import check_finite_model
 from .core.errors import CorruptCheckpointError, ModelNotFoundError, UserError
 from .delta.dare import load_delta
 from .io.export import iter_compact
@@ -126,6 +127,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, verify: 
     if base is not None and fmt.name != "delta":
         raise UserError(f"{path} is not a delta checkpoint; load it without base=")
     model = fmt.load(src, dtype, verify, trust_remote_code, base)
+    check_finite_model(model, src)
     return with_kernels(model, src, kernels, verify) if fmt.takes_kernels else model
 
 
@@ -165,5 +167,6 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", trust_remote_code:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load model {model!r}: {exc}") from None
+    check_finite_model(lm, resolved)
     lm.eval()
     return lm, tokenizer, resolved

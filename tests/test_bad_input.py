@@ -165,3 +165,64 @@ def test_push_redacts_credentials_in_the_endpoint(tmp_path, checkpoint_dir, caps
     line = one_line_error(["push", checkpoint_dir, "--repo-id", "user/name"], capsys)
     assert "s3cret" not in line and "alice" not in line
     assert "127.0.0.1:9" in line
+
+
+# ----------------------------------------------------------------------------- non-finite weights
+@pytest.fixture(scope="module")
+def nan_checkpoint(tmp_path_factory, checkpoint_dir):
+    """The tiny Llama checkpoint with one NaN in layer 1's q_proj."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("nan") / "ckpt"
+    shutil.copytree(checkpoint_dir, path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.1.self_attn.q_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, path / "model.safetensors", {"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("argv", [
+    ["wanda", "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "16", "--calib-data", "{text}"],
+    ["sparsegpt", "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "16", "--calib-data",
+     "{text}"],
+    ["wanda", "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "16", "--calib-data", "{text}",
+     "--stream"],
+    ["magnitude", "--sparsity", "0.5", "--stream"],
+])
+def test_non_finite_weights_are_refused_naming_the_tensor(argv, nan_checkpoint, text_file,
+                                                          tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [a.format(text=text_file) for a in argv]
+    line = one_line_error([argv[0], "--model", nan_checkpoint, *argv[1:], "--output", out],
+                          capsys)
+    assert "model.layers.1.self_attn.q_proj.weight" in line and "NaN/Inf" in line
+    assert leftovers(out) == []
+
+
+def test_eval_and_load_pretrained_refuse_non_finite_weights(nan_checkpoint, text_file, capsys):
+    from llmprune import load_pretrained
+    from llmprune.core.errors import NonFiniteError
+
+    line = one_line_error(["eval", "--model", nan_checkpoint, "--ppl", text_file, "--seqlen",
+                           "16", "--max-windows", "2"], capsys)
+    assert "q_proj" in line
+    with pytest.raises(NonFiniteError, match="q_proj"):
+        load_pretrained(nan_checkpoint)
+
+
+def test_a_non_finite_evaluation_loss_is_an_error():
+    import torch
+
+    from llmprune.core.errors import NonFiniteError
+    from llmprune.evaluate.ppl import perplexity
+
+    class NaNModel(torch.nn.Module):
+        def forward(self, input_ids, use_cache=False):
+            logits = torch.zeros(*input_ids.shape, 10)
+            logits[0, 0, 0] = float("nan")
+            return type("Out", (), {"logits": logits})
+
+    with pytest.raises(NonFiniteError, match="perplexity is undefined"):
+        perplexity(NaNModel(), torch.zeros(64, dtype=torch.long), seqlen=16, progress=False)

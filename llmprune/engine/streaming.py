@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..core.errors import UserError
+from ..core.finite import check_finite
 from ..io.export import parse_size
 from ..io.output import write_text_atomic
 from ..io.safetensors import SafetensorsFiles, write_safetensors
@@ -239,6 +240,7 @@ def load_outside(model: nn.Module, files: SafetensorsFiles, names: list[str]) ->
     the embedding lookup touches only the calibration tokens' rows, and lm_head and the final
     norm are never touched (the forward stops at layer 0)."""
     for name in names:
+        files.check_finite(name)
         set_tensor(model, name, files.map(name))
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"
@@ -251,7 +253,9 @@ def load_outside(model: nn.Module, files: SafetensorsFiles, names: list[str]) ->
 def load_layer(model: nn.Module, layer: nn.Module, prefix: str, files: SafetensorsFiles,
                 names: list[str]) -> None:
     for name in names:
-        set_tensor(model, name, files.read(name))
+        tensor = files.read(name)
+        check_finite(name, tensor, files.entries[name][0])
+        set_tensor(model, name, tensor)
     left = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
     if left:
         raise UserError(f"the checkpoint lacks {prefix}{left[0]}; is it complete?")

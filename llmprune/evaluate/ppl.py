@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.errors import CorruptCheckpointError, DataError
+from ..core.errors import CorruptCheckpointError, DataError, NonFiniteError
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
@@ -42,7 +42,14 @@ def perplexity(model, ids: torch.Tensor, seqlen: int = 1024, max_windows: int | 
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                reduction="sum").item()
         count += batch[:, 1:].numel()
-    return math.exp(nll / count)
+    if not math.isfinite(nll):
+        raise NonFiniteError(f"the evaluation loss is {nll}: the model's logits are NaN or "
+                             "infinite on this text, so perplexity is undefined; check the "
+                             "weights (or evaluate in float32 if a half dtype overflows)")
+    try:
+        return math.exp(nll / count)
+    except OverflowError:  # a finite mean loss above ~709 nats
+        return math.inf
 
 
 def timed_perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None, device: str,

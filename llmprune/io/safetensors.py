@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import CorruptCheckpointError, UserError
+from ..core.finite import check_finite
 from .output import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,25 @@ class SafetensorsFiles:
         return torch.from_numpy(arr).view(dtype).reshape(info["shape"])
 
     COPY_CHUNK = 16 << 20
+
+    def check_finite(self, name: str) -> None:
+        """:func:`llmprune.core.finite.check_finite` of tensor ``name``, read ``COPY_CHUNK``
+        bytes at a time (an embedding matrix is checked without becoming resident)."""
+        import numpy as np
+
+        path, info, base = self.entries[name]
+        dtype = ST_DTYPES[info["dtype"]]
+        if not dtype.is_floating_point:
+            return
+        start, end = info["data_offsets"]
+        with open(path, "rb") as f:
+            for offset in range(start, end, self.COPY_CHUNK):
+                buf = np.empty(min(self.COPY_CHUNK, end - offset), np.uint8)
+                f.seek(base + offset)
+                if f.readinto(memoryview(buf)) != len(buf):
+                    raise CorruptCheckpointError(f"cannot read {path}: tensor {name} is "
+                                                 "truncated")
+                check_finite(name, torch.from_numpy(buf).view(dtype), path)
 
     def copy_bytes(self, name: str, out) -> int:
         """Write tensor ``name``'s stored bytes to the binary file ``out`` through a
