@@ -25,6 +25,7 @@ from .core.errors import CorruptCheckpointError, ModelNotFoundError, UserError
 from .delta.dare import load_delta
 from .io.export import iter_compact
 from .io.loading import finish_load, load_config, model_key, no_init, resolve, skeleton
+from .io.safetensors import check_checkpoint
 from .io.meta import COMPACT_FORMAT, is_compact, read_meta
 from .models import adapter_for, supported_model_types
 from .sparse.apply import apply_kernels
@@ -47,11 +48,24 @@ def _is_delta(src: Path, base: str | None) -> bool:
     return meta.get("format") == COMPACT_FORMAT and bool(meta.get("delta_of"))
 
 
-def _load_dense(src: Path, dtype, verify: bool, trust_remote_code: bool, base):
+def from_pretrained(src: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` of a resolved model, a local checkpoint's files
+    checked first (:func:`llmprune.io.safetensors.check_checkpoint`); what safetensors still
+    refuses is one CorruptCheckpointError."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or "auto",
-                                                 trust_remote_code=trust_remote_code)
+    if Path(src).is_dir():
+        check_checkpoint(Path(src))
+    try:
+        return AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except SafetensorError as exc:
+        raise CorruptCheckpointError(f"cannot read the safetensors files of {src}: {exc}; the "
+                                     "checkpoint is damaged, replace it") from None
+
+
+def _load_dense(src: Path, dtype, verify: bool, trust_remote_code: bool, base):
+    model = from_pretrained(str(src), dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     return model.eval()
 
 
@@ -139,7 +153,7 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", trust_remote_code:
     compute device. ``check(skeleton)`` runs on the weightless meta-device model before any
     weight is read, so shape errors surface in a second even for a 70B checkpoint.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     def _is_structured_dir(path: str) -> bool:
         return Path(path).is_dir() and CONFIG_KEY in config.to_dict()
@@ -161,9 +175,8 @@ def load_model(model: str, dtype: str | torch.dtype = "auto", trust_remote_code:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
         return lm, tokenizer, resolved
     try:
-        lm = AutoModelForCausalLM.from_pretrained(
-            resolved, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
-        )
+        lm = from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code,
+                             low_cpu_mem_usage=True)
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load model {model!r}: {exc}") from None

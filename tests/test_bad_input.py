@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from llmprune.cli import main
 from llmprune.io.lock import lock_path, output_lock
@@ -226,3 +227,166 @@ def test_a_non_finite_evaluation_loss_is_an_error():
 
     with pytest.raises(NonFiniteError, match="perplexity is undefined"):
         perplexity(NaNModel(), torch.zeros(64, dtype=torch.long), seqlen=16, progress=False)
+
+
+# ----------------------------------------------------------------------------- corrupt files
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _break_header(path):
+    data = bytearray(path.read_bytes())
+    data[9] = ord("!")  # the header's second byte: no longer JSON
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _break_header])
+@pytest.mark.parametrize("argv", [
+    ["magnitude", "--model", "{ckpt}", "--sparsity", "0.5", "--output", "{out}"],
+    ["magnitude", "--model", "{ckpt}", "--sparsity", "0.5", "--stream", "--output", "{out}"],
+    ["eval", "--model", "{ckpt}", "--ppl", "{text}", "--seqlen", "16", "--max-windows", "1"],
+])
+def test_a_damaged_safetensors_file_is_one_line_naming_it(damage, argv, tmp_path, checkpoint_dir,
+                                                         text_file, capsys):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir, ckpt)
+    damage(ckpt / "model.safetensors")
+    out = tmp_path / "out"
+    argv = [a.format(ckpt=ckpt, out=out, text=text_file) for a in argv]
+    line = one_line_error(argv, capsys)
+    assert str(ckpt / "model.safetensors") in line
+    assert leftovers(out) == []
+
+
+def test_load_pretrained_of_a_damaged_file_is_a_user_error(tmp_path, checkpoint_dir):
+    import shutil
+
+    from llmprune import load_pretrained
+    from llmprune.core.errors import CorruptCheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir, ckpt)
+    _truncate(ckpt / "model.safetensors")
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
+        load_pretrained(ckpt)
+
+
+@pytest.fixture(scope="module")
+def compact_dir(tmp_path_factory, checkpoint_dir):
+    out = tmp_path_factory.mktemp("compact") / "c"
+    assert main(["-q", "magnitude", "--model", str(checkpoint_dir), "--sparsity", "0.5",
+                 "--export", "compact", "--output", str(out)]) == 0
+    return out
+
+
+def _edit_meta(**changes):
+    def edit(d):
+        meta = json.loads((d / "llmprune.json").read_text())
+        meta.update(changes)
+        (d / "llmprune.json").write_text(json.dumps(meta))
+    return edit
+
+
+def _mask_as_int8(d):
+    """Relabel q_proj's keep bits U8 -> I8 in the shard header (same length, same bytes)."""
+    shard = d / "llmprune-00001-of-00001.safetensors"
+    data = shard.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    key = b'layers.0.self_attn.q_proj.weight.bitmask":{"dtype":"U8"'
+    assert key in data[8:8 + n]
+    shard.write_bytes(data.replace(key, key.replace(b"U8", b"I8"), 1))
+
+
+@pytest.mark.parametrize("edit,verify,message", [
+    (_edit_meta(dtype="bfloat16"), True, "dtype is 'bfloat16' but the weights are stored as"),
+    (_edit_meta(dtype="float99"), True, "dtype 'float99' is not one of"),
+    (_edit_meta(tensors=[]), True, "must be JSON objects"),
+    (lambda d: (d / "llmprune.json").unlink(), True, "compact llmprune shards but no"),
+    (_mask_as_int8, False, "bitmask is stored as int8, expected uint8"),
+    (_mask_as_int8, True, "header sha256"),
+])
+def test_edited_compact_metadata_is_refused(edit, verify, message, compact_dir, tmp_path):
+    import shutil
+
+    from llmprune import load_pretrained
+    from llmprune.core.errors import CorruptCheckpointError
+
+    d = tmp_path / "c"
+    shutil.copytree(compact_dir, d)
+    edit(d)
+    with pytest.raises(CorruptCheckpointError, match=message):
+        load_pretrained(d, verify=verify)
+
+
+def test_a_masks_file_of_the_wrong_dtype_is_refused(tmp_path, checkpoint_dir, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from llmprune.core.errors import CorruptCheckpointError
+    from llmprune.io.meta import MASKS_FILE, read_masks
+
+    out = tmp_path / "out"
+    assert main(["-q", "magnitude", "--model", str(checkpoint_dir), "--sparsity", "0.5",
+                 "--output", str(out)]) == 0
+    path = out / MASKS_FILE
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    masks = load_file(path)
+    save_file({k: v.view(torch.int8) for k, v in masks.items()}, path, metadata)
+    with pytest.raises(CorruptCheckpointError, match="expected uint8"):
+        read_masks(out)
+    line = one_line_error(["inspect", out], capsys)
+    assert "expected uint8" in line
+
+
+# ----------------------------------------------------------------------------- limits
+@pytest.fixture(scope="module")
+def opt_dir(tmp_path_factory, tokenizer):
+    from tests.tiny_families import tiny_family_model
+
+    path = tmp_path_factory.mktemp("opt") / "tiny-opt"
+    tiny_family_model("opt").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def unknown_type_dir(tmp_path_factory, checkpoint_dir):
+    path = tmp_path_factory.mktemp("unknown") / "ckpt"
+    path.mkdir()
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "no-such-type"}))
+    return path
+
+
+LIMITS = [
+    (["wanda", "--model", "{ckpt}", "--sparsity", "0.5", "--seqlen", "300", "--nsamples", "1",
+      "--calib-data", "{text}"], "--seqlen 300 is longer than the 256 positions of this llama"),
+    (["wanda", "--model", "{opt}", "--sparsity", "0.5", "--seqlen", "300", "--nsamples", "1",
+      "--calib-data", "{text}"], "--seqlen 300 is longer than the 256 positions of this opt"),
+    (["sparsegpt", "--model", "{ckpt}", "--sparsity", "0.5", "--seqlen", "300", "--nsamples",
+      "1", "--calib-data", "{text}", "--stream"], "--seqlen 300 is longer than the 256"),
+    (["magnitude", "--model", "{ckpt}", "--sparsity", "0.5", "--eval-ppl", "{text}",
+      "--eval-seqlen", "257"], "--eval-seqlen 257 is longer than the 256"),
+    (["eval", "--model", "{opt}", "--ppl", "{text}", "--seqlen", "400"],
+     "--seqlen 400 is longer than the 256 positions of this opt"),
+    (["magnitude", "--model", "{unknown}", "--sparsity", "0.5"], "no-such-type"),
+    (["wanda", "--model", "{ckpt}", "--sparsity", "0.5", "--pattern", "5:4"], "--pattern"),
+]
+
+
+@pytest.mark.parametrize("argv,message", LIMITS)
+def test_limits_are_checked_before_work_starts(argv, message, tmp_path, checkpoint_dir, opt_dir,
+                                               unknown_type_dir, text_file, capsys):
+    out = tmp_path / "out"
+    argv = [a.format(ckpt=checkpoint_dir, opt=opt_dir, unknown=unknown_type_dir, text=text_file)
+            for a in argv]
+    if argv[0] != "eval":
+        argv += ["--output", out]
+    line = one_line_error(argv, capsys)
+    assert message in line
+    assert leftovers(out) == []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmprune.core.errors import CorruptCheckpointError
-from llmprune.io.meta import FORMATS, META_FILE, read_meta, write_meta
+from llmprune.io.meta import COMPACT_FORMAT, FORMATS, META_FILE, read_meta, write_meta
 
 PKG = Path(__file__).resolve().parents[1] / "llmprune"
 
@@ -45,8 +45,12 @@ def test_writer_refuses_what_the_reader_would_refuse(tmp_path):
     with pytest.raises(CorruptCheckpointError):
         write_meta(tmp_path, {"format": "nope"})
     assert not (tmp_path / META_FILE).exists()
+    with pytest.raises(CorruptCheckpointError, match="dtype"):  # a compact one without dtype
+        write_meta(tmp_path, {"format": COMPACT_FORMAT, "shards": {}, "tensors": {}})
+    # the least each format needs: a compact export also says how its tensors are stored
+    least = {COMPACT_FORMAT: {"dtype": "float32", "shards": {}, "tensors": {}}}
     for fmt in FORMATS:
-        write_meta(tmp_path, {"format": fmt})
+        write_meta(tmp_path, {"format": fmt, **least.get(fmt, {})})
         assert read_meta(tmp_path)["format"] == fmt
 
 

@@ -316,9 +316,6 @@ def test_mapped_and_copied_tensors_equal_the_stored_ones(ckpts, tmp_path):
     broken = tmp_path / "model.safetensors"
     data = Path(checkpoint_files(src)[0]).read_bytes()
     broken.write_bytes(data[: len(data) // 2])
-    cut = SafetensorsFiles([broken])
-    last = list(cut.entries)[-1]
-    with pytest.raises(CorruptCheckpointError, match="cannot read"):
-        cut.map(last)
-    with pytest.raises(CorruptCheckpointError, match="truncated"):
-        cut.copy_bytes(last, io.BytesIO())
+    # refused when the headers are read, before any tensor is (issue 23)
+    with pytest.raises(CorruptCheckpointError, match="cannot read .*truncated"):
+        SafetensorsFiles([broken])

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"llmprune: error: {redact(str(exc))}", file=sys.stderr)
+        # one line, whatever a wrapped library message holds
+        print(f"llmprune: error: {redact(' '.join(str(exc).split()))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("llmprune: interrupted; no output was written", file=sys.stderr)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.errors import CorruptCheckpointError, DataError, NonFiniteError
+from ..models.limits import check_seqlen
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
@@ -31,6 +32,8 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> tor
 def perplexity(model, ids: torch.Tensor, seqlen: int = 1024, max_windows: int | None = 16,
                batch_size: int = 1, device: str = "cpu", progress: bool = True) -> float:
     """Perplexity of ``model`` on token ids ``[n_tokens]``."""
+    if getattr(model, "config", None) is not None:
+        check_seqlen(model.config, seqlen, "--seqlen")
     wins = eval_windows(ids, seqlen, max_windows)
     nll = 0.0
     count = 0

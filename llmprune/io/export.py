@@ -441,6 +441,22 @@ _SUFFIXES = {"plain": [""], "bitmask": ["values", "bitmask", "row_offsets"],
              "nm": ["values", "indices"]}
 
 
+def parts_problem(info: dict, parts: dict[str, torch.Tensor]) -> str | None:
+    """How the stored parts of one compact tensor disagree with its llmprune.json entry ``info``
+    in dtype (None when they agree): the values in the entry's dtype, the keep bits and N:M
+    indices as uint8 bytes, the row offsets integers."""
+    for suffix, t in parts.items():
+        want = {"": info["dtype"], "values": info["dtype"], "bitmask": "uint8",
+                "indices": "uint8"}.get(suffix)
+        got = str(t.dtype).removeprefix("torch.")
+        shown = f".{suffix}" if suffix else ""
+        if want is not None and got != want:
+            return f"{shown} is stored as {got}, expected {want}"
+        if want is None and (t.is_floating_point() or t.dtype == torch.bool):
+            return f"{shown} is stored as {got}, expected integers"
+    return None
+
+
 def _stored_keys(name: str, encoding: str) -> list[str]:
     return [f"{name}.{s}" if s else name for s in _SUFFIXES[encoding]]
 
@@ -487,6 +503,11 @@ def iter_compact(src: Path, verify: bool = True
                     info = meta["tensors"][name]
                     parts = {s: f.get_tensor(f"{name}.{s}" if s else name)
                              for s in _SUFFIXES[info["encoding"]]}
+                    problem = parts_problem(info, parts)
+                    if problem:
+                        raise CorruptCheckpointError(f"{path}: tensor {name}{problem}; the file "
+                                                     "does not match llmprune.json, re-export "
+                                                     "the checkpoint")
                     if verify:
                         for s_, t_ in parts.items():
                             if tensor_checksum(t_, algo) != info[algo][s_]:

@@ -123,7 +123,10 @@ def load_config(model: str, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if Path(model).is_dir():
-            raise ModelNotFoundError(f"cannot read the checkpoint in {model}: {exc}") from None
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotFoundError(f"cannot read the checkpoint in {model}: {first} (check its "
+                                     "config.json; a newer model type may need a newer "
+                                     "transformers)") from None
         raise ModelNotFoundError(
             f"cannot reach Hugging Face Hub model {model!r} and it is not in the local cache "
             "(check the name, your network, or HF_TOKEN for gated models)"

@@ -59,10 +59,17 @@ def read_masks(src: Path) -> dict[str, torch.Tensor] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             json.loads(f.metadata()["shapes"])
-            return {k: f.get_tensor(k) for k in f.keys()}
+            masks = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, KeyError, ValueError, OSError) as exc:
         raise CorruptCheckpointError(f"cannot read {path}: {exc}; the masks file is damaged, "
                                      "re-run the pruning") from None
+    for name, bits in masks.items():
+        if bits.dtype != torch.uint8:
+            raise CorruptCheckpointError(f"{path}: mask {name} is stored as "
+                                         f"{str(bits.dtype).removeprefix('torch.')}, expected "
+                                         "uint8 keep bits; the masks file is damaged, re-run "
+                                         "the pruning")
+    return masks
 
 
 def write_meta(directory: Path, meta: dict, durable: bool = False) -> None:
@@ -88,7 +95,58 @@ def check_meta(meta, where: Path) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CorruptCheckpointError(f"{where} has format_version {version!r}; the file is "
                                      "damaged")
+    if fmt == COMPACT_FORMAT:
+        problem = compact_meta_problem(meta)
+        if problem:
+            raise CorruptCheckpointError(f"{where}: {problem}; the file was edited or damaged: "
+                                         "restore it from the export or export again")
     return meta
+
+
+# dtypes a compact export stores its weights in (``dtype``), and any tensor's dtype
+STORED_DTYPES = ("float32", "float16", "bfloat16", "float64")
+TENSOR_DTYPES = (*STORED_DTYPES, "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def compact_meta_problem(meta: dict) -> str | None:
+    """What is wrong with a compact export's ``llmprune.json`` beyond its format (None when
+    nothing is): ``dtype`` one of :data:`STORED_DTYPES` and that of its first floating point
+    tensor (the exporter records it so); ``shards`` and ``tensors`` objects; each tensor with a
+    known encoding, a shape of non-negative integers (2-D when encoded), a dtype of
+    :data:`TENSOR_DTYPES`, one of the listed shards, and N:M counts for ``nm``."""
+    from .compact import ENCODINGS
+
+    dtype, shards, tensors = meta.get("dtype"), meta.get("shards"), meta.get("tensors")
+    if dtype not in STORED_DTYPES:
+        return f"dtype {dtype!r} is not one of {', '.join(STORED_DTYPES)}"
+    if not isinstance(shards, dict) or not isinstance(tensors, dict):
+        return "'shards' and 'tensors' must be JSON objects"
+    first_float = None
+    for name, info in tensors.items():
+        if not isinstance(info, dict):
+            return f"tensor {name} has no description"
+        shape, enc = info.get("shape"), info.get("encoding")
+        if enc not in ENCODINGS:
+            return f"tensor {name} has encoding {enc!r}, expected one of {', '.join(ENCODINGS)}"
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or (
+                enc != "plain" and len(shape) != 2):
+            return f"tensor {name} has shape {shape!r}"
+        if info.get("dtype") not in TENSOR_DTYPES:
+            return f"tensor {name} has dtype {info.get('dtype')!r}"
+        if info.get("shard") not in shards:
+            return f"tensor {name} is in shard {info.get('shard')!r}, which is not listed"
+        if enc == "nm" and not (_is_count(info.get("n")) and _is_count(info.get("m"))
+                                and 0 < info["n"] <= info["m"] and shape[1] % info["m"] == 0):
+            return f"tensor {name} has N:M {info.get('n')!r}:{info.get('m')!r}"
+        if first_float is None and info["dtype"] in STORED_DTYPES:
+            first_float = info["dtype"]
+    if first_float is not None and first_float != dtype:
+        return f"dtype is {dtype!r} but the weights are stored as {first_float!r}"
+    return None
 
 
 def read_meta(src: Path) -> dict | None:

@@ -15,6 +15,7 @@ import torch
 
 from ..core.errors import CorruptCheckpointError, UserError
 from ..core.finite import check_finite
+from .meta import META_FILE
 from .output import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,17 @@ WEIGHT_FILE_RE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.in
 def checkpoint_files(src: Path) -> list[Path]:
     index = src / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [src / f for f in dict.fromkeys(weight_map.values())]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [src / f for f in dict.fromkeys(weight_map.values())]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptCheckpointError(f"cannot read {index}: {type(exc).__name__} {exc}; "
+                                         "the index is damaged, replace it") from None
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise CorruptCheckpointError(f"{index} lists {missing[0].name}, which is missing "
+                                         f"from {src}; the checkpoint is incomplete")
+        return files
     single = src / "model.safetensors"
     if single.exists():
         return [single]
@@ -35,9 +45,53 @@ def checkpoint_files(src: Path) -> list[Path]:
                     "checkpoints only (never pickle): convert it with save_pretrained first")
 
 
+def check_checkpoint(src: Path) -> None:
+    """Before transformers reads local checkpoint ``src``: every safetensors file it names has a
+    sound header that fits the file (:func:`check_header`), and compact shards come with their
+    ``llmprune.json``; a one-line CorruptCheckpointError naming the file otherwise. A directory
+    without safetensors files (pickle weights) is left to transformers."""
+    if not (src / META_FILE).exists() and any(src.glob("llmprune-*-of-*.safetensors")):
+        raise CorruptCheckpointError(f"{src} holds compact llmprune shards but no {META_FILE}; "
+                                     f"restore {META_FILE} from the export (it describes how to "
+                                     "decode them) or export the checkpoint again")
+    if (src / "model.safetensors.index.json").exists() or (src / "model.safetensors").exists():
+        SafetensorsFiles(checkpoint_files(src))
+
+
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
               "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
               "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def check_header(header, data_bytes: int) -> dict:
+    """The tensor entries of a parsed safetensors header (``__metadata__`` dropped), each with a
+    known dtype, a shape of non-negative integers and data offsets inside the file's
+    ``data_bytes`` that span exactly the shape's bytes; ValueError naming the first bad entry."""
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or info.get("dtype") not in ST_DTYPES:
+            raise ValueError(f"tensor {name} has no known dtype in its header entry")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(
+                type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name} has shape {shape!r} in its header entry")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            raise ValueError(f"tensor {name} has data offsets {offsets!r} outside the file's "
+                             f"{data_bytes} data bytes (truncated?)")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * ST_DTYPES[info["dtype"]].itemsize:
+            raise ValueError(f"tensor {name}: its data offsets {offsets} do not span its "
+                             f"{info['dtype']} shape {shape}")
+        out[name] = info
+    return out
 
 
 class SafetensorsFiles:
@@ -52,12 +106,17 @@ class SafetensorsFiles:
         self.entries: dict[str, tuple[Path, dict, int]] = {}  # name -> (file, info, data start)
         for path in files:
             try:
+                size = path.stat().st_size
                 with open(path, "rb") as f:
                     n = int.from_bytes(f.read(8), "little")
+                    if size < 8 or n > size - 8:
+                        raise ValueError(f"its header length {n} exceeds the file's {size} "
+                                         "bytes (truncated?)")
                     header = json.loads(f.read(n))
+                header = check_header(header, size - 8 - n)
             except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
-                raise CorruptCheckpointError(f"cannot read {path}: {exc}") from None
-            header.pop("__metadata__", None)
+                raise CorruptCheckpointError(f"cannot read {path}: {exc}; the file is damaged "
+                                             "or truncated, replace it") from None
             for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 self.entries[key] = (path, info, 8 + n)
 

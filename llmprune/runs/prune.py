@@ -20,6 +20,7 @@ from ..io.meta import DENSE_FORMAT
 from ..io.lock import output_lock
 from ..io.output import atomic_dir, check_output
 from ..models import adapter_for
+from ..models.limits import check_seqlen
 from ..recipe import CALIB_DTYPES, PruneRecipe
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,17 @@ def resolved_recipe(recipe: PruneRecipe, forward_dtype: str | None) -> PruneReci
         return recipe
     names = {str(dt): key for key, dt in CALIB_DTYPES.items() if dt is not None}
     return replace(recipe, calib_dtype=names.get(forward_dtype, "auto"))
+
+
+def check_inputs(skel, recipe: PruneRecipe, eval_seqlen: int | None) -> None:
+    """Before any weight is read: the recipe's target fits the model's layers, and the
+    calibration (``recipe.seqlen``, when the solver calibrates) and evaluation windows fit its
+    positions."""
+    check_target(skel, adapter_for(skel), recipe.target)
+    if needs_calibration(recipe):
+        check_seqlen(skel.config, recipe.seqlen, "--seqlen")
+    if eval_seqlen is not None:
+        check_seqlen(skel.config, eval_seqlen, "--eval-seqlen")
 
 
 def prune_meta(model_name: str, resolved: str, recipe: PruneRecipe, report: Report,
@@ -103,7 +115,7 @@ def _prune_checkpoint(model_name, recipe, output, overwrite, eval_ppl, eval_seql
     t = time.perf_counter()
     model, tokenizer, resolved = load_model(
         model_name, trust_remote_code=trust_remote_code,
-        check=lambda skel: check_target(skel, adapter_for(skel), recipe.target))
+        check=lambda skel: check_inputs(skel, recipe, eval_seqlen if eval_ppl else None))
     timings["load"] = time.perf_counter() - t
 
     calib_ids, calib_info = None, None

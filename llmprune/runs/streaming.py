@@ -51,6 +51,7 @@ from ..engine.streaming import (PROGRESS_VERSION, DiskActivations, gib, load_lay
                                 memory_plan, meta_skeleton, parse_memory, prefer_mmap,
                                 read_tensors, save_hidden, to_meta, work_dir, write_json)
 from ..io.lock import output_lock
+from ..models.limits import check_seqlen
 from ..io.meta import MASKS_FILE, META_FILE, read_meta, write_meta
 from ..io.output import publish_dir
 from ..io.safetensors import WEIGHT_FILE_RE, SafetensorsFiles, checkpoint_files, write_safetensors
@@ -185,6 +186,8 @@ def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
     files.rename(checkpoint_renames(skel, files.entries))
     adapter = adapter_for(skel)
     check_target(skel, adapter, target)
+    if needs_calibration(recipe):
+        check_seqlen(config, recipe.seqlen, "--seqlen")
     solver = get_solver(recipe.method, **recipe.solver_options())
     calib_dtype = resolve_calib_dtype(recipe, solver, skel)
     from transformers import AutoTokenizer
