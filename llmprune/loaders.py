@@ -58,10 +58,20 @@ def from_pretrained(src: str, **kwargs):
     if Path(src).is_dir():
         check_checkpoint(Path(src))
     try:
-        return AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(src, output_loading_info=True,
+                                                           **kwargs)
     except SafetensorError as exc:
         raise CorruptCheckpointError(f"cannot read the safetensors files of {src}: {exc}; the "
                                      "checkpoint is damaged, replace it") from None
+    # transformers initialises what the files lack (or hold in another shape) at random and
+    # only logs it: a damaged or foreign checkpoint would load as a different model
+    lacking = [*info.get("missing_keys", ()), *(k[0] if isinstance(k, tuple) else k
+                                                  for k in info.get("mismatched_keys", ()))]
+    if lacking:
+        raise CorruptCheckpointError(f"{src} lacks {len(lacking)} tensors of its model or holds "
+                                     f"them in another shape (e.g. {sorted(lacking)[0]}); the "
+                                     "checkpoint is damaged or its config.json is not its own")
+    return model
 
 
 def _load_dense(src: Path, dtype, verify: bool, trust_remote_code: bool, base):

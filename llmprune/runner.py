@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from .core.errors import UserError
+from .io.lock import output_lock
 from .recipe import PruneRecipe, dump
 from .solvers import SOLVERS
 
@@ -134,8 +135,6 @@ def run(data: dict, output: str | None, overwrite: bool = False, progress: bool 
     """Run a validated recipe; returns the pruning metadata (with evaluations, if any).
     ``trust_remote_code`` (never from the recipe) lets transformers run the model folder's own
     modelling code."""
-    from .runs.prune import prune_checkpoint
-
     out = output or data.get("output")
     if not out:
         raise UserError("no output directory: pass --output DIR or set 'output:' in the recipe")
@@ -146,6 +145,15 @@ def run(data: dict, output: str | None, overwrite: bool = False, progress: bool 
     evaluation = stages.get("eval")
     if evaluation is not None:
         evaluation = {**EVAL_KEYS, **evaluation}
+    with output_lock(out):  # every stage writes or records into ``out``: one run at a time
+        return _run_stages(data, stages, recipe, out, overwrite, progress, export,
+                           evaluation, trust_remote_code)
+
+
+def _run_stages(data, stages, recipe, out, overwrite, progress, export, evaluation,
+                trust_remote_code) -> dict:
+    from .runs.prune import prune_checkpoint
+
     if "perp" in stages:
         meta = _run_with_perp(data, stages, recipe, out, overwrite, progress, export,
                               trust_remote_code)

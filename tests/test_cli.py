@@ -78,10 +78,11 @@ BAD = [
     (["wanda", "--model", "{ckpt}", "--pattern", "3:5", "--calib-data", "{text}",
       "--nsamples", "2", "--seqlen", "16"], "does not divide"),
     (["wanda", "--model", "{ckpt}", "--sparsity", "0.5", "--calib-data", "{text}",
-      "--nsamples", "100000", "--seqlen", "512"], "fewer than nsamples x seqlen"),
+      "--nsamples", "100000", "--seqlen", "256"], "fewer than nsamples x seqlen"),
     (["wanda", "--model", "{gpt2}", "--sparsity", "0.5"],
      "cannot find decoder layers in GPT2LMHeadModel"),
-    (["wanda", "--model", "{ckpt}", "--sparsity", "0.5", "--calib-data", "/no/file.txt"],
+    (["wanda", "--model", "{ckpt}", "--sparsity", "0.5", "--seqlen", "32", "--calib-data",
+      "/no/file.txt"],
      "neither a file"),
     (["sparsegpt", "--model", "{ckpt}", "--sparsity", "0.5", "--device", "cuda"], "CUDA"),
 ]

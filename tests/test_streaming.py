@@ -139,9 +139,15 @@ def test_sigkill_then_resume_is_bit_exact(ckpts, text_file, tmp_path, reference,
     progress = json.loads((work / "progress.json").read_text())
     k = int(kill.split(":")[0])
     assert progress["completed"] == (k - 1 if kill.endswith(":mid") else k)
+    # the killed run's lock stays behind, stale (its pid is dead): the next run takes it over
+    from llmprune.io.lock import lock_path, pid_alive
+
+    assert not pid_alive(json.loads(lock_path(out).read_text())["pid"])
 
     assert cli.main(args) == 2  # an interrupted run is not silently thrown away
+    assert work.is_dir()
     assert cli.main([*args, "--resume"]) == 0
+    assert not lock_path(out).exists()
     meta = json.loads((out / "llmprune.json").read_text())
     assert meta["streaming"]["resumed_after_layer"] == resumed_after
     a, b = _tensors(reference), _tensors(out)

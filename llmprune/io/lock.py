@@ -81,19 +81,36 @@ def acquire(output: Path) -> Path:
     except OSError as exc:
         raise UserError(f"cannot create the lock file {path} of --output {output}: "
                         f"{exc.strerror}; choose another --output") from None
+    if not created and is_stale(read_owner(path), host):
+        created = _take_over(path, host)
     if not created:
-        owner = read_owner(path)
-        if is_stale(owner, host):
-            # the owner was killed; of several runs taking over, one wins the O_EXCL create
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            if _create(path, host):
-                _HELD[path] = 1
-                return path
-            owner = read_owner(path)
-        raise OutputLockedError(_locked_message(output, path, owner, host))
+        raise OutputLockedError(_locked_message(output, path, read_owner(path), host))
     _HELD[path] = 1
     return path
+
+
+def _take_over(path: Path, host: str) -> bool:
+    """Replace the stale lock ``path`` by ours. Runs taking over at once are serialised by a
+    second O_EXCL file, ``LOCK.break``, so that none removes a lock another has just taken;
+    the one holding it checks again that the lock is still the stale one. A ``.break`` file
+    left by a killed run is itself stale by the same rule."""
+    breaker = path.with_name(path.name + ".break")
+    if not _create(breaker, host):
+        if not is_stale(read_owner(breaker), host):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            breaker.unlink()
+        if not _create(breaker, host):
+            return False
+    try:
+        if not is_stale(read_owner(path), host):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return _create(path, host)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            breaker.unlink()
 
 
 def release(path: Path) -> None:
