@@ -390,3 +390,30 @@ def test_limits_are_checked_before_work_starts(argv, message, tmp_path, checkpoi
     line = one_line_error(argv, capsys)
     assert message in line
     assert leftovers(out) == []
+
+
+def test_sigterm_releases_the_lock_and_leaves_nothing(tmp_path, checkpoint_dir):
+    """A run stopped by SIGTERM midway (here: an export between two shards) unwinds: exit 130,
+    its lock and temporary directory removed, no output."""
+    import signal
+    from pathlib import Path
+
+    src = tmp_path / "pruned"
+    assert main(["-q", "magnitude", "--model", str(checkpoint_dir), "--sparsity", "0.5",
+                 "--output", str(src)]) == 0
+    out = tmp_path / "out"
+    child = Path(__file__).resolve().parent / "fault_child.py"
+    proc = subprocess.Popen([sys.executable, str(child), "pause-after-shard", "60", "--", "-q",
+                             "export", str(src), "--max-shard-size", "30KB", "--output",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert "wrote shard 1" in proc.stdout.readline()
+        assert lock_path(out).exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "interrupted" in proc.stderr.read()
+    assert leftovers(out) == []

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from ..core.errors import UserError, redact
 from ..solvers import SOLVERS
@@ -52,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    # SIGTERM (kill, a job scheduler, torchrun stopping its workers) unwinds like Ctrl-C: the
+    # output's lock is released and temporary directories go; a streaming run keeps its work
+    # directory for --resume
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except UserError as exc:
@@ -65,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         print("llmprune: error: out of memory; lower --nsamples/--batch-size or use a bigger "
               "machine", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
