@@ -125,7 +125,7 @@ def sweep(model_name: str, solvers: list[str], sparsities: list[float], output: 
               "calibration": {"nsamples": nsamples, "seqlen": seqlen,
                               "data": calib_data or "wikitext2"},
               "runs": runs}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         (tmp / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
         (tmp / "sweep.md").write_text(markdown(result))
         _plot(runs, dense, tmp / "sweep.png",

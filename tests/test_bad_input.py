@@ -417,3 +417,21 @@ def test_sigterm_releases_the_lock_and_leaves_nothing(tmp_path, checkpoint_dir):
             proc.kill()
     assert "interrupted" in proc.stderr.read()
     assert leftovers(out) == []
+
+
+def test_an_output_written_by_another_run_meanwhile_is_never_replaced(tmp_path):
+    """Both runs checked --output before either wrote it; the second to reach the rename finds
+    it under the lock and refuses instead of replacing it (without --overwrite)."""
+    from llmprune.core.errors import OutputExistsError
+    from llmprune.io.output import atomic_dir
+
+    out = tmp_path / "out"
+    with atomic_dir(out, False) as tmp:  # the first run
+        (tmp / "a").write_text("first")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        with atomic_dir(out, False) as tmp:
+            (tmp / "a").write_text("second")
+    assert (out / "a").read_text() == "first" and leftovers(out) == ["out"]
+    with atomic_dir(out, True) as tmp:  # --overwrite replaces it
+        (tmp / "a").write_text("third")
+    assert (out / "a").read_text() == "third"

@@ -209,7 +209,7 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
                 if keep is not None:
                     masks[name] = keep
                 yield name, d
-        with atomic_dir(outs[-1]) as tmp:
+        with atomic_dir(outs[-1], overwrite) as tmp:
             src = Source(delta_tensors(), config, masks, {"target": "unstructured",
                                                           "dare": meta}, copy, None)
             results["delta"] = export(src, tmp, "compact", progress=progress)
@@ -220,7 +220,7 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
         def merged():
             for name, d, keep, b in deltas():
                 yield name, (merge(b, d) if keep is not None else d)
-        with atomic_dir(outs[0]) as tmp:
+        with atomic_dir(outs[0], overwrite) as tmp:
             src = Source(merged(), config, None, {"dare": meta}, copy, nm_of(None))
             results["model"] = export(src, tmp, "dense", progress=progress)
     meta["kept_fraction"] = kept / max(total, 1)

@@ -127,7 +127,7 @@ def merge_models(base: str, finetuned: list[str], weights: list[float] | None = 
                 tau = lam * task_arithmetic(deltas, weights)
             yield name, (b.float() + tau).to(b.dtype)
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         src = Source(merged(), config, None, {"merge": meta}, copy, nm_of(None))
         result = export(src, tmp, "dense", progress=progress)
     return {**meta, "model": result}

@@ -585,6 +585,6 @@ def export_checkpoint(src: str, output: str, fmt: str = "compact", dtype: str = 
         raise UserError(f"{src} has no llmprune pruning masks ({MASKS_FILE}); pass --pattern "
                         "unstructured or --pattern N:M to take them from the checkpoint's zeros "
                         "(they are verified first)")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         meta = export(source, tmp, fmt, dtype, max_shard_size, progress, on_shard_written)
     return meta

@@ -58,10 +58,12 @@ def _remove_stale(output: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(output: Path):
-    """Yield a temporary directory; on success rename it to ``output`` (replacing an old one).
-    The output's lock (:mod:`llmprune.io.lock`) is held throughout."""
+def atomic_dir(output: Path, overwrite: bool):
+    """Yield a temporary directory; on success rename it to ``output`` (replacing an old one
+    only with ``overwrite``). The output's lock (:mod:`llmprune.io.lock`) is held throughout,
+    and ``output`` is checked again under it: another run may have written it meanwhile."""
     with output_lock(output):
+        check_output(output, overwrite)
         _remove_stale(output)
         tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

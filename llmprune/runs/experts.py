@@ -69,7 +69,7 @@ def experts_checkpoint(model_name: str, output: str, *, keep_ratio: float, salie
             "calibration": dict(calib_info, sampling=calib_sampling),
             "eval": results or None, "loads_with": "AutoModelForCausalLM.from_pretrained",
             "versions": library_versions(), "timings": timings}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         model.cpu().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_meta(tmp, meta)

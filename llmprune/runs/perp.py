@@ -115,7 +115,7 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
     })
     pruned = {k[: -len(".weight")] if k.endswith(".weight") else k: v for k, v in masks.items()}
     t = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         write_checkpoint(model, tokenizer, tmp, meta, pruned, export, export_dtype, progress)
         text = recipe_yaml if recipe_yaml is not None else _recipe_yaml(src, config)
         if text:

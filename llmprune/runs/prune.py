@@ -152,7 +152,7 @@ def _prune_checkpoint(model_name, recipe, output, overwrite, eval_ppl, eval_seql
             parallel.barrier()  # rank 0 writes
             return meta
     t = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         write_checkpoint(model, tokenizer, tmp, meta, report.masks, export, export_dtype,
                          progress)
         if callable(recipe_yaml):

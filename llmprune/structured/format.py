@@ -59,7 +59,7 @@ def save_structured(model, tokenizer, out_dir, mask: StructuredMask, meta: dict,
     info = {**meta, "format": STRUCTURED_FORMAT, "loads_with": (
         "AutoModelForCausalLM.from_pretrained" if plain else "llmprune.load_pretrained"),
         "removed_fraction": summary["removed_fraction"], "structured": summary}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
