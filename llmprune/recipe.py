@@ -39,6 +39,11 @@ class PruneRecipe:
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            problem = type_problem(f.name, f.type, getattr(self, f.name))
+            if problem:
+                raise UserError(f"{problem}; fix it in the recipe (or the flag --"
+                                f"{f.name.replace('_', '-')})")
         if self.method not in SOLVERS:
             raise UserError(f"unknown method {self.method!r}; choose one of "
                             f"{', '.join(sorted(SOLVERS))}")
@@ -110,6 +115,25 @@ class PruneRecipe:
         method = data.pop("method", None)
         options = data.pop("options", {})
         return cls.from_stage(method, {**data, **options})
+
+
+# the Python types a field's annotation names (an int is a valid float; a bool is only a bool)
+_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,)}
+
+
+def type_problem(name: str, annotation: str, value) -> str | None:
+    """What is wrong with ``value`` for a field annotated ``annotation`` (``"float | None"``),
+    or None when it fits; names the annotation does not know are not checked."""
+    allowed = [a.strip() for a in str(annotation).split("|")]
+    if value is None:
+        return None if "None" in allowed else f"{name} must be set, got nothing"
+    known = [a for a in allowed if a in _TYPES]
+    if len(known) < len([a for a in allowed if a != "None"]):
+        return None
+    for a in known:
+        if isinstance(value, _TYPES[a]) and (a == "bool" or not isinstance(value, bool)):
+            return None
+    return f"{name} must be {' or '.join(allowed)}, got {value!r}"
 
 
 RECIPE_FIELDS = frozenset(f.name for f in fields(PruneRecipe))

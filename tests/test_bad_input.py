@@ -435,3 +435,22 @@ def test_an_output_written_by_another_run_meanwhile_is_never_replaced(tmp_path):
     with atomic_dir(out, True) as tmp:  # --overwrite replaces it
         (tmp / "a").write_text("third")
     assert (out / "a").read_text() == "third"
+
+
+# ----------------------------------------------------------------------------- recipe values
+@pytest.mark.parametrize("stage,message", [
+    ('sparsity: "abc"', "sparsity must be float or None, got 'abc'"),
+    ("sparsity: [1]", "sparsity must be float or None, got [1]"),
+    ("sparsity: .nan", "got nan"),
+    ("sparsity: 0.5, nsamples: 2.5", "nsamples must be int, got 2.5"),
+    ("sparsity: 0.5, seqlen: true", "seqlen must be int, got True"),
+    ("pattern: 4", "pattern must be str or None, got 4"),
+    ('pattern: "5:4"', "--pattern"),
+])
+def test_recipe_values_of_the_wrong_type_or_range(stage, message, tmp_path, checkpoint_dir,
+                                                  capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {checkpoint_dir}\nstages:\n  - wanda: {{{stage}}}\n")
+    out = tmp_path / "out"
+    assert message in one_line_error(["run", recipe, "--output", out], capsys)
+    assert leftovers(out) == []
