@@ -454,3 +454,44 @@ def test_recipe_values_of_the_wrong_type_or_range(stage, message, tmp_path, chec
     out = tmp_path / "out"
     assert message in one_line_error(["run", recipe, "--output", out], capsys)
     assert leftovers(out) == []
+
+
+def test_streaming_checks_the_tensors_outside_the_layers_in_chunks(tmp_path, checkpoint_dir,
+                                                                    text_file, capsys):
+    """The embedding is checked through a buffer smaller than it (never mapped whole)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmprune.core.errors import NonFiniteError
+    from llmprune.io.safetensors import SafetensorsFiles
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint_dir, ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.embed_tokens.weight"][-1, -1] = float("inf")
+    save_file(tensors, ckpt / "model.safetensors", {"format": "pt"})
+    files = SafetensorsFiles([ckpt / "model.safetensors"])
+    files.COPY_CHUNK = 1024  # several chunks; the Inf is in the last one
+    with pytest.raises(NonFiniteError, match="model.embed_tokens.weight has 1 NaN/Inf"):
+        files.check_finite("model.embed_tokens.weight")
+    files.check_finite("model.norm.weight")
+    out = tmp_path / "out"
+    line = one_line_error(["wanda", "--model", ckpt, "--sparsity", "0.5", "--nsamples", "2",
+                           "--seqlen", "16", "--calib-data", text_file, "--stream", "--output",
+                           out], capsys)
+    assert "model.embed_tokens.weight" in line and leftovers(out) == []
+
+
+def test_the_finite_check_has_no_false_alarm_on_large_values():
+    """Half-precision weights whose sum overflows are still finite."""
+    import torch
+
+    from llmprune.core.finite import check_finite
+
+    big = torch.full((64, 64), 60000.0, dtype=torch.float16)
+    assert not bool(big.sum().isfinite())
+    check_finite("w", big, "here")
+    big[1, 2] = float("-inf")
+    with pytest.raises(Exception, match="w has 1 NaN/Inf"):
+        check_finite("w", big, "here")
