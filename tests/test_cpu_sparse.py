@@ -161,3 +161,62 @@ def test_layout_checks_reject_mismatched_parts():
     bw = cpu.bitmask_weight(bits, torch.arange(4, dtype=torch.bfloat16), (2, 3))
     with pytest.raises(ValueError, match="features"):
         cpu.bitmask_linear(torch.zeros(1, 4), bw)
+
+
+# ----------------------------------------------------------------------------- loading
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, checkpoint_dir, text_file):
+    """A tiny llama pruned by Wanda (50% and 2:4), exported compact in bf16 and in fp32."""
+    from llmprune.cli import main
+
+    base = tmp_path_factory.mktemp("cpu_sparse")
+    out = {}
+    for pattern in ("0.5", "2:4"):
+        pruned = base / pattern.replace(":", "of")
+        args = ["-q", "wanda", "--model", str(checkpoint_dir), "--calib-data", str(text_file),
+                "--nsamples", "4", "--seqlen", "32", "--output", str(pruned)]
+        assert main(args + (["--pattern", pattern] if ":" in pattern
+                            else ["--sparsity", pattern])) == 0
+        for dtype in ("bf16", "fp32"):
+            out[pattern, dtype] = base / f"{pruned.name}-{dtype}"
+            assert main(["-q", "export", str(pruned), "--dtype", dtype, "--output",
+                         str(out[pattern, dtype])]) == 0
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["0.5", "2:4"])
+def test_load_pretrained_keeps_bf16_exports_compressed(exports, pattern):
+    import llmprune
+
+    src = exports[pattern, "bf16"]
+    sparse = llmprune.load_pretrained(src)
+    dense = llmprune.load_pretrained(src, sparse="dense")
+    swapped = {n: m for n, m in sparse.named_modules() if isinstance(m, cpu.CPUSparseLinear)}
+    assert swapped and all(".layers." in n for n in swapped)
+    assert not any(isinstance(m, cpu.CPUSparseLinear) for m in dense.modules())
+    modules = dict(dense.named_modules())
+    for name, mod in swapped.items():  # the compressed weights are the decoded ones, bit for bit
+        assert torch.equal(mod.dense_weight().view(torch.int16),
+                           modules[name].weight.view(torch.int16)), name
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for rows in (ids[:, :1], ids):  # decode (native kernel) and prefill (dense tile)
+            a, b = sparse(rows).logits.float(), dense(rows).logits.float()
+            assert float((a - b).abs().max() / b.abs().max()) <= 2e-2
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(sparse.generate(ids, **gen), dense.generate(ids, **gen))
+
+
+def test_sparse_option_is_checked(exports):
+    import llmprune
+    from llmprune.core.errors import UserError
+
+    fp32 = exports["0.5", "fp32"]
+    model = llmprune.load_pretrained(fp32)  # auto: the kernels read bf16 exports only
+    assert not any(isinstance(m, cpu.CPUSparseLinear) for m in model.modules())
+    with pytest.raises(UserError, match="bf16"):
+        llmprune.load_pretrained(fp32, sparse="cpu")
+    with pytest.raises(UserError, match="sparse must be"):
+        llmprune.load_pretrained(exports["0.5", "bf16"], sparse="fast")
+    with pytest.raises(UserError, match="float32"):
+        llmprune.load_pretrained(exports["0.5", "bf16"], sparse="cpu", dtype=torch.float32)
