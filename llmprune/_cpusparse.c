@@ -81,66 +81,43 @@ static inline uint32_t chunk_mask(const uint8_t *b, Py_ssize_t c, Py_ssize_t kb)
     return v;
 }
 
-/* Rows [r0, r1): per 32 columns, one 64-byte load at the row's value cursor, vpexpandw to the
- * columns whose bit is set (zeros elsewhere), and one vdpbf16ps per row of x. Two rows of W at a
- * time give two independent cursor and accumulator chains. */
+/* one 32-column chunk c of a row: a 64-byte load at the value cursor, vpexpandw to the columns
+ * whose bit is set (zeros elsewhere), the cursor advanced by the popcount, one vdpbf16ps per row
+ * of x into acc */
+#define CHUNK512(M, acc, km, c)                                                                  \
+    do {                                                                                         \
+        __m512i w_ = _mm512_maskz_expand_epi16((km), load_reg(v));                               \
+        v += _mm_popcnt_u32(km);                                                                 \
+        for (int i = 0; i < M; i++)                                                              \
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w_,                                      \
+                                      (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * (c))); \
+    } while (0)
+
+/* Rows [r0, r1), one at a time so that each thread reads two sequential streams (mask bytes,
+ * kept values); even and odd chunks go to two accumulators, which halves the vdpbf16ps
+ * latency chain. */
 #define AVX512_ROWS(M)                                                                           \
     T512 static void bm512_m##M(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {                  \
-        const Py_ssize_t kb = (j->k + 7) / 8, nc = j->kp / 32;                                   \
-        Py_ssize_t r = r0;                                                                       \
-        for (; r + 1 < r1; r += 2) {                                                             \
-            const uint8_t *b0 = j->bits + r * kb, *b1 = b0 + kb;                                 \
-            const uint16_t *v0 = j->values + j->offsets[r], *v1 = j->values + j->offsets[r + 1]; \
+        const Py_ssize_t kb = (j->k + 7) / 8, nc = j->kp / 32, full = kb / 4;                    \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                   \
+            const uint8_t *b = j->bits + r * kb;                                                 \
+            const uint16_t *v = j->values + j->offsets[r];                                       \
             __m512 a0[M], a1[M];                                                                 \
             for (int i = 0; i < M; i++) a0[i] = a1[i] = _mm512_setzero_ps();                     \
             Py_ssize_t c = 0;                                                                    \
-            const Py_ssize_t full = kb / 4;                                                      \
-            for (; c < full; c++) {                                                              \
+            for (; c + 1 < full; c += 2) {                                                       \
                 uint32_t k0, k1;                                                                 \
-                memcpy(&k0, b0 + 4 * c, 4);                                                      \
-                memcpy(&k1, b1 + 4 * c, 4);                                                      \
-                __m512i w0 = _mm512_maskz_expand_epi16(k0, load_reg(v0));              \
-                __m512i w1 = _mm512_maskz_expand_epi16(k1, load_reg(v1));              \
-                v0 += _mm_popcnt_u32(k0);                                                        \
-                v1 += _mm_popcnt_u32(k1);                                                        \
-                for (int i = 0; i < M; i++) {                                                    \
-                    __m512bh xv = (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * c);       \
-                    a0[i] = _mm512_dpbf16_ps(a0[i], (__m512bh)w0, xv);                           \
-                    a1[i] = _mm512_dpbf16_ps(a1[i], (__m512bh)w1, xv);                           \
-                }                                                                                \
+                memcpy(&k0, b + 4 * c, 4);                                                       \
+                memcpy(&k1, b + 4 * c + 4, 4);                                                   \
+                CHUNK512(M, a0, k0, c);                                                          \
+                CHUNK512(M, a1, k1, c + 1);                                                      \
             }                                                                                    \
             for (; c < nc; c++) {                                                                \
-                uint32_t k0 = chunk_mask(b0, c, kb), k1 = chunk_mask(b1, c, kb);                 \
-                __m512i w0 = _mm512_maskz_expand_epi16(k0, load_reg(v0));              \
-                __m512i w1 = _mm512_maskz_expand_epi16(k1, load_reg(v1));              \
-                v0 += _mm_popcnt_u32(k0);                                                        \
-                v1 += _mm_popcnt_u32(k1);                                                        \
-                for (int i = 0; i < M; i++) {                                                    \
-                    __m512bh xv = (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * c);       \
-                    a0[i] = _mm512_dpbf16_ps(a0[i], (__m512bh)w0, xv);                           \
-                    a1[i] = _mm512_dpbf16_ps(a1[i], (__m512bh)w1, xv);                           \
-                }                                                                                \
+                uint32_t k0 = chunk_mask(b, c, kb);                                              \
+                CHUNK512(M, a0, k0, c);                                                          \
             }                                                                                    \
-            for (int i = 0; i < M; i++) {                                                        \
-                j->y[i * j->n + r] = _mm512_reduce_add_ps(a0[i]);                                \
-                j->y[i * j->n + r + 1] = _mm512_reduce_add_ps(a1[i]);                            \
-            }                                                                                    \
-        }                                                                                        \
-        for (; r < r1; r++) {                                                                    \
-            const uint8_t *b0 = j->bits + r * kb;                                                \
-            const uint16_t *v0 = j->values + j->offsets[r];                                      \
-            __m512 a0[M];                                                                        \
-            for (int i = 0; i < M; i++) a0[i] = _mm512_setzero_ps();                             \
-            for (Py_ssize_t c = 0; c < nc; c++) {                                                \
-                uint32_t k0 = chunk_mask(b0, c, kb);                                             \
-                __m512i w0 = _mm512_maskz_expand_epi16(k0, load_reg(v0));              \
-                v0 += _mm_popcnt_u32(k0);                                                        \
-                for (int i = 0; i < M; i++) {                                                    \
-                    __m512bh xv = (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * c);       \
-                    a0[i] = _mm512_dpbf16_ps(a0[i], (__m512bh)w0, xv);                           \
-                }                                                                                \
-            }                                                                                    \
-            for (int i = 0; i < M; i++) j->y[i * j->n + r] = _mm512_reduce_add_ps(a0[i]);        \
+            for (int i = 0; i < M; i++)                                                          \
+                j->y[i * j->n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));          \
         }                                                                                        \
     }
 
