@@ -1,4 +1,4 @@
-"""CPU sparse kernels (llmprune.sparse.cpu, llmprune/_cpusparse.c) against an independent torch
+"""CPU sparse kernels (llmprune.sparse.cpu, llmprune/cpu_kernels.c) against an independent torch
 reference: every dispatch path, forced, over odd shapes, empty and full rows, 1..8 rows of x
 (the native kernel) and more (decode to dense + F.linear)."""
 
@@ -42,7 +42,7 @@ def path(request, monkeypatch):
 
 def test_every_native_path_is_reported_here():
     """The CI machine has AVX-512 BF16: a build that lost a path would silently skip its tests."""
-    if cpu._cpusparse is None:
+    if cpu.cpu_kernels is None:
         pytest.skip("the extension is not built")
     assert set(cpu.native_paths()) <= {"avx512", "avx2"}
     assert cpu.kernel_path() == (cpu.native_paths() or ("torch",))[0]
@@ -119,7 +119,8 @@ def test_module_replaces_linear(path):
     assert "weight" not in sp.state_dict() and set(sp.state_dict()) == {"bias"}
     sp.to(torch.float32)  # a model-wide cast leaves the raw bits alone
     assert sp.values.dtype == torch.int16
-    assert torch.equal(sp.dense_weight(), torch.where(keep, lin.weight.detach(), 0).to(torch.bfloat16))
+    want_w = torch.where(keep, lin.weight.detach(), 0).to(torch.bfloat16)
+    assert torch.equal(sp.dense_weight(), want_w)
 
 
 def test_nm_values_convert_to_the_bitmask_layout():
@@ -138,7 +139,7 @@ def test_without_the_extension_torch_computes_the_same(monkeypatch):
     monkeypatch.delenv(cpu.PATH_ENV, raising=False)
     w, keep = random_case(33, 70, 0.5, seed=5)
     x = torch.randn(1, 70).to(torch.bfloat16)
-    monkeypatch.setattr(cpu, "_cpusparse", None)
+    monkeypatch.setattr(cpu, "cpu_kernels", None)
     assert cpu.native_paths() == () and cpu.kernel_path() == "torch"
     got = cpu.CPUSparseLinear(cpu.from_dense(w, keep))(x)
     assert rel_err(got, reference(x, w, keep)) <= 1e-2
@@ -149,7 +150,7 @@ def test_forcing_an_unknown_or_missing_path_is_a_user_error(monkeypatch):
     with pytest.raises(cpu.CPUKernelError, match="choose one of"):
         cpu.kernel_path()
     monkeypatch.setenv(cpu.PATH_ENV, "avx512")
-    monkeypatch.setattr(cpu, "_cpusparse", None)
+    monkeypatch.setattr(cpu, "cpu_kernels", None)
     with pytest.raises(cpu.CPUKernelError, match="not built"):
         cpu.kernel_path()
 
@@ -220,3 +221,20 @@ def test_sparse_option_is_checked(exports):
         llmprune.load_pretrained(exports["0.5", "bf16"], sparse="fast")
     with pytest.raises(UserError, match="float32"):
         llmprune.load_pretrained(exports["0.5", "bf16"], sparse="cpu", dtype=torch.float32)
+
+
+def test_cli_eval_and_bench_decode(exports, text_file, capsys):
+    from llmprune.cli import main
+
+    src = str(exports["0.5", "bf16"])
+    ppl = {}
+    for sparse in ("cpu", "dense"):
+        assert main(["-q", "eval", "--model", src, "--ppl", str(text_file), "--seqlen", "32",
+                     "--max-windows", "2", "--sparse", sparse]) == 0
+        ppl[sparse] = float(capsys.readouterr().out.strip().splitlines()[-1].split()[-1])
+    assert ppl["cpu"] == pytest.approx(ppl["dense"], rel=1e-2)
+    assert main(["-q", "bench-decode", src, "--tokens", "3", "--rounds", "1", "--no-fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "sparse" in out and "dense-bf16" in out and "speed-up" in out
+    assert main(["-q", "bench-decode", str(exports["0.5", "fp32"])]) == 2
+    assert "--dtype bf16" in capsys.readouterr().err

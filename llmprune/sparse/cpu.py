@@ -15,7 +15,7 @@ converted to this layout on load: the same bytes, and its values are already in 
 
 ``y = x W^T`` for ``x [..., k]``:
 
-* up to :data:`DECODE_ROWS` rows of ``x`` (decode): the native kernel of ``llmprune/_cpusparse.c``
+* up to :data:`DECODE_ROWS` rows of ``x`` (decode): the native kernel (``llmprune/cpu_kernels.c``)
   on the fastest path this CPU runs -- ``avx512`` (``vpexpandw`` of the kept values into a
   vector, ``vdpbf16ps``) or ``avx2`` (``pshufb`` expand, fp32 FMA) -- threaded over output rows
   (``torch.get_num_threads()``), GIL released; fp32 accumulation, the result rounded to
@@ -38,18 +38,18 @@ from torch import nn
 from ..core.bits import pack_bits, row_popcount, unpack_bits
 from ..core.errors import UserError
 
-CPUSPARSE_ABI = 1  # the interface of llmprune/_cpusparse.c this module calls
+KERNELS_ABI = 1  # the interface of llmprune/cpu_kernels.c this module calls
 try:  # optional C kernels, built at install time where a compiler exists
-    from .. import _cpusparse
-    if getattr(_cpusparse, "ABI", None) != CPUSPARSE_ABI:  # a stale build: reinstall to rebuild
-        _cpusparse = None
+    from .. import cpu_kernels
+    if getattr(cpu_kernels, "ABI", None) != KERNELS_ABI:  # a stale build: reinstall
+        cpu_kernels = None
 except ImportError:  # pragma: no cover - depends on the install
-    _cpusparse = None
+    cpu_kernels = None
 
 PATHS = ("avx512", "avx2", "torch")
 PATH_ENV = "LLMPRUNE_CPU_KERNEL"
 DECODE_ROWS = 8  # rows of x up to which the native kernel runs; more decode to dense + F.linear
-PAD = 32 if _cpusparse is None else _cpusparse.PAD
+PAD = 32 if cpu_kernels is None else cpu_kernels.PAD
 
 
 class CPUKernelError(UserError):
@@ -59,7 +59,7 @@ class CPUKernelError(UserError):
 def native_paths() -> tuple[str, ...]:
     """The native paths this CPU and this install run, fastest first (empty without the
     extension)."""
-    return tuple(_cpusparse.paths()) if _cpusparse is not None else ()
+    return tuple(cpu_kernels.paths()) if cpu_kernels is not None else ()
 
 
 def kernel_path() -> str:
@@ -70,8 +70,8 @@ def kernel_path() -> str:
         if forced not in PATHS:
             raise CPUKernelError(f"{PATH_ENV}={forced!r}: choose one of {', '.join(PATHS)}")
         if forced != "torch" and forced not in native_paths():
-            why = ("the llmprune._cpusparse extension is not built (no C compiler at install "
-                   "time)" if _cpusparse is None else "this CPU lacks its instructions")
+            why = ("the llmprune.cpu_kernels extension is not built (no C compiler at install "
+                   "time)" if cpu_kernels is None else "this CPU lacks its instructions")
             raise CPUKernelError(f"{PATH_ENV}={forced}: {why}; use one of "
                                  f"{', '.join(native_paths() + ('torch',))}")
         return forced
@@ -145,7 +145,7 @@ def decode_dense(w: BitmaskWeight, path: str | None = None) -> torch.Tensor:
         dense.masked_scatter_(unpack_bits(w.bits, k), w.values[:nnz])
         return dense.view(torch.bfloat16)
     dense = torch.empty(n, k, dtype=torch.bfloat16)
-    _cpusparse.bitmask_decode(w.bits.data_ptr(), w.values.data_ptr(), w.offsets.data_ptr(),
+    cpu_kernels.bitmask_decode(w.bits.data_ptr(), w.values.data_ptr(), w.offsets.data_ptr(),
                               dense.data_ptr(), n, k, torch.get_num_threads())
     return dense
 
@@ -156,7 +156,7 @@ def bitmask_matmul(x: torch.Tensor, w: BitmaskWeight, path: str) -> torch.Tensor
     n = w.shape[0]
     x = x.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    _cpusparse.bitmask_matmul(path, x.data_ptr(), w.bits.data_ptr(), w.values.data_ptr(),
+    cpu_kernels.bitmask_matmul(path, x.data_ptr(), w.bits.data_ptr(), w.values.data_ptr(),
                               w.offsets.data_ptr(), y.data_ptr(), m, n, k,
                               torch.get_num_threads())
     return y
@@ -190,7 +190,7 @@ def dense_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n = weight.shape[0]
     x, weight = x.contiguous(), weight.contiguous()
     y = torch.empty(m, n, dtype=torch.float32)
-    _cpusparse.dense_matmul("avx512", x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, n, k,
+    cpu_kernels.dense_matmul("avx512", x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, n, k,
                             torch.get_num_threads())
     return y
 

@@ -445,11 +445,11 @@ static PyMethodDef methods[] = {
     {"paths", paths, METH_NOARGS, "paths() -> the kernel paths this CPU runs, fastest first."},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpusparse",
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "cpu_kernels",
                                     "Optional native CPU kernels for bitmask sparse weights.", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__cpusparse(void) {
+PyMODINIT_FUNC PyInit_cpu_kernels(void) {
 #if HAVE_X86
     for (int byte = 0; byte < 256; byte++) {
         int rank = 0;
