@@ -3,8 +3,8 @@
  * A weight W [n, k] (bf16) is held as
  *   bits     uint8 [n, kb], kb = ceil(k / 8): bit j % 8 of byte j / 8 of row r is W[r, j] kept
  *            (little-endian bit order, padding bits clear: the export's bitmask layout)
- *   values   bf16 [nnz + PAD]: the kept weights in row-major order, then PAD zero elements (the
- *            AVX paths load whole vectors at a row's last kept value)
+ *   values   bf16 [nnz]: the kept weights in row-major order (the vector loops load whole
+ *            vectors at the cursor; only near the end of values do they load fewer elements)
  *   offsets  int64 [n + 1]: row r's kept values are values[offsets[r] : offsets[r + 1]]
  *
  * bitmask_matmul(path, x, bits, values, offsets, y, m, n, k, threads)
@@ -29,8 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ABI_VERSION 1
-#define PAD 32     /* zero bf16 elements after the last kept value */
+#define ABI_VERSION 2
 #define MAX_M 8    /* rows of x per call */
 #define MAX_THREADS 64
 
@@ -47,7 +46,8 @@ typedef struct {
     int path; /* 1 avx512, 2 avx2 */
     const uint16_t *x;      /* [m, kp] bf16, zero-padded to kp = k rounded up to 32 */
     const uint8_t *bits;    /* [n, kb] */
-    const uint16_t *values; /* [nnz + PAD] */
+    const uint16_t *values; /* [nnz] */
+    const uint16_t *vend;   /* values + nnz */
     const int64_t *offsets; /* [n + 1] */
     const uint16_t *w;      /* dense [n, k] (kind 2) */
     uint16_t *wout;         /* dense [n, k] (kind 1) */
@@ -60,10 +60,15 @@ typedef struct {
 #if HAVE_X86
 #define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi2,bmi2,popcnt")))
 
-/* 64 bytes at p, kept in a register: compilers otherwise fold the load into vpexpandw's memory
- * form, which is microcoded on AMD Zen 4 (5x slower here) */
-T512 static inline __m512i load_reg(const uint16_t *p) {
-    __m512i v = _mm512_loadu_si512(p);
+/* the 32 elements at p (fewer at the end of the values, the rest zero), kept in a register:
+ * compilers otherwise fold the load into vpexpandw's memory form, which is microcoded on AMD
+ * Zen 4 (5x slower here) */
+T512 static inline __m512i load_reg(const uint16_t *p, const uint16_t *end) {
+    __m512i v;
+    if (__builtin_expect(end - p >= 32, 1))
+        v = _mm512_loadu_si512(p);
+    else /* masked: no fault past the end */
+        v = _mm512_maskz_loadu_epi16((__mmask32)((1ull << (end - p)) - 1), p);
     __asm__("" : "+v"(v));
     return v;
 }
@@ -86,7 +91,7 @@ static inline uint32_t chunk_mask(const uint8_t *b, Py_ssize_t c, Py_ssize_t kb)
  * of x into acc */
 #define CHUNK512(M, acc, km, c)                                                                  \
     do {                                                                                         \
-        __m512i w_ = _mm512_maskz_expand_epi16((km), load_reg(v));                               \
+        __m512i w_ = _mm512_maskz_expand_epi16((km), load_reg(v, j->vend));                               \
         v += _mm_popcnt_u32(km);                                                                 \
         for (int i = 0; i < M; i++)                                                              \
             acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w_,                                      \
@@ -160,7 +165,7 @@ T512 static void decode512(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
         uint16_t *out = j->wout + r * j->k;
         for (Py_ssize_t c = 0; c < nc; c++) {
             uint32_t km = chunk_mask(b, c, kb);
-            __m512i w = _mm512_maskz_expand_epi16(km, load_reg(v));
+            __m512i w = _mm512_maskz_expand_epi16(km, load_reg(v, j->vend));
             v += _mm_popcnt_u32(km);
             Py_ssize_t left = j->k - 32 * c;
             __mmask32 st = left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1);
@@ -185,7 +190,14 @@ T256 static void bm256(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
         for (int i = 0; i < j->m; i++) a[i] = _mm256_setzero_ps();
         for (Py_ssize_t c = 0; c < kb; c++) {
             unsigned km = b[c];
-            __m128i raw = _mm_loadu_si128((const __m128i *)v);
+            __m128i raw;
+            if (__builtin_expect(j->vend - v >= 8, 1)) {
+                raw = _mm_loadu_si128((const __m128i *)v);
+            } else { /* the last few values: no read past the end */
+                uint16_t tail[8] = {0};
+                memcpy(tail, v, (size_t)(j->vend - v) * 2);
+                raw = _mm_loadu_si128((const __m128i *)tail);
+            }
             __m128i e = _mm_shuffle_epi8(raw, _mm_loadu_si128((const __m128i *)SHUF[km]));
             __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(e), 16));
             v += _mm_popcnt_u32(km);
@@ -227,37 +239,58 @@ static void run_rows(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
 }
 
 /* ------------------------------------------------------------------ thread pool */
-/* Workers 1..T-1 sleep on a condition variable; a call publishes the job, bumps the generation,
- * runs block 0 itself and waits until every worker has finished its block. Workers spin a short
- * while before sleeping: decode calls come back to back. Calls are serialised by call_lock. */
+/* A call cuts the rows into chunks that threads claim one at a time from a shared counter
+ * (generation << 32 | next chunk). The caller claims chunks too, so a worker the OS has not
+ * scheduled yet (a busy machine) costs nothing: the caller takes its chunks, and waits only for
+ * chunks a worker has claimed and is running. A worker that wakes after the call sees another
+ * generation in the counter and claims nothing. Workers spin a short while before sleeping on a
+ * condition variable: decode calls come back to back. Calls are serialised by call_lock. */
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
-static int pool_size = 1; /* threads including the caller */
-static volatile long pool_gen = 0;
-static volatile int pool_left = 0;
-static const job_t *pool_job = NULL;
-static Py_ssize_t pool_bounds[MAX_THREADS + 1];
-static int pool_active = 1; /* blocks in the current call */
-static long start_gen[MAX_THREADS]; /* the generation a worker was created at */
+static int pool_size = 1;           /* threads including the caller */
+static uint64_t pool_claim = 0;     /* generation << 32 | next chunk to claim */
+static uint64_t pool_done = 0;      /* chunks finished in the current call */
+static job_t pool_job;              /* the current call's job */
+static Py_ssize_t pool_chunk_rows;  /* rows per chunk */
+static uint64_t pool_chunks;        /* chunks in the current call */
+
+/* claim and run chunks of generation gen until none is left */
+static void drain(uint64_t gen) {
+    for (;;) {
+        uint64_t v = __atomic_load_n(&pool_claim, __ATOMIC_ACQUIRE);
+        if ((v >> 32) != gen || (v & 0xFFFFFFFFu) >= pool_chunks) return;
+        if (!__atomic_compare_exchange_n(&pool_claim, &v, v + 1, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
+        Py_ssize_t r0 = (Py_ssize_t)(v & 0xFFFFFFFFu) * pool_chunk_rows;
+        Py_ssize_t r1 = r0 + pool_chunk_rows < pool_job.n ? r0 + pool_chunk_rows : pool_job.n;
+        run_rows(&pool_job, r0, r1);
+        __atomic_add_fetch(&pool_done, 1, __ATOMIC_ACQ_REL);
+    }
+}
 
 static void *worker(void *arg) {
-    int id = (int)(intptr_t)arg;
-    long seen = start_gen[id];
+    (void)arg;
+    uint64_t seen = __atomic_load_n(&pool_claim, __ATOMIC_ACQUIRE) >> 32;
     for (;;) {
+        uint64_t gen;
         int spins = 0;
-        while (__atomic_load_n(&pool_gen, __ATOMIC_ACQUIRE) == seen && spins < 4000) {
+        while ((gen = __atomic_load_n(&pool_claim, __ATOMIC_ACQUIRE) >> 32) == seen &&
+               spins < 4000) {
             spins++;
 #if HAVE_X86
             _mm_pause();
 #endif
         }
-        pthread_mutex_lock(&pool_lock);
-        while (pool_gen == seen) pthread_cond_wait(&pool_wake, &pool_lock);
-        seen = pool_gen;
-        pthread_mutex_unlock(&pool_lock);
-        if (id < pool_active) run_rows(pool_job, pool_bounds[id], pool_bounds[id + 1]);
-        __atomic_sub_fetch(&pool_left, 1, __ATOMIC_ACQ_REL);
+        if (gen == seen) {
+            pthread_mutex_lock(&pool_lock);
+            while ((gen = __atomic_load_n(&pool_claim, __ATOMIC_ACQUIRE) >> 32) == seen)
+                pthread_cond_wait(&pool_wake, &pool_lock);
+            pthread_mutex_unlock(&pool_lock);
+        }
+        seen = gen;
+        drain(gen);
     }
     return NULL;
 }
@@ -268,45 +301,44 @@ static void grow_pool(int threads) {
         pthread_attr_t at;
         pthread_attr_init(&at);
         pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-        start_gen[pool_size] = pool_gen;
-        if (pthread_create(&t, &at, worker, (void *)(intptr_t)pool_size) != 0) {
-            pthread_attr_destroy(&at);
-            break;
-        }
+        int failed = pthread_create(&t, &at, worker, NULL) != 0;
         pthread_attr_destroy(&at);
+        if (failed) break;
         pool_size++;
     }
 }
 
-/* rows [0, n) in `threads` blocks (multiples of 2 rows, the AVX-512 loop's pair) */
+/* rows [0, n) of job j on up to `threads` threads, in about 8 chunks per thread (at least 16
+ * rows each, so that a chunk's work dwarfs its claim) */
 static void run_parallel(const job_t *j, int threads) {
     pthread_mutex_lock(&call_lock);
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > 1) grow_pool(threads);
-    if (threads > pool_size) threads = pool_size;
-    if (threads < 1) threads = 1;
-    Py_ssize_t per = (j->n + threads - 1) / threads;
-    per += per & 1;
-    for (int t = 0; t <= threads; t++) pool_bounds[t] = per * t < j->n ? per * t : j->n;
-    if (threads == 1) {
+    if (threads < 2 || pool_size < 2 || j->n < 32) {
         run_rows(j, 0, j->n);
         pthread_mutex_unlock(&call_lock);
         return;
     }
-    pool_job = j;
-    pool_active = threads;
-    __atomic_store_n(&pool_left, pool_size - 1, __ATOMIC_RELEASE);
+    Py_ssize_t rows = (j->n + 8 * threads - 1) / (8 * threads);
+    pool_chunk_rows = rows < 16 ? 16 : rows;
+    pool_chunks = (uint64_t)((j->n + pool_chunk_rows - 1) / pool_chunk_rows);
+    pool_job = *j;
+    __atomic_store_n(&pool_done, 0, __ATOMIC_RELEASE);
+    uint64_t gen = (__atomic_load_n(&pool_claim, __ATOMIC_ACQUIRE) >> 32) + 1;
     pthread_mutex_lock(&pool_lock);
-    __atomic_add_fetch(&pool_gen, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&pool_claim, gen << 32, __ATOMIC_RELEASE); /* publishes the job */
     pthread_cond_broadcast(&pool_wake);
     pthread_mutex_unlock(&pool_lock);
-    run_rows(j, pool_bounds[0], pool_bounds[1]);
-    for (int spins = 0; __atomic_load_n(&pool_left, __ATOMIC_ACQUIRE) > 0; spins++) {
-        if (spins > 4000) sched_yield(); /* a worker was descheduled: let it run */
+    drain(gen);
+    for (int spins = 0; __atomic_load_n(&pool_done, __ATOMIC_ACQUIRE) < pool_chunks; spins++) {
+        if (spins > 4000) sched_yield(); /* a worker is mid-chunk but descheduled */
 #if HAVE_X86
         else _mm_pause();
 #endif
     }
+    /* close the generation before the next call rewrites the job: a worker that read this
+     * generation late finds no chunk left, whatever the next call's chunk count */
+    __atomic_store_n(&pool_claim, gen << 32 | 0xFFFFFFFFu, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&call_lock);
 }
 
@@ -382,6 +414,7 @@ static PyObject *matmul_common(PyObject *args, int kind) {
     j.offsets = (const int64_t *)(uintptr_t)oa;
     j.values = (const uint16_t *)(uintptr_t)va;
     j.w = (const uint16_t *)(uintptr_t)va;
+    if (kind == 0) j.vend = j.values + j.offsets[n];
     j.y = (float *)(uintptr_t)ya;
     void *xp = NULL;
     int ok = 1;
@@ -415,6 +448,7 @@ static PyObject *bitmask_decode(PyObject *self, PyObject *args) {
     j.bits = (const uint8_t *)(uintptr_t)ba;
     j.values = (const uint16_t *)(uintptr_t)va;
     j.offsets = (const int64_t *)(uintptr_t)oa;
+    j.vend = j.values + j.offsets[n];
     j.wout = (uint16_t *)(uintptr_t)wa;
     Py_BEGIN_ALLOW_THREADS
     run_parallel(&j, threads);
@@ -465,8 +499,7 @@ PyMODINIT_FUNC PyInit_cpu_kernels(void) {
     }
 #endif
     PyObject *m = PyModule_Create(&module);
-    if (m && (PyModule_AddIntConstant(m, "ABI", ABI_VERSION) < 0 ||
-              PyModule_AddIntConstant(m, "PAD", PAD) < 0)) {
+    if (m && PyModule_AddIntConstant(m, "ABI", ABI_VERSION) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -61,14 +61,18 @@ def _load_dense(src: Path, dtype, verify: bool, trust_remote_code: bool, base):
 
 
 def _sparse_weight(info: dict, parts: dict[str, torch.Tensor]) -> cpu_sparse.BitmaskWeight:
-    """A compact ``bitmask`` or ``nm`` weight's parts in the CPU kernels' layout."""
+    """A compact ``bitmask`` or ``nm`` weight's parts in the CPU kernels' layout. The values are
+    copied out of the shard: safetensors hands out views of its memory map, and one live view
+    keeps the whole shard mapped, so every page read while loading (the decoded embeddings too)
+    would stay resident."""
     from .io import compact
 
     shape = tuple(info["shape"])
+    values = parts["values"].clone()
     if info["encoding"] == "bitmask":
-        return cpu_sparse.bitmask_weight(parts["bitmask"], parts["values"], shape)
+        return cpu_sparse.bitmask_weight(parts["bitmask"].clone(), values, shape)
     keep = compact.nm_keep(parts["indices"], shape, info["n"], info["m"])
-    return cpu_sparse.from_nm(parts["values"], keep)
+    return cpu_sparse.from_nm(values, keep)
 
 
 def _swap_linear(model: torch.nn.Module, name: str, weight: cpu_sparse.BitmaskWeight) -> None:
@@ -79,12 +83,25 @@ def _swap_linear(model: torch.nn.Module, name: str, weight: cpu_sparse.BitmaskWe
     setattr(owner, child, cpu_sparse.CPUSparseLinear(weight, linear.bias))
 
 
+def _compressible(model: torch.nn.Module, meta: dict, key) -> set[str]:
+    """The ``nn.Linear`` modules whose weight the export stores compact (bitmask or N:M)."""
+    modules = dict(model.named_modules())
+    out = set()
+    for name, info in meta["tensors"].items():
+        name = key(name)
+        owner = name.removesuffix(".weight")
+        if (info["encoding"] in ("bitmask", "nm") and name.endswith(".weight")
+                and isinstance(modules.get(owner), torch.nn.Linear)):
+            out.add(owner)
+    return out
+
+
 def _load_compact(src: Path, dtype, verify: bool, trust_remote_code: bool, base,
                   sparse: bool = False):
     """Build the model from its config without initialising weights, then decode every tensor
     of the compact shards into it (shape and membership checked, checksums verified). With
     ``sparse`` the compact weights of ``nn.Linear`` modules are not decoded: those modules become
-    CPUSparseLinear (their uninitialised dense weights are never touched, so never resident)."""
+    CPUSparseLinear holding the stored parts (their dense weights are never allocated)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     meta = read_meta(src)
@@ -93,9 +110,12 @@ def _load_compact(src: Path, dtype, verify: bool, trust_remote_code: bool, base,
     with no_init():
         model = AutoModelForCausalLM.from_config(config, dtype=stored,
                                                  trust_remote_code=trust_remote_code)
-    params = model.state_dict()
-    modules = dict(model.named_modules())
     key = model_key(model)
+    compressible = _compressible(model, meta, key) if sparse else set()
+    for owner in compressible:  # shape only: the dense weight is never read or written
+        linear = model.get_submodule(owner)
+        linear.weight = torch.nn.Parameter(linear.weight.to("meta"), requires_grad=False)
+    params = model.state_dict()
     loaded: set[str] = set()
     compressed: dict[str, cpu_sparse.BitmaskWeight] = {}  # module name -> weight
     with torch.no_grad():
@@ -109,8 +129,7 @@ def _load_compact(src: Path, dtype, verify: bool, trust_remote_code: bool, base,
                                              f"{tuple(info['shape'])}, the model wants "
                                              f"{tuple(params[name].shape)}")
             owner = name.removesuffix(".weight")
-            if (sparse and info["encoding"] in ("bitmask", "nm") and name.endswith(".weight")
-                    and isinstance(modules.get(owner), torch.nn.Linear)):
+            if owner in compressible and name.endswith(".weight"):
                 compressed[owner] = _sparse_weight(info, parts)
             else:
                 params[name].copy_(decode_parts(name, info, parts)[0])

@@ -6,8 +6,8 @@ weight ``W [n, k]`` in the compact export's bitmask layout and never decompresse
 
 * ``bits``    uint8 ``[n, ceil(k/8)]``: bit ``j % 8`` of byte ``j // 8`` of row ``r`` is
   ``W[r, j]`` kept (little-endian, padding bits clear);
-* ``values``  int16 ``[nnz + PAD]``: the kept bf16 weights' raw bits in row-major order, then
-  ``PAD`` zeros (the vector loops load whole vectors at a row's last kept value);
+* ``values``  int16 ``[nnz]``: the kept bf16 weights' raw bits in row-major order (the
+  export's ``values`` as read, not copied);
 * ``offsets`` int64 ``[n + 1]``: row ``r``'s kept values are ``values[offsets[r]:offsets[r+1]]``.
 
 At 50% that is 0.5625 of the dense bytes, at 70% 0.3625. A 2:4 weight (``nm`` encoding) is
@@ -38,7 +38,7 @@ from torch import nn
 from ..core.bits import pack_bits, row_popcount, unpack_bits
 from ..core.errors import UserError
 
-KERNELS_ABI = 1  # the interface of llmprune/cpu_kernels.c this module calls
+KERNELS_ABI = 2  # the interface of llmprune/cpu_kernels.c this module calls
 try:  # optional C kernels, built at install time where a compiler exists
     from .. import cpu_kernels
     if getattr(cpu_kernels, "ABI", None) != KERNELS_ABI:  # a stale build: reinstall
@@ -49,7 +49,6 @@ except ImportError:  # pragma: no cover - depends on the install
 PATHS = ("avx512", "avx2", "torch")
 PATH_ENV = "LLMPRUNE_CPU_KERNEL"
 DECODE_ROWS = 8  # rows of x up to which the native kernel runs; more decode to dense + F.linear
-PAD = 32 if cpu_kernels is None else cpu_kernels.PAD
 
 
 class CPUKernelError(UserError):
@@ -92,8 +91,8 @@ class BitmaskWeight:
         if offsets.dtype != torch.int64 or tuple(offsets.shape) != (n + 1,):
             raise ValueError(f"offsets must be int64 [{n + 1}]")
         nnz = int(offsets[-1])
-        if values.dtype != torch.int16 or values.numel() != nnz + PAD:
-            raise ValueError(f"values must be int16 [{nnz} + {PAD}]")
+        if values.dtype != torch.int16 or values.numel() != nnz or not values.is_contiguous():
+            raise ValueError(f"values must be contiguous int16 [{nnz}]")
         self.bits, self.values, self.offsets = bits, values, offsets  # contiguous, CPU
         self.shape = (n, k)
 
@@ -116,9 +115,8 @@ def bitmask_weight(bits: torch.Tensor, values: torch.Tensor, shape: tuple[int, i
     nnz = int(offsets[-1])
     if values.numel() != nnz:
         raise ValueError(f"the mask keeps {nnz} weights but {values.numel()} values are given")
-    padded = torch.zeros(nnz + PAD, dtype=torch.int16)
-    padded[:nnz] = values.reshape(-1).to(torch.bfloat16).view(torch.int16)
-    return BitmaskWeight(bits, padded, offsets, (n, k))
+    raw = values.reshape(-1).to(torch.bfloat16).contiguous().view(torch.int16)  # no copy if bf16
+    return BitmaskWeight(bits, raw, offsets, (n, k))
 
 
 def from_dense(weight: torch.Tensor, keep: torch.Tensor | None = None) -> BitmaskWeight:
@@ -141,8 +139,7 @@ def decode_dense(w: BitmaskWeight, path: str | None = None) -> torch.Tensor:
     n, k = w.shape
     if (path or kernel_path()) == "torch":
         dense = torch.zeros(n, k, dtype=torch.int16)
-        nnz = int(w.offsets[-1])
-        dense.masked_scatter_(unpack_bits(w.bits, k), w.values[:nnz])
+        dense.masked_scatter_(unpack_bits(w.bits, k), w.values)
         return dense.view(torch.bfloat16)
     dense = torch.empty(n, k, dtype=torch.bfloat16)
     cpu_kernels.bitmask_decode(w.bits.data_ptr(), w.values.data_ptr(), w.offsets.data_ptr(),
