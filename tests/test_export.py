@@ -65,7 +65,7 @@ def test_compact_round_trip_is_bit_exact(pruned, tmp_path, pattern, dtype):
         assert info["sparsity"] == pytest.approx(float((dense[name] == 0).float().mean()),
                                                  abs=1e-3), name
         assert info["sparsity"] == pytest.approx(0.5, abs=0.02), name
-    model = llmprune.load_pretrained(out)
+    model = llmprune.load_pretrained(out, sparse="dense")  # decoded bit for bit
     loaded = model.state_dict()
     for name, t in dense.items():
         assert same_bits(loaded[name], t.to(DT[dtype])), name
@@ -138,7 +138,7 @@ def test_export_flag_on_a_solver_command(checkpoint_dir, text_file, tmp_path):
     meta = json.loads((out / "llmprune.json").read_text())
     assert meta["format"] == "llmprune-compact" and meta["dtype"] == "bfloat16"
     assert meta["source_meta"]["recipe"]["method"] == "sparsegpt"
-    model = llmprune.load_pretrained(out)
+    model = llmprune.load_pretrained(out, sparse="dense")  # decoded bit for bit
     w = model.model.layers[0].mlp.down_proj.weight
     assert int((w.view(w.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
     assert (out / "tokenizer.json").exists()
@@ -258,7 +258,7 @@ def test_version_1_exports_with_sha256_still_load(pruned, tmp_path, monkeypatch,
         with pytest.raises(CorruptCheckpointError, match="sha256 checksum"):
             llmprune.load_pretrained(out)
         return
-    loaded = llmprune.load_pretrained(out).state_dict()
+    loaded = llmprune.load_pretrained(out, sparse="dense").state_dict()
     for key, t in _dense_state(pruned["2:4"]).items():
         assert same_bits(loaded[key], t.to(torch.bfloat16)), key
 

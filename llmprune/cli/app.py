@@ -6,6 +6,7 @@
     llmprune eval --model out/sg50 --ppl wikitext2
     llmprune export out/sg50 --format compact --dtype bf16 --output out/sg50-compact
     llmprune inspect out/sg50-compact
+    llmprune bench-decode out/sg50-compact
 
 Mistakes in the input end in one line on stderr and exit code 2, never a traceback.
 """
@@ -24,8 +25,8 @@ from . import delta, files, prune, retrain, structured
 from .common import Parser, add_command
 
 # the commands after the solvers', in the order of `llmprune --help`
-COMMANDS = ("structured", "bonsai", "loraprune", "eval", "export", "inspect", "push", "run",
-            "sweep", "dare", "merge", "perp")
+COMMANDS = ("structured", "bonsai", "loraprune", "eval", "bench-decode", "export", "inspect",
+            "push", "run", "sweep", "dare", "merge", "perp")
 
 
 def build_parser() -> argparse.ArgumentParser:

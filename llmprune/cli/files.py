@@ -1,7 +1,9 @@
-"""``eval``, ``export``, ``inspect`` and ``push``: commands on a checkpoint that exists."""
+"""``eval``, ``bench-decode``, ``export``, ``inspect`` and ``push``: commands on a checkpoint that
+exists."""
 
 from __future__ import annotations
 
+from ..core.errors import UserError
 from .common import MODEL_FLAGS, REPLACE, Command, flag, output_dir, positive
 
 
@@ -26,7 +28,11 @@ def _run_eval(args) -> int:
         from ..io.output import check_file_output
 
         check_file_output(args.json_path)
-    model, tokenizer, resolved = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    if args.sparse == "cpu" and args.device != "cpu":
+        raise UserError("--sparse cpu runs on the CPU; drop --device or use --sparse dense")
+    sparse = args.sparse if args.device == "cpu" else "dense"
+    model, tokenizer, resolved = load_model(args.model, trust_remote_code=args.trust_remote_code,
+                                            sparse=sparse)
     results = {"model": args.model, **evaluate_loaded(
         model, tokenizer, ppl=ppl_data, seqlen=args.seqlen, max_windows=args.max_windows,
         batch_size=args.batch_size, tasks=tasks, limit=args.limit, num_fewshot=args.num_fewshot,
@@ -37,6 +43,35 @@ def _run_eval(args) -> int:
 
         write_text_atomic(args.json_path, json.dumps(results, indent=2, default=str) + "\n")
     record_eval(resolved, results)
+    return 0
+
+
+def _run_bench_decode(args) -> int:
+    """greedy decode tokens/s of a compact export: sparse CPU kernels vs dense
+
+    Load a bf16 compact export twice (its pruned linears kept compressed for the CPU sparse
+    kernels, and decoded to dense bf16; also dense fp32 unless --no-fp32), generate --tokens
+    tokens greedily with each in turn, --rounds times, and print the median tokens/s of each and
+    the speed-up over the faster dense one.
+    """
+    import json
+
+    import torch
+
+    from ..runs.decode import bench_compact
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    result = bench_compact(args.model, tokens=args.tokens, rounds=args.rounds,
+                           fp32=not args.no_fp32)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"kernel path {result['kernel']}, {result['threads']} threads, {args.tokens} tokens, "
+          f"median of {args.rounds} alternating rounds")
+    for name, speed in result["tokens_per_s"].items():
+        print(f"{name:>12}  {speed:8.2f} tokens/s")
+    print(f"speed-up of sparse over {result['baseline']}: {result['speedup']['sparse']:.2f}x")
     return 0
 
 
@@ -121,6 +156,21 @@ EVAL_FLAGS = (
     flag("--json", dest="json_path", default=None, metavar="PATH",
          help="also write the results as JSON (lm-eval's per-task 'results' "
               "dictionary unchanged)"),
+    flag("--sparse", choices=["auto", "cpu", "dense"], default="auto",
+         help="a bf16 compact export on the CPU: auto/cpu keep its pruned linears compressed "
+              "and run the CPU sparse kernels (cpu: an error where they cannot); dense "
+              "decodes every weight"),
+)
+
+
+BENCH_DECODE_FLAGS = (
+    flag("model", help="a bf16 compact export (llmprune export DIR --format compact --dtype bf16)"),
+    flag("--tokens", type=positive, default=32, help="new tokens per greedy generate"),
+    flag("--rounds", type=positive, default=3, help="alternating rounds; medians are printed"),
+    flag("--threads", type=positive, default=None,
+         help="torch threads (and the sparse kernels'); default torch's"),
+    flag("--no-fp32", action="store_true", help="skip the dense fp32 baseline"),
+    flag("--json", action="store_true", help="print JSON instead of a table"),
 )
 
 
@@ -163,6 +213,7 @@ PUSH_FLAGS = (
 # function's docstring
 COMMANDS = (
     Command("eval", _run_eval, (*MODEL_FLAGS, *EVAL_FLAGS)),
+    Command("bench-decode", _run_bench_decode, BENCH_DECODE_FLAGS),
     Command("export", _run_export, EXPORT_FLAGS),
     Command("inspect", _run_inspect, INSPECT_FLAGS),
     Command("push", _run_push, PUSH_FLAGS),

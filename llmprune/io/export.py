@@ -478,9 +478,11 @@ def verify_shards(src: Path, meta: dict) -> None:
                 "checkpoint")
 
 
-def iter_compact(src: Path, verify: bool = True
-                 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    """Yield ``(name, dense tensor, keep mask or None)`` for every tensor of a compact export."""
+def iter_compact_parts(src: Path, verify: bool = True
+                       ) -> Iterator[tuple[str, dict, dict[str, torch.Tensor]]]:
+    """Yield ``(name, info, parts)`` for every tensor of a compact export, as stored: ``info`` is
+    its entry in ``llmprune.json`` (encoding, shape, n, m...), ``parts`` its encoded tensors by
+    suffix (``""`` for plain), checksums verified unless ``verify=False``."""
     meta = read_meta(src)
     if not meta or meta.get("format") != COMPACT_FORMAT:
         raise UserError(f"{src} is not a compact llmprune checkpoint (no {META_FILE} with format "
@@ -515,22 +517,38 @@ def iter_compact(src: Path, verify: bool = True
                                     f"{path} fails the {algo} checksum of tensor "
                                     f"{name}{'.' + s_ if s_ else ''}: the file is corrupted; "
                                     "re-export the checkpoint")
-                    shape = tuple(info["shape"])
-                    dense = compact.decode(info["encoding"], parts, shape, info.get("n"),
-                                           info.get("m"))
-                    keep = None
-                    if info["encoding"] == "bitmask":
-                        keep = compact.unpack_bits(parts["bitmask"], shape[1])
-                    elif info["encoding"] == "nm":
-                        keep = compact.nm_keep(parts["indices"], shape, info["n"], info["m"])
-                    elif info["pattern"] != "dense":
-                        keep = dense != 0  # stored plain (too dense to compact): zeros = pruned
-                    yield name, dense, keep
+                    yield name, info, parts
         except CorruptCheckpointError:
             raise
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as exc:
             raise CorruptCheckpointError(f"cannot decode {path}: {exc}; the file is damaged, "
                                          "re-export the checkpoint") from None
+
+
+def decode_parts(name: str, info: dict, parts: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One tensor of :func:`iter_compact_parts` -> ``(dense tensor, keep mask or None)``."""
+    shape = tuple(info["shape"])
+    try:
+        dense = compact.decode(info["encoding"], parts, shape, info.get("n"), info.get("m"))
+    except (ValueError, RuntimeError) as exc:
+        raise CorruptCheckpointError(f"cannot decode tensor {name}: {exc}; the file is damaged, "
+                                     "re-export the checkpoint") from None
+    keep = None
+    if info["encoding"] == "bitmask":
+        keep = compact.unpack_bits(parts["bitmask"], shape[1])
+    elif info["encoding"] == "nm":
+        keep = compact.nm_keep(parts["indices"], shape, info["n"], info["m"])
+    elif info["pattern"] != "dense":
+        keep = dense != 0  # stored plain (too dense to compact): zeros = pruned
+    return dense, keep
+
+
+def iter_compact(src: Path, verify: bool = True
+                 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """Yield ``(name, dense tensor, keep mask or None)`` for every tensor of a compact export."""
+    for name, info, parts in iter_compact_parts(src, verify):
+        yield (name, *decode_parts(name, info, parts))
 
 
 # ----------------------------------------------------------------------------- entry point

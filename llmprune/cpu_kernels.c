@@ -1,0 +1,507 @@
+/* Optional native CPU kernels for compact bitmask weights (llmprune/sparse/cpu.py).
+ *
+ * A weight W [n, k] (bf16) is held as
+ *   bits     uint8 [n, kb], kb = ceil(k / 8): bit j % 8 of byte j / 8 of row r is W[r, j] kept
+ *            (little-endian bit order, padding bits clear: the export's bitmask layout)
+ *   values   bf16 [nnz]: the kept weights in row-major order (the vector loops load whole
+ *            vectors at the cursor; only near the end of values do they load fewer elements)
+ *   offsets  int64 [n + 1]: row r's kept values are values[offsets[r] : offsets[r + 1]]
+ *
+ * bitmask_matmul(path, x, bits, values, offsets, y, m, n, k, threads)
+ *   y [m, n] fp32 = x [m, k] bf16 @ W^T, m = 1..8 (decode). Arguments are addresses
+ *   (tensor.data_ptr()): sizes are the caller's contract, checked once in cpu.py.
+ * bitmask_decode(bits, values, offsets, w, n, k, threads): the dense W [n, k] bf16 (prefill).
+ * dense_matmul(path, x, w, y, m, n, k, threads): the same loop over a dense bf16 W, the bytes
+ *   ceiling's reference.
+ * paths() -> tuple of the paths this CPU runs: "avx512" (vpexpandw + vdpbf16ps), "avx2"
+ *   (pshufb expand + fp32 FMA).
+ *
+ * The library is compiled with baseline flags; each path is a function with its own
+ * __attribute__((target)) and is chosen at run time with __builtin_cpu_supports, so one build
+ * runs on every x86-64 CPU. Rows are split into one contiguous block per thread (a small pool of
+ * persistent pthreads, woken per call); the GIL is released while they run.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ABI_VERSION 2
+#define MAX_M 8    /* rows of x per call */
+#define MAX_THREADS 64
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_X86 1
+#include <immintrin.h>
+#else
+#define HAVE_X86 0
+#endif
+
+/* ------------------------------------------------------------------ job description */
+typedef struct {
+    int kind; /* 0 bitmask matmul, 1 decode, 2 dense matmul */
+    int path; /* 1 avx512, 2 avx2 */
+    const uint16_t *x;      /* [m, kp] bf16, zero-padded to kp = k rounded up to 32 */
+    const uint8_t *bits;    /* [n, kb] */
+    const uint16_t *values; /* [nnz] */
+    const uint16_t *vend;   /* values + nnz */
+    const int64_t *offsets; /* [n + 1] */
+    const uint16_t *w;      /* dense [n, k] (kind 2) */
+    uint16_t *wout;         /* dense [n, k] (kind 1) */
+    float *y;               /* [m, n] */
+    int m;
+    Py_ssize_t n, k, kp;
+} job_t;
+
+/* ------------------------------------------------------------------ AVX-512 path */
+#if HAVE_X86
+#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi2,bmi2,popcnt")))
+
+/* the 32 elements at p (fewer at the end of the values, the rest zero), kept in a register:
+ * compilers otherwise fold the load into vpexpandw's memory form, which is microcoded on AMD
+ * Zen 4 (5x slower here) */
+T512 static inline __m512i load_reg(const uint16_t *p, const uint16_t *end) {
+    __m512i v;
+    if (__builtin_expect(end - p >= 32, 1))
+        v = _mm512_loadu_si512(p);
+    else /* masked: no fault past the end */
+        v = _mm512_maskz_loadu_epi16((__mmask32)((1ull << (end - p)) - 1), p);
+    __asm__("" : "+v"(v));
+    return v;
+}
+
+/* the mask bits of columns [32c, 32c + 32) of a row (tail chunk: only the bytes that exist) */
+static inline uint32_t chunk_mask(const uint8_t *b, Py_ssize_t c, Py_ssize_t kb) {
+    Py_ssize_t at = 4 * c, left = kb - at;
+    if (left >= 4) {
+        uint32_t v;
+        memcpy(&v, b + at, 4);
+        return v;
+    }
+    uint32_t v = 0;
+    for (Py_ssize_t i = 0; i < left; i++) v |= (uint32_t)b[at + i] << (8 * i);
+    return v;
+}
+
+/* one 32-column chunk c of a row: a 64-byte load at the value cursor, vpexpandw to the columns
+ * whose bit is set (zeros elsewhere), the cursor advanced by the popcount, one vdpbf16ps per row
+ * of x into acc */
+#define CHUNK512(M, acc, km, c)                                                                  \
+    do {                                                                                         \
+        __m512i w_ = _mm512_maskz_expand_epi16((km), load_reg(v, j->vend));                               \
+        v += _mm_popcnt_u32(km);                                                                 \
+        for (int i = 0; i < M; i++)                                                              \
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w_,                                      \
+                                      (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * (c))); \
+    } while (0)
+
+/* Rows [r0, r1), one at a time so that each thread reads two sequential streams (mask bytes,
+ * kept values); even and odd chunks go to two accumulators, which halves the vdpbf16ps
+ * latency chain. */
+#define AVX512_ROWS(M)                                                                           \
+    T512 static void bm512_m##M(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {                  \
+        const Py_ssize_t kb = (j->k + 7) / 8, nc = j->kp / 32, full = kb / 4;                    \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                   \
+            const uint8_t *b = j->bits + r * kb;                                                 \
+            const uint16_t *v = j->values + j->offsets[r];                                       \
+            __m512 a0[M], a1[M];                                                                 \
+            for (int i = 0; i < M; i++) a0[i] = a1[i] = _mm512_setzero_ps();                     \
+            Py_ssize_t c = 0;                                                                    \
+            for (; c + 1 < full; c += 2) {                                                       \
+                uint32_t k0, k1;                                                                 \
+                memcpy(&k0, b + 4 * c, 4);                                                       \
+                memcpy(&k1, b + 4 * c + 4, 4);                                                   \
+                CHUNK512(M, a0, k0, c);                                                          \
+                CHUNK512(M, a1, k1, c + 1);                                                      \
+            }                                                                                    \
+            for (; c < nc; c++) {                                                                \
+                uint32_t k0 = chunk_mask(b, c, kb);                                              \
+                CHUNK512(M, a0, k0, c);                                                          \
+            }                                                                                    \
+            for (int i = 0; i < M; i++)                                                          \
+                j->y[i * j->n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));          \
+        }                                                                                        \
+    }
+
+AVX512_ROWS(1)
+AVX512_ROWS(2)
+AVX512_ROWS(3)
+AVX512_ROWS(4)
+AVX512_ROWS(5)
+AVX512_ROWS(6)
+AVX512_ROWS(7)
+AVX512_ROWS(8)
+
+typedef void (*rows_fn)(const job_t *, Py_ssize_t, Py_ssize_t);
+static const rows_fn BM512[MAX_M + 1] = {NULL, bm512_m1, bm512_m2, bm512_m3, bm512_m4,
+                                         bm512_m5, bm512_m6, bm512_m7, bm512_m8};
+
+/* the dense reference: the same loop without the expand, k % 32 == 0 */
+T512 static void dense512(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
+    const Py_ssize_t nc = j->k / 32;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint16_t *wr = j->w + r * j->k;
+        __m512 a[MAX_M];
+        for (int i = 0; i < j->m; i++) a[i] = _mm512_setzero_ps();
+        for (Py_ssize_t c = 0; c < nc; c++) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + 32 * c);
+            for (int i = 0; i < j->m; i++)
+                a[i] = _mm512_dpbf16_ps(a[i], wv,
+                                        (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * c));
+        }
+        for (int i = 0; i < j->m; i++) j->y[i * j->n + r] = _mm512_reduce_add_ps(a[i]);
+    }
+}
+
+/* rows [r0, r1) of the dense weight, 32 columns per vpexpandw (the tail chunk stored in part) */
+T512 static void decode512(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
+    const Py_ssize_t kb = (j->k + 7) / 8, nc = (j->k + 31) / 32;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *b = j->bits + r * kb;
+        const uint16_t *v = j->values + j->offsets[r];
+        uint16_t *out = j->wout + r * j->k;
+        for (Py_ssize_t c = 0; c < nc; c++) {
+            uint32_t km = chunk_mask(b, c, kb);
+            __m512i w = _mm512_maskz_expand_epi16(km, load_reg(v, j->vend));
+            v += _mm_popcnt_u32(km);
+            Py_ssize_t left = j->k - 32 * c;
+            __mmask32 st = left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1);
+            _mm512_mask_storeu_epi16(out + 32 * c, st, w);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ AVX2 path */
+#define T256 __attribute__((target("avx2,fma,popcnt")))
+static uint8_t SHUF[256][16]; /* pshufb control: byte pair i <- kept value rank(i), 0x80 = 0 */
+
+/* 8 columns per mask byte: a 16-byte load at the cursor, pshufb to the set positions, bf16 ->
+ * fp32 by a 16-bit shift, one FMA per row of x (x held as fp32, xf [m, kp]) */
+T256 static void bm256(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
+    const Py_ssize_t kb = (j->k + 7) / 8;
+    const float *xf = (const float *)j->x;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *b = j->bits + r * kb;
+        const uint16_t *v = j->values + j->offsets[r];
+        __m256 a[MAX_M];
+        for (int i = 0; i < j->m; i++) a[i] = _mm256_setzero_ps();
+        for (Py_ssize_t c = 0; c < kb; c++) {
+            unsigned km = b[c];
+            __m128i raw;
+            if (__builtin_expect(j->vend - v >= 8, 1)) {
+                raw = _mm_loadu_si128((const __m128i *)v);
+            } else { /* the last few values: no read past the end */
+                uint16_t tail[8] = {0};
+                memcpy(tail, v, (size_t)(j->vend - v) * 2);
+                raw = _mm_loadu_si128((const __m128i *)tail);
+            }
+            __m128i e = _mm_shuffle_epi8(raw, _mm_loadu_si128((const __m128i *)SHUF[km]));
+            __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(e), 16));
+            v += _mm_popcnt_u32(km);
+            for (int i = 0; i < j->m; i++)
+                a[i] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xf + i * j->kp + 8 * c), a[i]);
+        }
+        for (int i = 0; i < j->m; i++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(a[i]), _mm256_extractf128_ps(a[i], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            j->y[i * j->n + r] = _mm_cvtss_f32(s);
+        }
+    }
+}
+#endif /* HAVE_X86 */
+
+/* portable decode (no AVX-512 or not x86) */
+static void decode_scalar(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
+    const Py_ssize_t kb = (j->k + 7) / 8;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *b = j->bits + r * kb;
+        const uint16_t *v = j->values + j->offsets[r];
+        uint16_t *out = j->wout + r * j->k;
+        for (Py_ssize_t c = 0; c < j->k; c++) out[c] = (b[c / 8] >> (c % 8) & 1) ? *v++ : 0;
+    }
+}
+
+static void run_rows(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
+    if (r0 >= r1) return;
+#if HAVE_X86
+    if (j->kind == 0 && j->path == 1) BM512[j->m](j, r0, r1);
+    else if (j->kind == 0) bm256(j, r0, r1);
+    else if (j->kind == 1 && j->path == 1) decode512(j, r0, r1);
+    else if (j->kind == 1) decode_scalar(j, r0, r1);
+    else dense512(j, r0, r1);
+#else
+    decode_scalar(j, r0, r1);
+#endif
+}
+
+/* ------------------------------------------------------------------ thread pool */
+/* A call cuts the rows into chunks that threads claim one at a time from a shared counter
+ * (generation << 32 | next chunk). The caller claims chunks too, so a worker the OS has not
+ * scheduled yet (a busy machine) costs nothing: the caller takes its chunks, and waits only for
+ * chunks a worker has claimed and is running. A worker that wakes after the call sees another
+ * generation in the counter and claims nothing. Workers spin a short while before sleeping on a
+ * condition variable: decode calls come back to back. Calls are serialised by call_lock. */
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER;
+static int pool_size = 1;           /* threads including the caller */
+static uint64_t pool_claim = 0;     /* generation << 32 | next chunk to claim */
+static uint64_t pool_done = 0;      /* chunks finished in the current call */
+static job_t pool_job;              /* the current call's job */
+static Py_ssize_t pool_chunk_rows;  /* rows per chunk */
+static uint64_t pool_chunks;        /* chunks in the current call */
+
+/* claim and run chunks of generation gen until none is left */
+static void drain(uint64_t gen) {
+    for (;;) {
+        uint64_t v = __atomic_load_n(&pool_claim, __ATOMIC_ACQUIRE);
+        if ((v >> 32) != gen || (v & 0xFFFFFFFFu) >= pool_chunks) return;
+        if (!__atomic_compare_exchange_n(&pool_claim, &v, v + 1, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
+        Py_ssize_t r0 = (Py_ssize_t)(v & 0xFFFFFFFFu) * pool_chunk_rows;
+        Py_ssize_t r1 = r0 + pool_chunk_rows < pool_job.n ? r0 + pool_chunk_rows : pool_job.n;
+        run_rows(&pool_job, r0, r1);
+        __atomic_add_fetch(&pool_done, 1, __ATOMIC_ACQ_REL);
+    }
+}
+
+static void *worker(void *arg) {
+    (void)arg;
+    uint64_t seen = __atomic_load_n(&pool_claim, __ATOMIC_ACQUIRE) >> 32;
+    for (;;) {
+        uint64_t gen;
+        int spins = 0;
+        while ((gen = __atomic_load_n(&pool_claim, __ATOMIC_ACQUIRE) >> 32) == seen &&
+               spins < 4000) {
+            spins++;
+#if HAVE_X86
+            _mm_pause();
+#endif
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool_lock);
+            while ((gen = __atomic_load_n(&pool_claim, __ATOMIC_ACQUIRE) >> 32) == seen)
+                pthread_cond_wait(&pool_wake, &pool_lock);
+            pthread_mutex_unlock(&pool_lock);
+        }
+        seen = gen;
+        drain(gen);
+    }
+    return NULL;
+}
+
+static void grow_pool(int threads) {
+    while (pool_size < threads) {
+        pthread_t t;
+        pthread_attr_t at;
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        int failed = pthread_create(&t, &at, worker, NULL) != 0;
+        pthread_attr_destroy(&at);
+        if (failed) break;
+        pool_size++;
+    }
+}
+
+/* rows [0, n) of job j on up to `threads` threads, in about 8 chunks per thread (at least 16
+ * rows each, so that a chunk's work dwarfs its claim) */
+static void run_parallel(const job_t *j, int threads) {
+    pthread_mutex_lock(&call_lock);
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > 1) grow_pool(threads);
+    if (threads < 2 || pool_size < 2 || j->n < 32) {
+        run_rows(j, 0, j->n);
+        pthread_mutex_unlock(&call_lock);
+        return;
+    }
+    Py_ssize_t rows = (j->n + 8 * threads - 1) / (8 * threads);
+    pool_chunk_rows = rows < 16 ? 16 : rows;
+    pool_chunks = (uint64_t)((j->n + pool_chunk_rows - 1) / pool_chunk_rows);
+    pool_job = *j;
+    __atomic_store_n(&pool_done, 0, __ATOMIC_RELEASE);
+    uint64_t gen = (__atomic_load_n(&pool_claim, __ATOMIC_ACQUIRE) >> 32) + 1;
+    pthread_mutex_lock(&pool_lock);
+    __atomic_store_n(&pool_claim, gen << 32, __ATOMIC_RELEASE); /* publishes the job */
+    pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_lock);
+    drain(gen);
+    for (int spins = 0; __atomic_load_n(&pool_done, __ATOMIC_ACQUIRE) < pool_chunks; spins++) {
+        if (spins > 4000) sched_yield(); /* a worker is mid-chunk but descheduled */
+#if HAVE_X86
+        else _mm_pause();
+#endif
+    }
+    /* close the generation before the next call rewrites the job: a worker that read this
+     * generation late finds no chunk left, whatever the next call's chunk count */
+    __atomic_store_n(&pool_claim, gen << 32 | 0xFFFFFFFFu, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&call_lock);
+}
+
+/* ------------------------------------------------------------------ Python interface */
+static int path_supported(int path) {
+#if HAVE_X86
+    __builtin_cpu_init();
+    if (path == 1)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
+               __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("bmi2");
+    if (path == 2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    (void)path;
+    return 0;
+}
+
+static int parse_path(const char *name) {
+    if (strcmp(name, "avx512") == 0) return 1;
+    if (strcmp(name, "avx2") == 0) return 2;
+    return 0;
+}
+
+/* x [m, k] bf16 -> a zero-padded copy [m, kp] (avx512: bf16; avx2: fp32) */
+static void *pad_x(const uint16_t *x, int m, Py_ssize_t k, Py_ssize_t kp, int path) {
+    if (path == 2) {
+        float *out = calloc((size_t)m * kp, sizeof(float));
+        if (!out) return NULL;
+        for (int i = 0; i < m; i++)
+            for (Py_ssize_t c = 0; c < k; c++) {
+                uint32_t u = (uint32_t)x[i * k + c] << 16;
+                memcpy(out + i * kp + c, &u, 4);
+            }
+        return out;
+    }
+    uint16_t *out = calloc((size_t)m * kp, sizeof(uint16_t));
+    if (!out) return NULL;
+    for (int i = 0; i < m; i++) memcpy(out + i * kp, x + i * k, k * sizeof(uint16_t));
+    return out;
+}
+
+static PyObject *matmul_common(PyObject *args, int kind) {
+    const char *pname;
+    unsigned long long xa, ba, va, oa, ya;
+    Py_ssize_t m, n, k;
+    int threads;
+    if (kind == 0) {
+        if (!PyArg_ParseTuple(args, "sKKKKKnnni", &pname, &xa, &ba, &va, &oa, &ya, &m, &n, &k,
+                              &threads))
+            return NULL;
+    } else {
+        if (!PyArg_ParseTuple(args, "sKKKnnni", &pname, &xa, &va, &ya, &m, &n, &k, &threads))
+            return NULL;
+        ba = oa = 0;
+    }
+    int path = parse_path(pname);
+    if (path == 0 || !path_supported(path) || (kind == 2 && path != 1)) {
+        PyErr_Format(PyExc_ValueError, "kernel path %s is not available on this CPU", pname);
+        return NULL;
+    }
+    if (m < 1 || m > MAX_M || n < 0 || k < 1 || (kind == 2 && k % 32)) {
+        PyErr_SetString(PyExc_ValueError, "bad shape (1 <= m <= 8 rows of x)");
+        return NULL;
+    }
+    job_t j = {0};
+    j.kind = kind;
+    j.path = path;
+    j.m = (int)m;
+    j.n = n;
+    j.k = k;
+    j.kp = path == 2 ? (k + 7) / 8 * 8 : (k + 31) / 32 * 32;
+    j.bits = (const uint8_t *)(uintptr_t)ba;
+    j.offsets = (const int64_t *)(uintptr_t)oa;
+    j.values = (const uint16_t *)(uintptr_t)va;
+    j.w = (const uint16_t *)(uintptr_t)va;
+    if (kind == 0) j.vend = j.values + j.offsets[n];
+    j.y = (float *)(uintptr_t)ya;
+    void *xp = NULL;
+    int ok = 1;
+    Py_BEGIN_ALLOW_THREADS
+    xp = pad_x((const uint16_t *)(uintptr_t)xa, (int)m, k, j.kp, path);
+    if (xp) {
+        j.x = xp;
+        run_parallel(&j, threads);
+        free(xp);
+    } else {
+        ok = 0;
+    }
+    Py_END_ALLOW_THREADS
+    if (!ok) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *bitmask_matmul(PyObject *self, PyObject *args) { return matmul_common(args, 0); }
+static PyObject *dense_matmul(PyObject *self, PyObject *args) { return matmul_common(args, 2); }
+
+static PyObject *bitmask_decode(PyObject *self, PyObject *args) {
+    unsigned long long ba, va, oa, wa;
+    Py_ssize_t n, k;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKnni", &ba, &va, &oa, &wa, &n, &k, &threads)) return NULL;
+    job_t j = {0};
+    j.kind = 1;
+    j.path = path_supported(1) ? 1 : 0;
+    j.n = n;
+    j.k = k;
+    j.bits = (const uint8_t *)(uintptr_t)ba;
+    j.values = (const uint16_t *)(uintptr_t)va;
+    j.offsets = (const int64_t *)(uintptr_t)oa;
+    j.vend = j.values + j.offsets[n];
+    j.wout = (uint16_t *)(uintptr_t)wa;
+    Py_BEGIN_ALLOW_THREADS
+    run_parallel(&j, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *paths(PyObject *self, PyObject *noargs) {
+    PyObject *out = PyList_New(0);
+    if (!out) return NULL;
+    if (path_supported(1) && PyList_Append(out, PyUnicode_FromString("avx512")) < 0) goto fail;
+    if (path_supported(2) && PyList_Append(out, PyUnicode_FromString("avx2")) < 0) goto fail;
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"bitmask_matmul", bitmask_matmul, METH_VARARGS,
+     "bitmask_matmul(path, x, bits, values, offsets, y, m, n, k, threads): y[m, n] fp32 = "
+     "x[m, k] bf16 @ W^T for a bitmask weight (arguments are data addresses)."},
+    {"bitmask_decode", bitmask_decode, METH_VARARGS,
+     "bitmask_decode(bits, values, offsets, w, n, k, threads): the dense bf16 weight w[n, k]."},
+    {"dense_matmul", dense_matmul, METH_VARARGS,
+     "dense_matmul(path, x, w, y, m, n, k, threads): y = x @ w^T for a dense bf16 w (avx512, "
+     "k % 32 == 0): the bytes ceiling's reference loop."},
+    {"paths", paths, METH_NOARGS, "paths() -> the kernel paths this CPU runs, fastest first."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "cpu_kernels",
+                                    "Optional native CPU kernels for bitmask sparse weights.", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit_cpu_kernels(void) {
+#if HAVE_X86
+    for (int byte = 0; byte < 256; byte++) {
+        int rank = 0;
+        for (int i = 0; i < 8; i++) {
+            if (byte >> i & 1) {
+                SHUF[byte][2 * i] = (uint8_t)(2 * rank);
+                SHUF[byte][2 * i + 1] = (uint8_t)(2 * rank + 1);
+                rank++;
+            } else {
+                SHUF[byte][2 * i] = SHUF[byte][2 * i + 1] = 0x80;
+            }
+        }
+    }
+#endif
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "ABI", ABI_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
