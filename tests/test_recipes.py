@@ -22,7 +22,7 @@ def test_shipped_recipes_are_valid():
     assert len(RECIPES) >= 5
     for path in RECIPES:
         data = runner.load(str(path))
-        assert next(iter(data["stages"][0])) in ("magnitude", "wanda", "sparsegpt")
+        assert next(iter(data["stages"][0])) in ("magnitude", "wanda", "sparsegpt", "admm")
 
 
 @pytest.mark.parametrize("text,hint", [

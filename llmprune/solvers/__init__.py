@@ -3,7 +3,7 @@
 The import order below is the order of the solvers in ``llmprune --help`` and in ``sweep``.
 """
 
-from . import magnitude, wanda, sparsegpt  # noqa: F401  (explicit imports fill the registry)
+from . import magnitude, wanda, sparsegpt, admm  # noqa: F401  (explicit imports fill the registry)
 from .base import SOLVERS, Solved, SolverBase, get_solver, option, options_of, register
 
 
