@@ -352,3 +352,140 @@ def test_owl_on_moe_allocates_per_layer_and_prunes_every_expert():
             for w in (p if p.dim() == 3 else p[None]):
                 got = float((w == 0).float().mean())
                 assert abs(got - layer_sparsity[i]) <= 1 / w.shape[-1], (i, got)
+
+
+def _never_route_to(moe, expert: int):
+    """A forward hook on Mixtral's router that keeps its top-2 off ``expert`` (its logit set to
+    -inf before the softmax and top-k, as the router computes them)."""
+    def hook(router, args, _out):
+        logits = torch.nn.functional.linear(args[0].reshape(-1, router.hidden_dim), router.weight)
+        logits[:, expert] = float("-inf")
+        probs = torch.softmax(logits.float(), dim=-1)
+        top, idx = probs.topk(router.top_k, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), idx
+    return moe.gate.register_forward_hook(hook)
+
+
+def _expert_hessians(model, ids, calibrate: str) -> dict[str, object]:
+    """The SparseGPT statistics of every input group of Mixtral's layer 0, one dense pass."""
+    from llmprune.engine.calibrate import collect_layer_stats
+    from llmprune.models.experts import expert_linears
+    from llmprune.solvers import get_solver
+
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    with expert_linears(layers, adapter.experts, model.config, calibrate):
+        inputs = capture_inputs(model, adapter, ids, EngineOptions(batch_size=4))
+        groups = layer_groups(adapter, layers[0], inputs)
+        stats = collect_layer_stats(layers[0], list(groups), inputs, get_solver("sparsegpt"),
+                                    torch.device("cpu"))
+    return {g[0]: s for g, s in zip(groups, stats)}
+
+
+def test_moe_calibrate_all_gives_every_expert_every_token():
+    """--moe-calibrate all on a tiny Mixtral whose router never picks expert 3: each expert's
+    gate/up Hessian is X^T X over every token entering the experts, its down Hessian Z^T Z with
+    Z = silu(x W_gate^T) * (x W_up^T) of every token (both by hand, float64); expert 3 included.
+    With routed calibration expert 3 gets no token. Two runs give identical statistics."""
+    import torch.nn.functional as F
+
+    model = tiny_family_model("mixtral")
+    moe = model.model.layers[0].mlp
+    handle = _never_route_to(moe, 3)
+    ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(4))
+    xs = []
+    grab = moe.register_forward_pre_hook(lambda _m, args: xs.append(args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids[:4])
+        model(input_ids=ids[4:])
+    grab.remove()
+    x = torch.cat(xs).reshape(-1, 64).double()  # [T, hidden]: every token entering the experts
+    routed = _expert_hessians(model, ids, "routed")
+    assert routed["mlp.experts.expert_linears.gate_up_proj.3"].tokens == 0
+    stats = _expert_hessians(model, ids, "all")
+    again = _expert_hessians(model, ids, "all")
+    handle.remove()
+    gate_up = moe.experts.gate_up_proj.detach().double()  # [E, 2 * inter, hidden]
+    for e in range(4):
+        h = stats[f"mlp.experts.expert_linears.gate_up_proj.{e}"]
+        assert h.tokens == x.shape[0]
+        assert torch.allclose(h.full().double(), x.T @ x, rtol=1e-4, atol=1e-3), e
+        gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
+        z = F.silu(gate) * up  # [T, inter]
+        h = stats[f"mlp.experts.expert_linears.down_proj.{e}"]
+        assert h.tokens == x.shape[0]
+        assert torch.allclose(h.full().double(), z.T @ z, rtol=1e-4, atol=1e-3), e
+    assert all(torch.equal(stats[k].full(), again[k].full()) for k in stats)
+
+
+def test_moe_calibrate_all_keeps_the_real_routing_and_prunes_every_expert():
+    """The experts module's output under calibrate="all", watched by a hook, is the real
+    routing's; pruning with moe_calibrate="all" calibrates an expert the router never picks
+    (routed: pruned by magnitude instead) and gives the same weights twice."""
+    import llmprune
+    from llmprune.models.experts import expert_linears
+    from llmprune.recipe import PruneRecipe
+
+    def pruned(calibrate):
+        model = tiny_family_model("mixtral")
+        handles = [_never_route_to(layer.mlp, 3) for layer in model.model.layers]
+        ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(5))
+        report = llmprune.prune(model, PruneRecipe("sparsegpt", sparsity=0.5, batch_size=4,
+                                                   moe_calibrate=calibrate),
+                                calib_ids=ids, progress=False)
+        for h in handles:
+            h.remove()
+        return model, report
+
+    model = tiny_family_model("mixtral")
+    moe = model.model.layers[0].mlp
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = moe(x)
+        with expert_linears(model.model.layers, 4, model.config, "all"):
+            watched = moe.experts.expert_linears.gate_up_proj[0]
+            hook = watched.register_forward_pre_hook(lambda *_: None)
+            got = moe(x)
+            hook.remove()
+    assert torch.equal(got, want)
+
+    routed, report = pruned("routed")
+    assert any(".gate_up_proj.3" in n for n in report.uncalibrated)
+    a, report = pruned("all")
+    assert report.uncalibrated == []
+    b, _ = pruned("all")
+    sa, sb, sr = a.state_dict(), b.state_dict(), routed.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(sa[key][3], sr[key][3])  # Hessian-based, not magnitude
+    for w in sa[key]:
+        assert abs(int((w == 0).sum()) - w.numel() // 2) <= w.shape[0]
+
+
+def test_moe_calibrate_is_checked_and_recorded_only_when_not_the_default(capsys, tmp_path):
+    from llmprune.core.errors import UserError
+    from llmprune.recipe import PruneRecipe
+
+    with pytest.raises(UserError, match="--moe-calibrate must be routed or all"):
+        PruneRecipe("wanda", sparsity=0.5, moe_calibrate="some")
+    assert "moe_calibrate" not in PruneRecipe("wanda", sparsity=0.5).to_dict()
+    data = PruneRecipe("wanda", sparsity=0.5, moe_calibrate="all").to_dict()
+    assert data["moe_calibrate"] == "all" and PruneRecipe.from_dict(data).moe_calibrate == "all"
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "llama4_text"])
+def test_stream_prunes_fused_experts_as_in_memory(model_type, family_dirs, text_file, tmp_path):
+    """Checkpoints that store their experts fused, as the model holds them: --stream prunes
+    every expert, bit-identical to the in-memory run, with --moe-calibrate all too."""
+    src = str(family_dirs(model_type))
+    calib = ["--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32",
+             "--moe-calibrate", "all"]
+    run = lambda *args: main(["-q", *map(str, args)])  # noqa: E731
+    mem, stream = tmp_path / "mem", tmp_path / "stream"
+    assert run("sparsegpt", "--model", src, "--sparsity", "0.5", *calib, "--output", mem) == 0
+    assert run("sparsegpt", "--model", src, "--sparsity", "0.5", *calib, "--stream",
+               "--output", stream) == 0
+    a, b = _state(mem), _state(stream)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    experts = [w for w in a.values() if w.dim() == 3 and w.shape[0] == 4]
+    assert experts and all(abs(float((w == 0).float().mean()) - 0.5) < 0.02 for w in experts)

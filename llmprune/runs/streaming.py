@@ -32,6 +32,7 @@ is renamed to ``OUTPUT``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ from ..engine.streaming import (PROGRESS_VERSION, DiskActivations, gib, load_lay
                                 memory_plan, meta_skeleton, parse_memory, prefer_mmap,
                                 read_tensors, save_hidden, to_meta, work_dir, write_json)
 from ..io.lock import output_lock
+from ..models.experts import expert_linears
 from ..models.limits import check_seqlen
 from ..io.meta import MASKS_FILE, META_FILE, read_meta, write_meta
 from ..io.output import publish_dir
@@ -118,13 +120,13 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     once layer ``i`` is recorded as complete (crash tests kill the process there). Returns the
     metadata written (llmprune.json)."""
     work = work_dir(Path(output).expanduser().resolve())
-    with output_lock(output):
+    with output_lock(output), contextlib.ExitStack() as stack:
         existed = work.exists()
         try:
             return _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
                                     activations_offload, export, export_dtype,
                                     trust_remote_code, progress, max_shard_size, recipe_yaml,
-                                    max_layers, on_layer)
+                                    max_layers, on_layer, stack.enter_context)
         except ResumableError:
             raise
         except UserError:
@@ -137,7 +139,9 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
 
 def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
                      activations_offload, export, export_dtype, trust_remote_code, progress,
-                     max_shard_size, recipe_yaml, max_layers, on_layer) -> dict:
+                     max_shard_size, recipe_yaml, max_layers, on_layer, enter) -> dict:
+    """The run; ``enter`` enters a context manager until the run ends (the fused MoE experts'
+    ExpertLinears, installed on the skeleton as the in-memory engine installs them)."""
     from ..io.data import calibration_ids
     from ..engine.prune import needs_calibration, resolve_calib_dtype
     from .prune import prune_meta
@@ -185,6 +189,9 @@ def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
     skel = meta_skeleton(config, files.float_dtype(), trust_remote_code)
     files.rename(checkpoint_renames(skel, files.entries))
     adapter = adapter_for(skel)
+    # fused MoE experts: one ExpertLinear per expert, read from the layer's weights once loaded
+    enter(expert_linears(adapter.layers(skel), adapter.experts, skel.config,
+                         recipe.moe_calibrate))
     check_target(skel, adapter, target)
     if needs_calibration(recipe):
         check_seqlen(config, recipe.seqlen, "--seqlen")
