@@ -19,7 +19,9 @@ from llmprune.engine.calibrate import EngineOptions, capture_inputs, layer_group
 from llmprune.models import adapter_for, discover
 from llmprune.models.discovery import find_layers_path, watch_groups
 
-from .conftest import DISCOVERED, MOE, tiny_model
+import llmprune
+
+from .conftest import DISCOVERED, MOE, same_bits, tiny_model
 from .tiny_families import VOCAB, tiny_family_model
 
 
@@ -489,3 +491,60 @@ def test_stream_prunes_fused_experts_as_in_memory(model_type, family_dirs, text_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     experts = [w for w in a.values() if w.dim() == 3 and w.shape[0] == 4]
     assert experts and all(abs(float((w == 0).float().mean()) - 0.5) < 0.02 for w in experts)
+    # the streamed checkpoint's per-expert masks become the fused parameters' on export
+    assert run("export", stream, "--format", "compact", "--output", tmp_path / "compact") == 0
+    meta = json.loads((tmp_path / "compact" / "llmprune.json").read_text())
+    stacked = [n for n, info in meta["tensors"].items() if "transposed" in info]
+    assert stacked and all(meta["tensors"][n]["encoding"] == "bitmask" for n in stacked)
+    got = llmprune.load_pretrained(str(tmp_path / "compact"), sparse="dense").state_dict()
+    assert got.keys() == a.keys() and all(same_bits(got[k], a[k]) for k in a)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_compact_export_encodes_every_expert(model_type, family_dirs, text_file, tmp_path):
+    """--export compact of a pruned MoE model (50% and 2:4): every fused expert parameter is
+    stored encoded (bitmask / N:M over its experts' matrices, gpt_oss's [experts, in, out]
+    included), the export is smaller than the dense one, load_pretrained decodes every weight
+    bit for bit as the dense export holds it, and the dense export loads with plain
+    from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    src = str(family_dirs(model_type))
+    calib = ["--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32"]
+    for target, encoding in ((["--sparsity", "0.5"], "bitmask"), (["--pattern", "2:4"], "nm")):
+        dense, packed = tmp_path / f"dense{encoding}", tmp_path / f"compact{encoding}"
+        assert main(["-q", "wanda", "--model", src, *target, *calib, "--output",
+                     str(dense)]) == 0
+        assert main(["-q", "wanda", "--model", src, *target, *calib, "--export", "compact",
+                     "--output", str(packed)]) == 0
+        model, info = AutoModelForCausalLM.from_pretrained(dense, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        want = model.state_dict()
+        meta = json.loads((packed / "llmprune.json").read_text())
+        assert meta["format_version"] == 3
+        experts = {n: i for n, i in meta["tensors"].items() if len(i["shape"]) == 3}
+        assert experts and all(i["encoding"] == encoding and i["bytes"] < i["dense_bytes"]
+                               and i["transposed"] == (model_type == "gpt_oss")
+                               for n, i in experts.items() if not n.endswith("_bias"))
+        on_disk = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors")  # noqa: E731
+                                if "masks" not in p.name)
+        assert on_disk(packed) < 0.8 * on_disk(dense)
+        got = llmprune.load_pretrained(str(packed), sparse="dense").state_dict()
+        assert got.keys() == want.keys() and all(same_bits(got[k], want[k]) for k in want)
+        assert main(["-q", "inspect", str(packed)]) == 0  # 2:4 holds in every expert
+
+
+def test_compact_export_refuses_experts_saved_one_by_one(family_dirs, text_file, tmp_path,
+                                                          capsys):
+    """A dense Mixtral output stores its experts one by one (transformers fuses them on load):
+    ``llmprune export --format compact`` refuses it in one line, before writing anything."""
+    dense = tmp_path / "dense"
+    assert main(["-q", "wanda", "--model", str(family_dirs("mixtral")), "--sparsity", "0.5",
+                 "--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32",
+                 "--output", str(dense)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "export", str(dense), "--format", "compact", "--output",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "converted by transformers on load" in err and "--export compact" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()

@@ -141,11 +141,14 @@ def skeleton(config, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def model_key(model) -> Callable[[str], str]:
+STREAM_REMEDY = "run without --stream/--max-memory/--resume"
+
+
+def model_key(model, remedy: str = STREAM_REMEDY) -> Callable[[str], str]:
     """The name under which transformers loads a checkpoint key into ``model`` (its conversion
     mapping renames some: GPT-NeoX's ``embed_out`` is ``lm_head``). A key that transformers
     converts (several tensors fused into one, as for unfused MoE experts) cannot be read a
-    tensor at a time: a UserError."""
+    tensor at a time: a UserError that ends with ``remedy`` (what the user can do instead)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -160,7 +163,7 @@ def model_key(model) -> Callable[[str], str]:
         if converted is not None:
             raise UserError(f"checkpoint tensor {name} is converted by transformers on load "
                             f"(into {new}); llmprune reads such checkpoints only through "
-                            "transformers: run without --stream/--max-memory/--resume")
+                            f"transformers: {remedy}")
         return new
     return key
 
