@@ -420,6 +420,41 @@ def test_moe_calibrate_all_gives_every_expert_every_token():
     assert all(torch.equal(stats[k].full(), again[k].full()) for k in stats)
 
 
+@pytest.mark.parametrize("model_type", sorted(set(MOE) - {"llama4_text"}))
+def test_moe_calibrate_all_counts_every_token_in_every_family(model_type):
+    """In the first MoE layer of each family, one fused expert parameter: with routed
+    calibration its experts see, together, tokens x experts-per-token statistics rows (the
+    router's top-k); with "all" every expert sees every token."""
+    from llmprune.engine.calibrate import collect_layer_stats, run_layer
+    from llmprune.models.experts import expert_linears
+    from llmprune.solvers import get_solver
+
+    model = tiny_family_model(model_type)
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(7))
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    top_k = model.config.num_experts_per_tok
+    for calibrate in ("routed", "all"):
+        with expert_linears(layers, adapter.experts, model.config, calibrate):
+            inputs = capture_inputs(model, adapter, ids, EngineOptions(batch_size=2))
+            for layer in layers:
+                groups = layer_groups(adapter, layer, inputs)
+                first = sorted({g[0].rpartition(".")[0] for g in groups
+                                if ".expert_linears." in g[0]})[:1]
+                if first:
+                    break
+                run_layer(layer, inputs)
+            experts = [g for g in groups if g[0].rpartition(".")[0] == first[0]]
+            stats = collect_layer_stats(layer, experts, inputs, get_solver("wanda"),
+                                        torch.device("cpu"))
+        tokens = [s.tokens for s in stats]
+        assert len(tokens) == 4, model_type
+        if calibrate == "routed":
+            assert sum(tokens) == ids.numel() * top_k, (model_type, tokens)
+        else:
+            assert tokens == [ids.numel()] * 4, (model_type, tokens)
+
+
 def test_moe_calibrate_all_keeps_the_real_routing_and_prunes_every_expert():
     """The experts module's output under calibrate="all", watched by a hook, is the real
     routing's; pruning with moe_calibrate="all" calibrates an expert the router never picks
