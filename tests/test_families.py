@@ -510,10 +510,12 @@ def test_moe_calibrate_is_checked_and_recorded_only_when_not_the_default(capsys,
     assert data["moe_calibrate"] == "all" and PruneRecipe.from_dict(data).moe_calibrate == "all"
 
 
-@pytest.mark.parametrize("model_type", ["gpt_oss", "llama4_text"])
+@pytest.mark.parametrize("model_type", ["gpt_oss", "llama4_text", "mixtral", "qwen3_moe"])
 def test_stream_prunes_fused_experts_as_in_memory(model_type, family_dirs, text_file, tmp_path):
-    """Checkpoints that store their experts fused, as the model holds them: --stream prunes
-    every expert, bit-identical to the in-memory run, with --moe-calibrate all too."""
+    """--stream prunes every expert, bit-identical to the in-memory run (with --moe-calibrate
+    all too), on checkpoints that store their experts fused as the model holds them (gpt_oss,
+    llama4_text) and on those that store them one by one, which transformers fuses on load
+    (mixtral, qwen3_moe): fused a layer at a time as transformers fuses them."""
     src = str(family_dirs(model_type))
     calib = ["--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32",
              "--moe-calibrate", "all"]
@@ -583,3 +585,33 @@ def test_compact_export_refuses_experts_saved_one_by_one(family_dirs, text_file,
     err = capsys.readouterr().err
     assert "converted by transformers on load" in err and "--export compact" in err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_experts_saved_one_by_one_are_fused_as_transformers_loads_them(tmp_path):
+    """checkpoint_keys + fuse on a Mixtral of 12 experts saved one by one (w1 = gate, w3 = up,
+    w2 = down per expert): layer 0's fused parameters are the experts stacked in numeric order
+    (expert 10 after 9), gate rows before up rows, as the model from_pretrained holds them."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.io.loading import checkpoint_keys, fuse
+    from .tiny_families import tiny_config
+
+    config = tiny_config("mixtral")
+    config.num_local_experts = 12
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    files = load_file(tmp_path / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    renames, fusions = checkpoint_keys(model, files)
+    prefix = "model.layers.0.block_sparse_moe.experts"
+    w = lambda e, n: files[f"{prefix}.{e}.{n}.weight"]  # noqa: E731
+    want = {"gate_up_proj": torch.stack([torch.cat([w(e, "w1"), w(e, "w3")]) for e in range(12)]),
+            "down_proj": torch.stack([w(e, "w2") for e in range(12)])}
+    for param, tensor in want.items():
+        target = f"model.layers.0.mlp.experts.{param}"
+        got = fuse(fusions[target], files.__getitem__)
+        assert torch.equal(got, tensor) and torch.equal(got, model.get_parameter(target))
+    router = "model.layers.0.block_sparse_moe.gate.weight"
+    assert renames[router] == "model.layers.0.mlp.gate.weight"
+    assert not any(k in renames for f in fusions.values() for ks in f.sources.values() for k in ks)

@@ -106,6 +106,20 @@ def _finished(work: Path, out: Path) -> bool:
     return (meta.get("streaming") or {}).get("run_id") == run_id
 
 
+def check_fusions(fusions: dict, prefix: str) -> None:
+    """Tensors that transformers fuses from several checkpoint keys (MoE experts saved one by
+    one) are fused a decoder layer at a time (:func:`llmprune.engine.streaming.load_layer`):
+    each must lie inside one layer (``prefix`` = the layer list's path and a dot)."""
+    for target, fusion in fusions.items():
+        keys = [k for ks in fusion.sources.values() for k in ks]
+        layer = target[len(prefix):].split(".")[0] if target.startswith(prefix) else None
+        if layer is None or any(not k.startswith(f"{prefix}{layer}.") for k in keys):
+            raise UserError(f"transformers fuses checkpoint tensors {keys[0]}, ... into "
+                            f"{target}, which is not inside one decoder layer; llmprune streams "
+                            "only such tensors of one layer: run without --stream/--max-memory/"
+                            "--resume")
+
+
 def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = False,
                     resume: bool = False, max_memory: str | None = None,
                     activations_offload: str = "ram", export: str = "dense",
@@ -147,7 +161,7 @@ def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
     from .prune import prune_meta
     from ..core.device import check_device
     from ..io.export import check_export_args
-    from ..io.loading import checkpoint_renames, load_config, resolve
+    from ..io.loading import checkpoint_keys, load_config, resolve
     from ..io.output import check_output
     from ..solvers import get_solver
 
@@ -187,8 +201,10 @@ def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
 
     files = SafetensorsFiles(checkpoint_files(src))
     skel = meta_skeleton(config, files.float_dtype(), trust_remote_code)
-    files.rename(checkpoint_renames(skel, files.entries))
+    renames, fusions = checkpoint_keys(skel, files.entries)
+    files.rename(renames)
     adapter = adapter_for(skel)
+    check_fusions(fusions, adapter.layers_path + ".")
     # fused MoE experts: one ExpertLinear per expert, read from the layer's weights once loaded
     enter(expert_linears(adapter.layers(skel), adapter.experts, skel.config,
                          recipe.moe_calibrate))
@@ -210,7 +226,8 @@ def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
         calib_ids, calib_info = calibration_ids(tokenizer, recipe)
     # after the tokenizer and the calibration ids, which the process base then includes; still
     # before any weight is read
-    plan = memory_plan(files, skel, adapter, recipe, solver, calib_dtype, activations_offload)
+    plan = memory_plan(files, skel, adapter, recipe, solver, calib_dtype, activations_offload,
+                       fusions)
     if budget is not None and plan.total > budget:
         raise UserError(
             f"--max-memory {max_memory} is too small: this run needs about {gib(plan.total)} "
@@ -296,7 +313,7 @@ def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
             t_layer = time.perf_counter()
             layer = layers[i]
             t = time.perf_counter()
-            load_layer(skel, layer, f"{prefix}{i}.", files, by_layer.get(i, []))
+            load_layer(skel, layer, f"{prefix}{i}.", files, by_layer.get(i, []), fusions)
             report.add_time("read", time.perf_counter() - t)
             report.masks = {}
             n_before = len(report.layers)
