@@ -10,6 +10,7 @@ import yaml
 
 from .core.errors import UserError
 from .core.sparsity import Sparsity
+from .models.experts import MOE_CALIBRATE
 from .solvers import SOLVERS, options_of
 
 CALIB_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
@@ -35,6 +36,8 @@ class PruneRecipe:
     allocation: str = "uniform"  # uniform | owl (per-layer sparsity from outlier ratios)
     owl_lambda: float = 0.08  # OWL: layer sparsities stay within target +- lambda
     owl_m: float = 5.0  # OWL: an outlier scores above M x the layer's mean Wanda score
+    # MoE: an expert's statistics from the tokens routed to it, or from every calibration token
+    moe_calibrate: str = "routed"
     # options of the solver that are not fields above (a registered solver's own options)
     options: dict = field(default_factory=dict)
 
@@ -63,6 +66,9 @@ class PruneRecipe:
                                 "layer; it does not combine with an N:M --pattern")
             if not (0 <= self.owl_lambda < 1) or self.owl_m <= 0:
                 raise UserError("--owl-lambda must be in [0, 1) and --owl-m > 0")
+        if self.moe_calibrate not in MOE_CALIBRATE:
+            raise UserError(f"--moe-calibrate must be {' or '.join(MOE_CALIBRATE)}, got "
+                            f"{self.moe_calibrate!r}")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise UserError(f"--device must be cpu or cuda[:N], got {self.device!r}")
 
@@ -89,6 +95,10 @@ class PruneRecipe:
         data = asdict(self)
         if not data["options"]:
             del data["options"]  # a run of a built-in solver records exactly its fields
+        if data["moe_calibrate"] == "routed":
+            # the default is left out, so that recipes of runs that do not ask for "all" read
+            # as before (and in llmprune versions without the field)
+            del data["moe_calibrate"]
         return data
 
     @classmethod

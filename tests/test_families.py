@@ -19,7 +19,9 @@ from llmprune.engine.calibrate import EngineOptions, capture_inputs, layer_group
 from llmprune.models import adapter_for, discover
 from llmprune.models.discovery import find_layers_path, watch_groups
 
-from .conftest import DISCOVERED, MOE, tiny_model
+import llmprune
+
+from .conftest import DISCOVERED, MOE, same_bits, tiny_model
 from .tiny_families import VOCAB, tiny_family_model
 
 
@@ -352,3 +354,264 @@ def test_owl_on_moe_allocates_per_layer_and_prunes_every_expert():
             for w in (p if p.dim() == 3 else p[None]):
                 got = float((w == 0).float().mean())
                 assert abs(got - layer_sparsity[i]) <= 1 / w.shape[-1], (i, got)
+
+
+def _never_route_to(moe, expert: int):
+    """A forward hook on Mixtral's router that keeps its top-2 off ``expert`` (its logit set to
+    -inf before the softmax and top-k, as the router computes them)."""
+    def hook(router, args, _out):
+        logits = torch.nn.functional.linear(args[0].reshape(-1, router.hidden_dim), router.weight)
+        logits[:, expert] = float("-inf")
+        probs = torch.softmax(logits.float(), dim=-1)
+        top, idx = probs.topk(router.top_k, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), idx
+    return moe.gate.register_forward_hook(hook)
+
+
+def _expert_hessians(model, ids, calibrate: str) -> dict[str, object]:
+    """The SparseGPT statistics of every input group of Mixtral's layer 0, one dense pass."""
+    from llmprune.engine.calibrate import collect_layer_stats
+    from llmprune.models.experts import expert_linears
+    from llmprune.solvers import get_solver
+
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    with expert_linears(layers, adapter.experts, model.config, calibrate):
+        inputs = capture_inputs(model, adapter, ids, EngineOptions(batch_size=4))
+        groups = layer_groups(adapter, layers[0], inputs)
+        stats = collect_layer_stats(layers[0], list(groups), inputs, get_solver("sparsegpt"),
+                                    torch.device("cpu"))
+    return {g[0]: s for g, s in zip(groups, stats)}
+
+
+def test_moe_calibrate_all_gives_every_expert_every_token():
+    """--moe-calibrate all on a tiny Mixtral whose router never picks expert 3: each expert's
+    gate/up Hessian is X^T X over every token entering the experts, its down Hessian Z^T Z with
+    Z = silu(x W_gate^T) * (x W_up^T) of every token (both by hand, float64); expert 3 included.
+    With routed calibration expert 3 gets no token. Two runs give identical statistics."""
+    import torch.nn.functional as F
+
+    model = tiny_family_model("mixtral")
+    moe = model.model.layers[0].mlp
+    handle = _never_route_to(moe, 3)
+    ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(4))
+    xs = []
+    grab = moe.register_forward_pre_hook(lambda _m, args: xs.append(args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=ids[:4])
+        model(input_ids=ids[4:])
+    grab.remove()
+    x = torch.cat(xs).reshape(-1, 64).double()  # [T, hidden]: every token entering the experts
+    routed = _expert_hessians(model, ids, "routed")
+    assert routed["mlp.experts.expert_linears.gate_up_proj.3"].tokens == 0
+    stats = _expert_hessians(model, ids, "all")
+    again = _expert_hessians(model, ids, "all")
+    handle.remove()
+    gate_up = moe.experts.gate_up_proj.detach().double()  # [E, 2 * inter, hidden]
+    for e in range(4):
+        h = stats[f"mlp.experts.expert_linears.gate_up_proj.{e}"]
+        assert h.tokens == x.shape[0]
+        assert torch.allclose(h.full().double(), x.T @ x, rtol=1e-4, atol=1e-3), e
+        gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
+        z = F.silu(gate) * up  # [T, inter]
+        h = stats[f"mlp.experts.expert_linears.down_proj.{e}"]
+        assert h.tokens == x.shape[0]
+        assert torch.allclose(h.full().double(), z.T @ z, rtol=1e-4, atol=1e-3), e
+    assert all(torch.equal(stats[k].full(), again[k].full()) for k in stats)
+
+
+@pytest.mark.parametrize("model_type", sorted(set(MOE) - {"llama4_text"}))
+def test_moe_calibrate_all_counts_every_token_in_every_family(model_type):
+    """In the first MoE layer of each family, one fused expert parameter: with routed
+    calibration its experts see, together, tokens x experts-per-token statistics rows (the
+    router's top-k); with "all" every expert sees every token."""
+    from llmprune.engine.calibrate import collect_layer_stats, run_layer
+    from llmprune.models.experts import expert_linears
+    from llmprune.solvers import get_solver
+
+    model = tiny_family_model(model_type)
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(7))
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    top_k = model.config.num_experts_per_tok
+    for calibrate in ("routed", "all"):
+        with expert_linears(layers, adapter.experts, model.config, calibrate):
+            inputs = capture_inputs(model, adapter, ids, EngineOptions(batch_size=2))
+            for layer in layers:
+                groups = layer_groups(adapter, layer, inputs)
+                first = sorted({g[0].rpartition(".")[0] for g in groups
+                                if ".expert_linears." in g[0]})[:1]
+                if first:
+                    break
+                run_layer(layer, inputs)
+            experts = [g for g in groups if g[0].rpartition(".")[0] == first[0]]
+            stats = collect_layer_stats(layer, experts, inputs, get_solver("wanda"),
+                                        torch.device("cpu"))
+        tokens = [s.tokens for s in stats]
+        assert len(tokens) == 4, model_type
+        if calibrate == "routed":
+            assert sum(tokens) == ids.numel() * top_k, (model_type, tokens)
+        else:
+            assert tokens == [ids.numel()] * 4, (model_type, tokens)
+
+
+def test_moe_calibrate_all_keeps_the_real_routing_and_prunes_every_expert():
+    """The experts module's output under calibrate="all", watched by a hook, is the real
+    routing's; pruning with moe_calibrate="all" calibrates an expert the router never picks
+    (routed: pruned by magnitude instead) and gives the same weights twice."""
+    import llmprune
+    from llmprune.models.experts import expert_linears
+    from llmprune.recipe import PruneRecipe
+
+    def pruned(calibrate):
+        model = tiny_family_model("mixtral")
+        handles = [_never_route_to(layer.mlp, 3) for layer in model.model.layers]
+        ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(5))
+        report = llmprune.prune(model, PruneRecipe("sparsegpt", sparsity=0.5, batch_size=4,
+                                                   moe_calibrate=calibrate),
+                                calib_ids=ids, progress=False)
+        for h in handles:
+            h.remove()
+        return model, report
+
+    model = tiny_family_model("mixtral")
+    moe = model.model.layers[0].mlp
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = moe(x)
+        with expert_linears(model.model.layers, 4, model.config, "all"):
+            watched = moe.experts.expert_linears.gate_up_proj[0]
+            hook = watched.register_forward_pre_hook(lambda *_: None)
+            got = moe(x)
+            hook.remove()
+    assert torch.equal(got, want)
+
+    routed, report = pruned("routed")
+    assert any(".gate_up_proj.3" in n for n in report.uncalibrated)
+    a, report = pruned("all")
+    assert report.uncalibrated == []
+    b, _ = pruned("all")
+    sa, sb, sr = a.state_dict(), b.state_dict(), routed.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(sa[key][3], sr[key][3])  # Hessian-based, not magnitude
+    for w in sa[key]:
+        assert abs(int((w == 0).sum()) - w.numel() // 2) <= w.shape[0]
+
+
+def test_moe_calibrate_is_checked_and_recorded_only_when_not_the_default(capsys, tmp_path):
+    from llmprune.core.errors import UserError
+    from llmprune.recipe import PruneRecipe
+
+    with pytest.raises(UserError, match="--moe-calibrate must be routed or all"):
+        PruneRecipe("wanda", sparsity=0.5, moe_calibrate="some")
+    assert "moe_calibrate" not in PruneRecipe("wanda", sparsity=0.5).to_dict()
+    data = PruneRecipe("wanda", sparsity=0.5, moe_calibrate="all").to_dict()
+    assert data["moe_calibrate"] == "all" and PruneRecipe.from_dict(data).moe_calibrate == "all"
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "llama4_text", "mixtral", "qwen3_moe"])
+def test_stream_prunes_fused_experts_as_in_memory(model_type, family_dirs, text_file, tmp_path):
+    """--stream prunes every expert, bit-identical to the in-memory run (with --moe-calibrate
+    all too), on checkpoints that store their experts fused as the model holds them (gpt_oss,
+    llama4_text) and on those that store them one by one, which transformers fuses on load
+    (mixtral, qwen3_moe): fused a layer at a time as transformers fuses them."""
+    src = str(family_dirs(model_type))
+    calib = ["--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32",
+             "--moe-calibrate", "all"]
+    run = lambda *args: main(["-q", *map(str, args)])  # noqa: E731
+    mem, stream = tmp_path / "mem", tmp_path / "stream"
+    assert run("sparsegpt", "--model", src, "--sparsity", "0.5", *calib, "--output", mem) == 0
+    assert run("sparsegpt", "--model", src, "--sparsity", "0.5", *calib, "--stream",
+               "--output", stream) == 0
+    a, b = _state(mem), _state(stream)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    experts = [w for w in a.values() if w.dim() == 3 and w.shape[0] == 4]
+    assert experts and all(abs(float((w == 0).float().mean()) - 0.5) < 0.02 for w in experts)
+    # the streamed checkpoint's per-expert masks become the fused parameters' on export
+    assert run("export", stream, "--format", "compact", "--output", tmp_path / "compact") == 0
+    meta = json.loads((tmp_path / "compact" / "llmprune.json").read_text())
+    stacked = [n for n, info in meta["tensors"].items() if "transposed" in info]
+    assert stacked and all(meta["tensors"][n]["encoding"] == "bitmask" for n in stacked)
+    got = llmprune.load_pretrained(str(tmp_path / "compact"), sparse="dense").state_dict()
+    assert got.keys() == a.keys() and all(same_bits(got[k], a[k]) for k in a)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe", "gpt_oss"])
+def test_compact_export_encodes_every_expert(model_type, family_dirs, text_file, tmp_path):
+    """--export compact of a pruned MoE model (50% and 2:4): every fused expert parameter is
+    stored encoded (bitmask / N:M over its experts' matrices, gpt_oss's [experts, in, out]
+    included), the export is smaller than the dense one, load_pretrained decodes every weight
+    bit for bit as the dense export holds it, and the dense export loads with plain
+    from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    src = str(family_dirs(model_type))
+    calib = ["--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32"]
+    for target, encoding in ((["--sparsity", "0.5"], "bitmask"), (["--pattern", "2:4"], "nm")):
+        dense, packed = tmp_path / f"dense{encoding}", tmp_path / f"compact{encoding}"
+        assert main(["-q", "wanda", "--model", src, *target, *calib, "--output",
+                     str(dense)]) == 0
+        assert main(["-q", "wanda", "--model", src, *target, *calib, "--export", "compact",
+                     "--output", str(packed)]) == 0
+        model, info = AutoModelForCausalLM.from_pretrained(dense, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        want = model.state_dict()
+        meta = json.loads((packed / "llmprune.json").read_text())
+        assert meta["format_version"] == 3
+        experts = {n: i for n, i in meta["tensors"].items() if len(i["shape"]) == 3}
+        assert experts and all(i["encoding"] == encoding and i["bytes"] < i["dense_bytes"]
+                               and i["transposed"] == (model_type == "gpt_oss")
+                               for n, i in experts.items() if not n.endswith("_bias"))
+        on_disk = lambda d: sum(p.stat().st_size for p in d.glob("*.safetensors")  # noqa: E731
+                                if "masks" not in p.name)
+        assert on_disk(packed) < 0.8 * on_disk(dense)
+        got = llmprune.load_pretrained(str(packed), sparse="dense").state_dict()
+        assert got.keys() == want.keys() and all(same_bits(got[k], want[k]) for k in want)
+        assert main(["-q", "inspect", str(packed)]) == 0  # 2:4 holds in every expert
+
+
+def test_compact_export_refuses_experts_saved_one_by_one(family_dirs, text_file, tmp_path,
+                                                          capsys):
+    """A dense Mixtral output stores its experts one by one (transformers fuses them on load):
+    ``llmprune export --format compact`` refuses it in one line, before writing anything."""
+    dense = tmp_path / "dense"
+    assert main(["-q", "wanda", "--model", str(family_dirs("mixtral")), "--sparsity", "0.5",
+                 "--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32",
+                 "--output", str(dense)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "export", str(dense), "--format", "compact", "--output",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "converted by transformers on load" in err and "--export compact" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_experts_saved_one_by_one_are_fused_as_transformers_loads_them(tmp_path):
+    """checkpoint_keys + fuse on a Mixtral of 12 experts saved one by one (w1 = gate, w3 = up,
+    w2 = down per expert): layer 0's fused parameters are the experts stacked in numeric order
+    (expert 10 after 9), gate rows before up rows, as the model from_pretrained holds them."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.io.loading import checkpoint_keys, fuse
+    from .tiny_families import tiny_config
+
+    config = tiny_config("mixtral")
+    config.num_local_experts = 12
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    files = load_file(tmp_path / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    renames, fusions = checkpoint_keys(model, files)
+    prefix = "model.layers.0.block_sparse_moe.experts"
+    w = lambda e, n: files[f"{prefix}.{e}.{n}.weight"]  # noqa: E731
+    want = {"gate_up_proj": torch.stack([torch.cat([w(e, "w1"), w(e, "w3")]) for e in range(12)]),
+            "down_proj": torch.stack([w(e, "w2") for e in range(12)])}
+    for param, tensor in want.items():
+        target = f"model.layers.0.mlp.experts.{param}"
+        got = fuse(fusions[target], files.__getitem__)
+        assert torch.equal(got, tensor) and torch.equal(got, model.get_parameter(target))
+    router = "model.layers.0.block_sparse_moe.gate.weight"
+    assert renames[router] == "model.layers.0.mlp.gate.weight"
+    assert not any(k in renames for f in fusions.values() for ks in f.sources.values() for k in ks)

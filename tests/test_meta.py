@@ -90,3 +90,39 @@ def test_only_io_meta_writes_llmprune_json():
              if path.relative_to(PKG).as_posix() != "io/meta.py"
              for line in _meta_writers(path.read_text())]
     assert found == []
+
+
+def _compact(version: int, **tensor) -> dict:
+    info = {"encoding": "bitmask", "shape": [4, 8, 16], "dtype": "float32", "shard": "s",
+            **tensor}
+    return {"format": COMPACT_FORMAT, "format_version": version, "dtype": "float32",
+            "shards": {"s": {}}, "tensors": {"w": info}}
+
+
+def test_stacked_experts_need_format_version_3(tmp_path):
+    """A 3-D tensor stored encoded (fused experts, stacked) says which way its experts lie
+    (``transposed``), and only from format version 3 on; N:M must divide an expert's inputs."""
+    write_meta(tmp_path, _compact(3, transposed=False))
+    write_meta(tmp_path, _compact(3, transposed=True, encoding="nm", n=2, m=4))
+    for bad, what in ((_compact(2, transposed=False), "transposed False"),
+                      (_compact(3), "shape [4, 8, 16]"),
+                      (_compact(3, transposed="yes"), "transposed 'yes'"),
+                      (_compact(3, transposed=True, shape=[4, 8]), "shape [4, 8]"),
+                      (_compact(3, transposed=True, shape=[4, 6, 16], encoding="nm", n=2, m=4),
+                       "N:M 2:4")):
+        with pytest.raises(CorruptCheckpointError, match="damaged") as err:
+            write_meta(tmp_path, bad)
+        assert what in str(err.value)
+
+
+def test_a_newer_compact_format_is_refused_before_its_fields(tmp_path):
+    """A compact export newer than this llmprune reads: one line saying to upgrade, whatever its
+    fields hold (a newer format may describe tensors differently)."""
+    from llmprune.core.errors import UserError
+    from llmprune.io.meta import FORMAT_VERSION
+
+    meta = _compact(FORMAT_VERSION + 1, encoding="future", shape="any")
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=f"version {FORMAT_VERSION + 1}.*upgrade llmprune") as err:
+        read_meta(tmp_path)
+    assert not isinstance(err.value, CorruptCheckpointError) and "\n" not in str(err.value)

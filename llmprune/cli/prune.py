@@ -46,6 +46,12 @@ SOLVER_FLAGS_1 = (
               "one pass per group). --no-true-sequential: all groups from one dense "
               "pass, then a second pass to propagate (on smollm2-135m: slower, "
               "and higher perplexity in 3 of 4 settings)"),
+    flag("--moe-calibrate", choices=["routed", "all"], default="routed",
+         help="mixture-of-experts: calibrate each expert on the tokens the router sends to "
+              "it (routed), or on every calibration token (all: each token also runs "
+              "through every expert for the statistics only; the layer's output still "
+              "follows the router). With routed, an expert no token reaches is pruned by "
+              "magnitude, and one that few tokens reach gets statistics from those few"),
     flag("--calib-dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
          help="dtype of the calibration forward passes (statistics and the solve "
               "stay float32); auto = the solver's preferred dtype on an fp32 model "
@@ -109,7 +115,8 @@ def _run_solver(args) -> int:
                   owl_lambda=args.owl_lambda, owl_m=args.owl_m,
                   nsamples=args.nsamples, seqlen=args.seqlen, calib_data=args.calib_data,
                   calib_sampling=args.calib_sampling, batch_size=args.batch_size,
-                  true_sequential=args.true_sequential, calib_dtype=args.calib_dtype)
+                  true_sequential=args.true_sequential, calib_dtype=args.calib_dtype,
+                  moe_calibrate=args.moe_calibrate)
     fields.update({f.name: getattr(args, f.name) for f in options_of(SOLVERS[args.method])})
     recipe = PruneRecipe.from_stage(args.method, fields)
     if args.stream or args.resume or args.max_memory or args.activations_offload == "disk":

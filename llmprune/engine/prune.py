@@ -48,7 +48,9 @@ def prune(model, recipe: PruneRecipe, calib_ids: torch.Tensor | None = None, tok
     check_device(recipe.device)
     adapter = adapter_for(model)
     # fused MoE experts are pruned as one linear per expert, calibrated on the tokens routed to it
-    with expert_linears(adapter.layers(model), adapter.experts, model.config):
+    # (or, recipe.moe_calibrate "all", on every calibration token)
+    with expert_linears(adapter.layers(model), adapter.experts, model.config,
+                        recipe.moe_calibrate):
         return _prune(model, adapter, recipe, calib_ids, tokenizer, keep_masks, progress,
                       parallel, device_map)
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..core.errors import UserError
 from ..core.finite import check_finite
 from ..io.export import parse_size
+from ..io.loading import fuse
 from ..io.output import write_text_atomic
 from ..io.safetensors import SafetensorsFiles, write_safetensors
 from ..models import adapter_for
@@ -119,7 +120,8 @@ def current_rss() -> int:
 
 
 def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solver,
-                calib_dtype: torch.dtype | None, offload: str) -> MemoryPlan:
+                calib_dtype: torch.dtype | None, offload: str,
+                fusions: dict | None = None) -> MemoryPlan:
     prefix = adapter.layers_path + "."
     per_layer: dict[int, int] = {}
     outside = 0
@@ -137,6 +139,12 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
                 nbytes = min(nbytes, tokens * (nbytes // shape[0] + 8192))
             outside += nbytes
     layer = max(per_layer.values(), default=0)
+    # fusing a tensor (load_layer) holds its checkpoint tensors, their stack and the result at
+    # once: twice its bytes beyond the layer's own
+    layer += 2 * max((sum(files.entries[k][1]["data_offsets"][1]
+                          - files.entries[k][1]["data_offsets"][0]
+                          for keys in f.sources.values() for k in keys)
+                      for f in (fusions or {}).values()), default=0)
     layers = adapter.layers(skel)
     first = layers[0]
     stored = next(first.parameters()).dtype
@@ -251,11 +259,22 @@ def load_outside(model: nn.Module, files: SafetensorsFiles, names: list[str]) ->
 
 
 def load_layer(model: nn.Module, layer: nn.Module, prefix: str, files: SafetensorsFiles,
-                names: list[str]) -> None:
-    for name in names:
+                names: list[str], fusions: dict | None = None) -> None:
+    """Read decoder layer ``prefix``'s checkpoint tensors ``names`` into ``layer``; those that
+    transformers fuses on load (``fusions``: the model's name -> :class:`~llmprune.io.loading.
+    Fusion`) are fused as it fuses them."""
+    fusions = {t: f for t, f in (fusions or {}).items() if t.startswith(prefix)}
+    fused = {k for f in fusions.values() for keys in f.sources.values() for k in keys}
+
+    def read(name: str) -> torch.Tensor:
         tensor = files.read(name)
         check_finite(name, tensor, files.entries[name][0])
-        set_tensor(model, name, tensor)
+        return tensor
+    for name in names:
+        if name not in fused:
+            set_tensor(model, name, read(name))
+    for target, fusion in fusions.items():
+        set_tensor(model, target, fuse(fusion, read))
     left = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
     if left:
         raise UserError(f"the checkpoint lacks {prefix}{left[0]}; is it complete?")

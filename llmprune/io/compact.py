@@ -30,6 +30,12 @@ llmprune's masks are carried from the pruning run, never guessed from ``W == 0``
     Bytes for 2:4 in bf16: ``out * in * (2/4 * 2 + 2/4 * 2/8) = 0.5625 x dense``.
 
 Decoding is bit-exact: kept values are stored verbatim and pruned positions decode to ``+0.0``.
+
+Fused expert parameters (3-D, one ``[out, in]`` matrix per expert, or ``[in, out]`` when
+``transposed``) are encoded as their expert slices stacked into one 2-D matrix
+``[experts * out, in]`` (:func:`stack_experts`): every encoding above works row by row, so this
+is each expert's own 2-D encoding, expert after expert, with one ``row_offsets`` over all rows.
+:func:`unstack_experts` restores the 3-D tensor.
 """
 
 from __future__ import annotations
@@ -178,6 +184,30 @@ class Encoded:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+
+# ----------------------------------------------------------------------------- 3-D experts
+def stacked_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, int]:
+    """``[E, out, in]`` (``transposed``: ``[E, in, out]``) -> ``(E * out, in)``."""
+    experts, a, b = shape
+    return (experts * b, a) if transposed else (experts * a, b)
+
+
+def stack_experts(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A fused expert parameter ``[E, out, in]`` (``transposed``: ``[E, in, out]``) as the 2-D
+    ``[E * out, in]`` of its experts' ``[out, in]`` matrices, one after another (a view when not
+    transposed, else a copy)."""
+    if transposed:
+        t = t.transpose(1, 2)
+    return t.contiguous().reshape(stacked_shape(tuple(t.shape), False))
+
+
+def unstack_experts(t: torch.Tensor, shape: tuple[int, ...], transposed: bool) -> torch.Tensor:
+    """Inverse of :func:`stack_experts`: ``[E * out, in]`` -> the parameter's ``shape``."""
+    experts, a, b = shape
+    if transposed:  # [E * out, in] -> [E, out, in] -> [E, in, out]
+        return t.reshape(experts, b, a).transpose(1, 2).contiguous()
+    return t.reshape(shape)
 
 
 # ----------------------------------------------------------------------------- sizes

@@ -45,8 +45,8 @@ from ..core.errors import CorruptCheckpointError, UserError
 from ..core.sparsity import Sparsity
 from . import checksums, compact
 from .checksums import checksum_algo, checksum_bytes, hasher, header_sha256, tensor_checksum
-from .meta import (COMPACT_FORMAT, DENSE_FORMAT, FORMAT_VERSION, MASKS_FILE, META_FILE, is_compact,
-                   nm_of, read_masks, read_meta, write_masks, write_meta)
+from .meta import (COMPACT_FORMAT, DENSE_FORMAT, MASKS_FILE, META_FILE, STACKED_EXPERTS_VERSION,
+                   is_compact, nm_of, read_masks, read_meta, write_masks, write_meta)
 from .safetensors import (ST_NAMES, WEIGHT_FILE_RE, SafetensorsFiles, checkpoint_files,
                           iter_safetensors)
 
@@ -91,6 +91,9 @@ class Source:
     copy_files: list[Path] = field(default_factory=list)  # tokenizer etc.
     nm: tuple[int, int] | None = None
     count: int | None = None  # how many tensors ``tensors`` yields (at most), when known
+    # fused expert parameters (3-D) whose mask covers their expert slices stacked, [E * out, in]
+    # (compact.stack_experts): name -> whether the parameter stores each expert as [in, out]
+    stacked: dict[str, bool] = field(default_factory=dict)
 
 
 def side_files(src: Path) -> list[Path]:
@@ -115,21 +118,70 @@ def dir_source(src: Path) -> Source:
                     masks[name] = keep
                 yield name, dense
         # masks fill in as tensors are read; the exporter looks a tensor's mask up after reading
+        stacked = {name: info["transposed"] for name, info in meta["tensors"].items()
+                   if "transposed" in info}
         return Source(tensors(), config, masks, meta.get("source_meta"), copy_files,
-                      nm_of(meta.get("source_meta")), len(meta.get("tensors") or {}) or None)
+                      nm_of(meta.get("source_meta")), len(meta.get("tensors") or {}) or None,
+                      stacked)
     masks = read_masks(src)
     if meta is not None and masks is None:
         log.warning("%s has llmprune.json but no %s (made by an older llmprune?); pass --pattern "
                     "to derive the masks from the zeros", src, MASKS_FILE)
+    stacked = {}
     files = SafetensorsFiles(checkpoint_files(src))
-    return Source(iter(files), config, masks, meta, copy_files, nm_of(meta), len(files.entries))
+    if masks:
+        masks, stacked = with_fused_masks(src, masks)
+        stacked = {n: t for n, t in stacked.items() if n in files.entries}
+    return Source(iter(files), config, masks, meta, copy_files, nm_of(meta), len(files.entries),
+                  stacked)
+
+
+def check_model_keys(src: Path) -> None:
+    """That every tensor of dense checkpoint ``src`` is one its model holds as it is (or under
+    another name): a compact export stores the checkpoint's tensors, and the compact loader
+    cannot undo what transformers converts on load (e.g. Mixtral's experts saved one by one,
+    fused into 3-D parameters when loaded). UserError otherwise."""
+    from .loading import load_config, model_key, skeleton
+
+    key = model_key(skeleton(load_config(str(src))),
+                    remedy="a compact export holds the model's own tensors: prune with "
+                           "--export compact, which writes the fused experts, or export "
+                           "--format dense")
+    for name in SafetensorsFiles(checkpoint_files(src)).entries:
+        key(name)
+
+
+def with_fused_masks(src: Path, masks: dict[str, torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+    """A dense checkpoint's masks (weight name -> packed keep bits) plus, for each fused expert
+    parameter whose experts the masks name one by one (``<owner>.expert_linears.<param>.<e>``,
+    as the pruning run names them), that parameter's stacked mask; and the stacked parameters
+    (:attr:`Source.stacked`). Which way the parameter stores its experts is read from the
+    model's weightless skeleton, built only when the masks name experts."""
+    from ..models.experts import expert_of, fused_masks
+    from .loading import load_config, skeleton
+
+    modules = {n.removesuffix(".weight"): bits for n, bits in masks.items()}
+    if not any(expert_of(n) for n in modules):
+        return masks, {}
+    fused = fused_masks(skeleton(load_config(str(src))), modules)
+    return {**masks, **{n: f.bits for n, f in fused.items()}}, \
+        {n: f.transposed for n, f in fused.items()}
 
 
 def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None,
                  tokenizer_dir: Path | None = None) -> Source:
     """An in-memory model (``--export compact`` straight after pruning). ``masks`` are packed
-    keep bits by module name, as :class:`llmprune.calibrate.Report` holds them."""
-    keep = None if masks is None else {f"{name}.weight": bits for name, bits in masks.items()}
+    keep bits by module name, as :class:`llmprune.calibrate.Report` holds them; the masks of
+    the experts of a fused expert parameter become that parameter's (stacked) mask."""
+    from ..models.experts import fused_masks
+
+    keep, stacked = None, {}
+    if masks is not None:
+        fused = fused_masks(model, masks)
+        keep = {f"{name}.weight": bits for name, bits in masks.items()}
+        keep.update({name: f.bits for name, f in fused.items()})
+        stacked = {name: f.transposed for name, f in fused.items()}
 
     state = model.state_dict()
 
@@ -144,7 +196,7 @@ def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None
     if tokenizer_dir is not None:
         copy_files = [p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()]
     return Source(tensors(), model.config.to_dict(), keep, meta, copy_files, nm_of(meta),
-                  len(state))
+                  len(state), stacked)
 
 
 def pattern_masks(src: Path, config: dict, pattern: str) -> tuple[dict, tuple[int, int] | None]:
@@ -311,6 +363,12 @@ def _config_with_dtype(config: dict, dtype: torch.dtype) -> dict:
     return config
 
 
+def format_version(source: Source) -> int:
+    """The compact format version an export of ``source`` is written in: the oldest that holds
+    it (fused experts stored stacked need version 3; llmprune before it reads version 2)."""
+    return STACKED_EXPERTS_VERSION if source.stacked else 2
+
+
 def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "auto",
            max_shard_size: str | int = "5GB", progress: bool = True,
            on_shard_written: Callable[[int], None] | None = None) -> dict:
@@ -321,13 +379,27 @@ def export(source: Source, out_dir: Path, fmt: str = "compact", dtype: str = "au
     t0 = time.perf_counter()
     header = {"format": "pt"}
     if fmt == "compact":
-        header.update(llmprune_format=COMPACT_FORMAT, llmprune_format_version=str(FORMAT_VERSION))
+        header.update(llmprune_format=COMPACT_FORMAT,
+                      llmprune_format_version=str(format_version(source)))
     writer = _ShardWriter(out_dir, "llmprune" if fmt == "compact" else "model",
                           parse_size(max_shard_size), header, source.count, on_shard_written)
     try:
         return _export(source, out_dir, fmt, want, writer, t0, progress)
     finally:
         writer.close()
+
+
+def check_mask_shape(name: str, keep: torch.Tensor, flat: torch.Tensor,
+                     t: torch.Tensor) -> None:
+    """That ``keep`` (bool, or packed 1 bit per weight) covers ``flat``, the 2-D matrix of
+    tensor ``name`` (``t`` itself, or its experts stacked)."""
+    want_shape = tuple(flat.shape) if keep.dtype != torch.uint8 else \
+        (*flat.shape[:-1], (flat.shape[-1] + 7) // 8)
+    if tuple(keep.shape) != want_shape or (keep.dtype == torch.uint8 and flat.dim() != 2):
+        shown = tuple(keep.shape) if keep.dtype != torch.uint8 else \
+            (*keep.shape[:-1], f"{keep.shape[-1]} bytes")
+        raise CorruptCheckpointError(f"mask of {name} has shape {shown} but the weight "
+                                     f"is {tuple(t.shape)}")
 
 
 def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
@@ -346,32 +418,33 @@ def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
         if t.is_floating_point():
             stored_dtype = stored_dtype or t.dtype
         keep = masks.get(name) if masks else None  # bool, or packed: kept packed (cheaper)
+        transposed = source.stacked.get(name) if keep is not None and t.dim() == 3 else None
+        # the matrix the mask covers: [out, in], or a fused expert parameter's experts stacked
+        flat = t if transposed is None else compact.stack_experts(t, transposed)
         if keep is not None:
-            want_shape = tuple(t.shape) if keep.dtype != torch.uint8 else \
-                (*t.shape[:-1], (t.shape[-1] + 7) // 8)
-            if tuple(keep.shape) != want_shape or (keep.dtype == torch.uint8 and t.dim() != 2):
-                shown = tuple(keep.shape) if keep.dtype != torch.uint8 else \
-                    (*keep.shape[:-1], f"{keep.shape[-1]} bytes")
-                raise CorruptCheckpointError(f"mask of {name} has shape {shown} but the weight "
-                                             f"is {tuple(t.shape)}")
+            check_mask_shape(name, keep, flat, t)
         if fmt == "compact":
-            enc = compact.choose(t, keep, source.nm)
+            enc = compact.choose(flat, keep, source.nm)
         else:
             enc = compact.Encoded("plain", {"": t.contiguous()}, tuple(t.shape))
-        if keep is not None and not compact.pruned_are_zero(t, keep, enc):
+        if keep is not None and not compact.pruned_are_zero(flat, keep, enc):
             raise UserError(f"{name} has nonzero weights where the pruning mask says pruned: "
                             "the checkpoint was changed after pruning; re-prune it, or export "
                             "with --pattern to take the masks from its zeros")
-        if keep is not None and fmt == "dense":
+        if keep is not None and fmt == "dense" and transposed is None:
+            # (the masks file holds [out, in] masks: a fused expert parameter's are left out)
             out_masks[name] = torch.from_numpy(compact.as_bits(keep, t.shape[1]))
             mask_shapes[name] = tuple(t.shape)
         is_nm = source.nm is not None and keep is not None and (enc.encoding == "nm" or (
-            t.dim() == 2 and compact.nm_fits(compact.as_bool(keep, t.shape[1]), *source.nm)))
+            flat.dim() == 2 and compact.nm_fits(compact.as_bool(keep, flat.shape[1]),
+                                                *source.nm)))
         pattern = "dense" if keep is None else (
             f"{source.nm[0]}:{source.nm[1]}" if is_nm else "unstructured")
         info = {"encoding": enc.encoding, "pattern": pattern, "shape": list(t.shape),
                 "dtype": str(t.dtype).removeprefix("torch."), "bytes": enc.nbytes,
                 "dense_bytes": t.numel() * t.element_size()}
+        if transposed is not None and fmt == "compact":
+            info["transposed"] = transposed
         if keep is not None:
             # over the weight's elements: a packed mask has 1/8 as many (bytes, not bits)
             kept = int(enc.parts["row_offsets"][-1]) if enc.encoding == "bitmask" else \
@@ -383,7 +456,7 @@ def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
         tensors[name] = info
         total += enc.nbytes
         dense_total += info["dense_bytes"]
-        del t, keep, enc
+        del t, flat, keep, enc
     shard_names = writer.finish("model.safetensors" if fmt == "dense" else None)
     for name, info in tensors.items():
         info["shard"] = shard_names[writer.tensor_shard[name]]
@@ -415,7 +488,7 @@ def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
     src_meta = source.meta or {}
     meta = {
         "format": COMPACT_FORMAT if fmt == "compact" else DENSE_FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(source),
         "tensor_checksum": checksums.TENSOR_CHECKSUM,
         "dtype": str(stored_dtype or torch.float32).removeprefix("torch."),
         # the pruning run this came from (recipe, per-layer sparsity, calibration, versions)
@@ -487,9 +560,6 @@ def iter_compact_parts(src: Path, verify: bool = True
     if not meta or meta.get("format") != COMPACT_FORMAT:
         raise UserError(f"{src} is not a compact llmprune checkpoint (no {META_FILE} with format "
                         f"{COMPACT_FORMAT})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UserError(f"{src} uses compact format version {meta['format_version']}; this "
-                        f"llmprune reads up to {FORMAT_VERSION}: upgrade llmprune")
     algo = checksum_algo(meta)
     if verify:
         hasher(algo)  # an unknown algorithm fails here, before any decoding
@@ -527,20 +597,33 @@ def iter_compact_parts(src: Path, verify: bool = True
 
 def decode_parts(name: str, info: dict, parts: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One tensor of :func:`iter_compact_parts` -> ``(dense tensor, keep mask or None)``."""
+    """One tensor of :func:`iter_compact_parts` -> ``(dense tensor, keep mask or None)``. A
+    fused expert parameter stored stacked (``transposed`` in ``info``) decodes to its 3-D shape;
+    its keep mask covers its experts stacked, bool ``[E * out, in]``."""
     shape = tuple(info["shape"])
+    transposed = info.get("transposed")
+    flat_shape = shape if transposed is None else compact.stacked_shape(shape, transposed)
     try:
-        dense = compact.decode(info["encoding"], parts, shape, info.get("n"), info.get("m"))
+        if transposed is None:
+            dense = flat = compact.decode(info["encoding"], parts, shape, info.get("n"),
+                                          info.get("m"))
+        elif info["encoding"] == "plain":  # stored as it is (too dense to compact)
+            dense = parts[""]
+            flat = compact.stack_experts(dense, transposed)
+        else:
+            flat = compact.decode(info["encoding"], parts, flat_shape, info.get("n"),
+                                  info.get("m"))
+            dense = compact.unstack_experts(flat, shape, transposed)
     except (ValueError, RuntimeError) as exc:
         raise CorruptCheckpointError(f"cannot decode tensor {name}: {exc}; the file is damaged, "
                                      "re-export the checkpoint") from None
     keep = None
     if info["encoding"] == "bitmask":
-        keep = compact.unpack_bits(parts["bitmask"], shape[1])
+        keep = compact.unpack_bits(parts["bitmask"], flat_shape[1])
     elif info["encoding"] == "nm":
-        keep = compact.nm_keep(parts["indices"], shape, info["n"], info["m"])
+        keep = compact.nm_keep(parts["indices"], flat_shape, info["n"], info["m"])
     elif info["pattern"] != "dense":
-        keep = dense != 0  # stored plain (too dense to compact): zeros = pruned
+        keep = flat != 0  # stored plain (too dense to compact): zeros = pruned
     return dense, keep
 
 
@@ -603,6 +686,8 @@ def export_checkpoint(src: str, output: str, fmt: str = "compact", dtype: str = 
         raise UserError(f"{src} has no llmprune pruning masks ({MASKS_FILE}); pass --pattern "
                         "unstructured or --pattern N:M to take them from the checkpoint's zeros "
                         "(they are verified first)")
+    if fmt == "compact" and not is_compact(src_path):
+        check_model_keys(src_path)
     with atomic_dir(out, overwrite) as tmp:
         meta = export(source, tmp, fmt, dtype, max_shard_size, progress, on_shard_written)
     return meta

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UserError
+from .compact import stack_experts
 from .export import iter_compact
 from .meta import is_compact, nm_of, read_masks, read_meta
 from .safetensors import checkpoint_files, iter_safetensors
@@ -50,6 +51,8 @@ def inspect_checkpoint(path: str | Path) -> tuple[list[Row], dict]:
         for name, dense, _ in iter_compact(src):
             info = meta["tensors"][name]
             pattern = info["pattern"]
+            if "transposed" in info:  # fused experts: N:M along each expert's inputs
+                dense = stack_experts(dense, info["transposed"])
             viol = 0
             if ":" in pattern:
                 n, m = (int(v) for v in pattern.split(":"))

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -141,11 +142,14 @@ def skeleton(config, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def model_key(model) -> Callable[[str], str]:
+STREAM_REMEDY = "run without --stream/--max-memory/--resume"
+
+
+def model_key(model, remedy: str = STREAM_REMEDY) -> Callable[[str], str]:
     """The name under which transformers loads a checkpoint key into ``model`` (its conversion
     mapping renames some: GPT-NeoX's ``embed_out`` is ``lm_head``). A key that transformers
     converts (several tensors fused into one, as for unfused MoE experts) cannot be read a
-    tensor at a time: a UserError."""
+    tensor at a time: a UserError that ends with ``remedy`` (what the user can do instead)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
@@ -160,16 +164,72 @@ def model_key(model) -> Callable[[str], str]:
         if converted is not None:
             raise UserError(f"checkpoint tensor {name} is converted by transformers on load "
                             f"(into {new}); llmprune reads such checkpoints only through "
-                            "transformers: run without --stream/--max-memory/--resume")
+                            f"transformers: {remedy}")
         return new
     return key
 
 
-def checkpoint_renames(model, names) -> dict[str, str]:
-    """The keys among ``names`` that ``model`` loads under another name (:func:`model_key`)."""
-    key = model_key(model)
-    renamed = {n: key(n) for n in names}
-    return {n: new for n, new in renamed.items() if new != n}
+@dataclass(frozen=True)
+class Fusion:
+    """Checkpoint tensors that transformers fuses into one tensor of the model when it loads
+    them (e.g. Mixtral's ``experts.N.w1.weight`` and ``experts.N.w3.weight`` of every expert
+    into ``experts.gate_up_proj`` ``[experts, 2 * inter, hidden]``)."""
+
+    target: str  # the model's tensor
+    sources: dict[str, list[str]]  # the converter's source pattern -> checkpoint keys, in order
+    converter: object  # transformers' WeightConverter, whose operations fuse them
+
+
+def _natural(name: str) -> list:
+    """Sort key: ``experts.10`` after ``experts.9``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def checkpoint_keys(model, names) -> tuple[dict[str, str], dict[str, Fusion]]:
+    """How ``model`` loads the checkpoint keys ``names``: the keys it loads under another name
+    (key -> the model's name), and the tensors it fuses from several keys, by the model's name.
+    Within one source pattern the keys are ordered by their numbers (the expert index), the
+    order transformers stacks them in."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: checkpoint keys are the model's
+        return {}, {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    renames: dict[str, str] = {}
+    grouped: dict[str, dict[str, list[str]]] = {}
+    for name in names:
+        new, pattern = rename_source_key(name, renamings, converters)
+        if pattern is not None:
+            grouped.setdefault(new, {}).setdefault(pattern, []).append(name)
+        elif new != name:
+            renames[name] = new
+    fusions = {}
+    for target, sources in grouped.items():
+        converter = next(c for c in converters if next(iter(sources)) in c.source_patterns)
+        ordered = {p: sorted(sources[p], key=_natural) for p in converter.source_patterns
+                   if p in sources}
+        fusions[target] = Fusion(target, ordered, converter)
+    return renames, fusions
+
+
+def fuse(fusion: Fusion, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The model's tensor ``fusion.target``, made from its checkpoint tensors (``read(key)``) by
+    the converter's own operations, as transformers' loader runs them."""
+    conv = fusion.converter
+    tensors: dict = {p: [read(k) for k in keys] for p, keys in fusion.sources.items()}
+    for op in conv.operations:
+        tensors = op.convert(tensors, source_patterns=conv.source_patterns,
+                             target_patterns=conv.target_patterns,
+                             full_layer_name=fusion.target, model=None, config=None,
+                             missing_keys=None)
+    if len(tensors) != 1:
+        raise UserError(f"transformers converts the checkpoint tensors of {fusion.target} into "
+                        f"{len(tensors)} tensors; llmprune streams only conversions into one: "
+                        f"{STREAM_REMEDY}")
+    return next(iter(tensors.values()))
 
 
 @contextlib.contextmanager

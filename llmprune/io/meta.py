@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..core.errors import CorruptCheckpointError
+from ..core.errors import CorruptCheckpointError, UserError
 from .output import write_text_atomic
 
 META_FILE = "llmprune.json"
@@ -24,7 +24,11 @@ MASKS_FILE = "llmprune_masks.safetensors"
 # 2: per-tensor checksums are xxh3-128 (1: sha256; the reader takes both). The checksums guard
 # against damaged files, not against tampering; xxh3 hashes at memory speed (~10 GB/s here),
 # sha256 at 1.4 GB/s, which made it a third of the export's time (eval/bench_export.py).
-FORMAT_VERSION = 2
+# 3: fused expert parameters (3-D) may be stored encoded, as their expert slices stacked into one
+# 2-D matrix (io.compact.stack_experts), their entry saying how (``transposed``). An export with
+# no such tensor is still written as version 2, which llmprune before version 3 reads.
+FORMAT_VERSION = 3  # the newest compact format this llmprune reads
+STACKED_EXPERTS_VERSION = 3
 COMPACT_FORMAT = "llmprune-compact"  # compact shards (io.export), loaded by llmprune
 DENSE_FORMAT = "llmprune-dense"  # a plain transformers checkpoint with pruning metadata
 STRUCTURED_FORMAT = "llmprune-structured"  # structured.format: shrunk layers
@@ -82,9 +86,9 @@ def write_meta(directory: Path, meta: dict, durable: bool = False) -> None:
 
 def check_meta(meta, where: Path) -> dict:
     """``meta`` if it is a valid llmprune.json: a JSON object whose ``format`` is one of
-    :data:`FORMATS` and whose ``format_version``, when present, is a positive integer (a compact
-    export newer than this llmprune reads is refused by :func:`llmprune.io.export.iter_compact`);
-    CorruptCheckpointError otherwise."""
+    :data:`FORMATS` and whose ``format_version``, when present, is a positive integer;
+    CorruptCheckpointError otherwise. A compact export of a newer format version than
+    :data:`FORMAT_VERSION` is refused (UserError: upgrade) before its fields are checked."""
     if not isinstance(meta, dict):
         raise CorruptCheckpointError(f"{where} is not a JSON object; the file is damaged")
     fmt = meta.get("format")
@@ -95,6 +99,9 @@ def check_meta(meta, where: Path) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CorruptCheckpointError(f"{where} has format_version {version!r}; the file is "
                                      "damaged")
+    if fmt == COMPACT_FORMAT and version > FORMAT_VERSION:  # before its fields are checked
+        raise UserError(f"{where.parent} uses compact format version {version}; this llmprune "
+                        f"reads up to {FORMAT_VERSION}: upgrade llmprune")
     if fmt == COMPACT_FORMAT:
         problem = compact_meta_problem(meta)
         if problem:
@@ -116,8 +123,10 @@ def compact_meta_problem(meta: dict) -> str | None:
     """What is wrong with a compact export's ``llmprune.json`` beyond its format (None when
     nothing is): ``dtype`` one of :data:`STORED_DTYPES` and that of its first floating point
     tensor (the exporter records it so); ``shards`` and ``tensors`` objects; each tensor with a
-    known encoding, a shape of non-negative integers (2-D when encoded), a dtype of
-    :data:`TENSOR_DTYPES`, one of the listed shards, and N:M counts for ``nm``."""
+    known encoding, a shape of non-negative integers (2-D when encoded, or 3-D for fused experts
+    whose entry has a boolean ``transposed``, since format version 3), a dtype of
+    :data:`TENSOR_DTYPES`, one of the listed shards, and N:M counts for ``nm`` (that divide the
+    inputs of every row: the 2-D shape's second dimension, an expert's for 3-D)."""
     from .compact import ENCODINGS
 
     dtype, shards, tensors = meta.get("dtype"), meta.get("shards"), meta.get("tensors")
@@ -132,15 +141,22 @@ def compact_meta_problem(meta: dict) -> str | None:
         shape, enc = info.get("shape"), info.get("encoding")
         if enc not in ENCODINGS:
             return f"tensor {name} has encoding {enc!r}, expected one of {', '.join(ENCODINGS)}"
+        stacked = info.get("transposed")
+        if stacked is not None and (not isinstance(stacked, bool)
+                                    or meta.get("format_version", 1) < STACKED_EXPERTS_VERSION):
+            return f"tensor {name} has transposed {stacked!r}"
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or (
-                enc != "plain" and len(shape) != 2):
+                stacked is not None and len(shape) != 3) or (
+                stacked is None and enc != "plain" and len(shape) != 2):
             return f"tensor {name} has shape {shape!r}"
         if info.get("dtype") not in TENSOR_DTYPES:
             return f"tensor {name} has dtype {info.get('dtype')!r}"
         if info.get("shard") not in shards:
             return f"tensor {name} is in shard {info.get('shard')!r}, which is not listed"
+        # an N:M row's inputs: [out, in], [E, out, in], or [E, in, out] (transposed)
         if enc == "nm" and not (_is_count(info.get("n")) and _is_count(info.get("m"))
-                                and 0 < info["n"] <= info["m"] and shape[1] % info["m"] == 0):
+                                and 0 < info["n"] <= info["m"]
+                                and (shape[1] if stacked else shape[-1]) % info["m"] == 0):
             return f"tensor {name} has N:M {info.get('n')!r}:{info.get('m')!r}"
         if first_float is None and info["dtype"] in STORED_DTYPES:
             first_float = info["dtype"]

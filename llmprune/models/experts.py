@@ -10,6 +10,10 @@ so the calibration engine sees plain linears:
 * while the experts module runs, a ``TorchFunctionMode`` sends each of those products through the
   expert's ExpertLinear, so its hooks see exactly the tokens routed to that expert (an expert no
   calibration token reaches gets no statistics);
+* with ``calibrate="all"`` every token is also run through every expert once, routed with
+  weight 1 to all of them, while a calibration pass watches the experts: the ExpertLinears' hooks
+  see every token, and that pass's output is thrown away. The experts module's output still
+  comes from the real routing (:func:`all_experts_args`);
 * a solver's result written into ``ExpertLinear.weight`` lands in the fused parameter, so the
   model saves in its family's own layout and loads with plain ``from_pretrained``;
 * an ExpertLinear holds no parameter, so ``state_dict`` and ``.to(dtype)`` see only the fused one.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -29,6 +34,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 HOLDER = "expert_linears"  # the child module of an experts module that holds its ExpertLinears
+# which tokens calibrate an expert: those the router sends to it, or every calibration token
+MOE_CALIBRATE = ("routed", "all")
 
 
 class ExpertLinear(nn.Linear):
@@ -129,6 +136,96 @@ def _routed_forward(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
 
 
+def all_experts_args(args: tuple, kwargs: dict, experts: int) -> tuple[tuple, dict] | None:
+    """The call ``experts_module(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``
+    (positional or keyword) rewritten to send every token to every expert with weight 1:
+    ``top_k_index`` becomes ``[T, E]`` = 0 .. E-1 in every row, ``top_k_weights`` ``[T, E]`` of
+    ones. The index is the first integer tensor of two dimensions after the hidden state, the
+    weights the floating tensor of its shape. None when the call has no such routing (Llama 4's
+    experts take the tokens alone, already scaled by their router scores)."""
+    slots = [*((i, a) for i, a in enumerate(args) if i > 0), *kwargs.items()]
+    tensors = [(k, t) for k, t in slots if isinstance(t, torch.Tensor) and t.dim() == 2]
+    index = next(((k, t) for k, t in tensors
+                  if not t.is_floating_point() and t.dtype != torch.bool), None)
+    if index is None:
+        return None
+    weights = next(((k, t) for k, t in tensors
+                    if t.is_floating_point() and t.shape == index[1].shape), None)
+    if weights is None:
+        return None
+    tokens = index[1].shape[0]
+    every = torch.arange(experts, device=index[1].device, dtype=index[1].dtype)
+    new = {index[0]: every.expand(tokens, experts),  # [T, E]
+           weights[0]: weights[1].new_ones(tokens, experts)}  # [T, E]
+    return (tuple(new.get(i, a) for i, a in enumerate(args)),
+            {k: new.get(k, v) for k, v in kwargs.items()})
+
+
+def _watched(module: nn.Module) -> bool:
+    """Whether a calibration pass watches ``module``'s experts: a forward pre-hook on one of
+    its ExpertLinears (the engine's statistics hooks)."""
+    return any(lin._forward_pre_hooks for lins in getattr(module, HOLDER).values()
+               for lin in lins)
+
+
+def _all_tokens_forward(self, *args, **kwargs):
+    """``calibrate="all"``: while a calibration pass watches, every token runs through every
+    expert through the ExpertLinears (their hooks see all tokens; the output is discarded), then
+    the real routing computes the output on the fused weights (no hook sees those products).
+    Unwatched (the propagation pass), or without routing arguments, as ``_routed_forward``."""
+    experts = getattr(self, HOLDER)
+    count = len(next(iter(experts.values())))
+    every = all_experts_args(args, kwargs, count)
+    if every is None or not _watched(self):
+        return _routed_forward(self, *args, **kwargs)
+    with _Route(self):
+        type(self).forward(self, *every[0], **every[1])
+    return type(self).forward(self, *args, **kwargs)
+
+
+def expert_of(name: str) -> tuple[str, str, int] | None:
+    """``(owner, param, e)`` for the module name of an ExpertLinear,
+    ``<owner>.expert_linears.<param>.<e>`` (as the engine names its pruned linears and their
+    masks); None for any other name."""
+    head, sep, tail = name.rpartition(f".{HOLDER}.")
+    param, _, index = tail.partition(".")
+    if not sep or not param or not index.isdigit():
+        return None
+    return head, param, int(index)
+
+
+@dataclass(frozen=True)
+class FusedMask:
+    """The keep mask of one fused expert parameter: ``bits`` uint8 ``[E * out, ceil(in / 8)]``,
+    each expert's packed keep bits ``[out, ceil(in / 8)]`` (its ExpertLinear's, as an
+    ``nn.Linear``) stacked expert after expert; ``transposed``: the parameter stores each
+    expert as ``[in, out]`` (its shape is ``[E, in, out]``), else ``[out, in]``."""
+
+    bits: torch.Tensor
+    transposed: bool
+
+
+def fused_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, FusedMask]:
+    """The fused expert parameters of ``model`` whose every expert has a mask in ``masks``
+    (module name -> packed keep bits), by parameter name (``<owner>.<param>``)."""
+    by_param: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for name, bits in masks.items():
+        found = expert_of(name)
+        if found is not None:
+            by_param.setdefault(found[:2], {})[found[2]] = bits
+    out = {}
+    for (owner, param), experts in by_param.items():
+        module = model.get_submodule(owner)
+        w = getattr(module, param)  # [E, out, in] or [E, in, out]
+        if sorted(experts) != list(range(w.shape[0])):
+            continue  # not every expert was pruned: the parameter stays plain
+        transposed = _transposed(module, fused_params(module, w.shape[0]),
+                                 model.config.hidden_size)
+        out[f"{owner}.{param}"] = FusedMask(torch.cat([experts[e] for e in range(w.shape[0])]),
+                                            transposed)
+    return out
+
+
 @contextlib.contextmanager
 def eager_experts(config):
     """Within the block the model runs its experts with their eager per-expert loop
@@ -145,11 +242,16 @@ def eager_experts(config):
 
 
 @contextlib.contextmanager
-def expert_linears(layers: nn.ModuleList, experts: int | None, config):
+def expert_linears(layers: nn.ModuleList, experts: int | None, config, calibrate: str = "routed"):
     """Within the block, every experts module of ``layers`` (a module with 3D parameters of
     ``experts`` slices) holds one :class:`ExpertLinear` per expert and fused parameter, in a
     child ``expert_linears.<param>.<e>``, and routes its products through them; the model runs
-    its experts eagerly (``config._experts_implementation``). Everything is undone on exit."""
+    its experts eagerly (``config._experts_implementation``). ``calibrate`` (one of
+    :data:`MOE_CALIBRATE`): ``"routed"``, each expert's hooks see the tokens routed to it;
+    ``"all"``, every token (see the module docstring). Everything is undone on exit."""
+    if calibrate not in MOE_CALIBRATE:
+        raise ValueError(f"calibrate must be one of {MOE_CALIBRATE}, got {calibrate!r}")
+    forward = _all_tokens_forward if calibrate == "all" else _routed_forward
     if not experts:
         yield
         return
@@ -164,7 +266,7 @@ def expert_linears(layers: nn.ModuleList, experts: int | None, config):
                 module.add_module(HOLDER, nn.ModuleDict({
                     name: nn.ModuleList(ExpertLinear(module, name, e, transposed)
                                         for e in range(experts)) for name in params}))
-                module.forward = types.MethodType(_routed_forward, module)
+                module.forward = types.MethodType(forward, module)
                 installed.append(module)
         with eager_experts(config) if installed else contextlib.nullcontext():
             yield
@@ -174,4 +276,5 @@ def expert_linears(layers: nn.ModuleList, experts: int | None, config):
             del module.forward
 
 
-__all__ = ["ExpertLinear", "HOLDER", "eager_experts", "expert_linears", "fused_params"]
+__all__ = ["ExpertLinear", "FusedMask", "HOLDER", "MOE_CALIBRATE", "all_experts_args",
+           "eager_experts", "expert_linears", "expert_of", "fused_masks", "fused_params"]

@@ -32,6 +32,7 @@ is renamed to ``OUTPUT``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ from ..engine.streaming import (PROGRESS_VERSION, DiskActivations, gib, load_lay
                                 memory_plan, meta_skeleton, parse_memory, prefer_mmap,
                                 read_tensors, save_hidden, to_meta, work_dir, write_json)
 from ..io.lock import output_lock
+from ..models.experts import expert_linears
 from ..models.limits import check_seqlen
 from ..io.meta import MASKS_FILE, META_FILE, read_meta, write_meta
 from ..io.output import publish_dir
@@ -104,6 +106,20 @@ def _finished(work: Path, out: Path) -> bool:
     return (meta.get("streaming") or {}).get("run_id") == run_id
 
 
+def check_fusions(fusions: dict, prefix: str) -> None:
+    """Tensors that transformers fuses from several checkpoint keys (MoE experts saved one by
+    one) are fused a decoder layer at a time (:func:`llmprune.engine.streaming.load_layer`):
+    each must lie inside one layer (``prefix`` = the layer list's path and a dot)."""
+    for target, fusion in fusions.items():
+        keys = [k for ks in fusion.sources.values() for k in ks]
+        layer = target[len(prefix):].split(".")[0] if target.startswith(prefix) else None
+        if layer is None or any(not k.startswith(f"{prefix}{layer}.") for k in keys):
+            raise UserError(f"transformers fuses checkpoint tensors {keys[0]}, ... into "
+                            f"{target}, which is not inside one decoder layer; llmprune streams "
+                            "only such tensors of one layer: run without --stream/--max-memory/"
+                            "--resume")
+
+
 def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = False,
                     resume: bool = False, max_memory: str | None = None,
                     activations_offload: str = "ram", export: str = "dense",
@@ -118,13 +134,13 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
     once layer ``i`` is recorded as complete (crash tests kill the process there). Returns the
     metadata written (llmprune.json)."""
     work = work_dir(Path(output).expanduser().resolve())
-    with output_lock(output):
+    with output_lock(output), contextlib.ExitStack() as stack:
         existed = work.exists()
         try:
             return _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
                                     activations_offload, export, export_dtype,
                                     trust_remote_code, progress, max_shard_size, recipe_yaml,
-                                    max_layers, on_layer)
+                                    max_layers, on_layer, stack.enter_context)
         except ResumableError:
             raise
         except UserError:
@@ -137,13 +153,15 @@ def prune_streaming(model_name: str, recipe, output: str, overwrite: bool = Fals
 
 def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
                      activations_offload, export, export_dtype, trust_remote_code, progress,
-                     max_shard_size, recipe_yaml, max_layers, on_layer) -> dict:
+                     max_shard_size, recipe_yaml, max_layers, on_layer, enter) -> dict:
+    """The run; ``enter`` enters a context manager until the run ends (the fused MoE experts'
+    ExpertLinears, installed on the skeleton as the in-memory engine installs them)."""
     from ..io.data import calibration_ids
     from ..engine.prune import needs_calibration, resolve_calib_dtype
     from .prune import prune_meta
     from ..core.device import check_device
     from ..io.export import check_export_args
-    from ..io.loading import checkpoint_renames, load_config, resolve
+    from ..io.loading import checkpoint_keys, load_config, resolve
     from ..io.output import check_output
     from ..solvers import get_solver
 
@@ -183,8 +201,13 @@ def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
 
     files = SafetensorsFiles(checkpoint_files(src))
     skel = meta_skeleton(config, files.float_dtype(), trust_remote_code)
-    files.rename(checkpoint_renames(skel, files.entries))
+    renames, fusions = checkpoint_keys(skel, files.entries)
+    files.rename(renames)
     adapter = adapter_for(skel)
+    check_fusions(fusions, adapter.layers_path + ".")
+    # fused MoE experts: one ExpertLinear per expert, read from the layer's weights once loaded
+    enter(expert_linears(adapter.layers(skel), adapter.experts, skel.config,
+                         recipe.moe_calibrate))
     check_target(skel, adapter, target)
     if needs_calibration(recipe):
         check_seqlen(config, recipe.seqlen, "--seqlen")
@@ -203,7 +226,8 @@ def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
         calib_ids, calib_info = calibration_ids(tokenizer, recipe)
     # after the tokenizer and the calibration ids, which the process base then includes; still
     # before any weight is read
-    plan = memory_plan(files, skel, adapter, recipe, solver, calib_dtype, activations_offload)
+    plan = memory_plan(files, skel, adapter, recipe, solver, calib_dtype, activations_offload,
+                       fusions)
     if budget is not None and plan.total > budget:
         raise UserError(
             f"--max-memory {max_memory} is too small: this run needs about {gib(plan.total)} "
@@ -289,7 +313,7 @@ def _prune_streaming(model_name, recipe, output, overwrite, resume, max_memory,
             t_layer = time.perf_counter()
             layer = layers[i]
             t = time.perf_counter()
-            load_layer(skel, layer, f"{prefix}{i}.", files, by_layer.get(i, []))
+            load_layer(skel, layer, f"{prefix}{i}.", files, by_layer.get(i, []), fusions)
             report.add_time("read", time.perf_counter() - t)
             report.masks = {}
             n_before = len(report.layers)

@@ -26,6 +26,8 @@ def _names_from_meta(meta: dict, src: Path | None) -> dict[str, torch.Tensor | N
         out = {}
         for name, info in meta["tensors"].items():
             nm = info.get("encoding") == "nm" and info.get("n") == 2 and info.get("m") == 4
+            if "transposed" in info:
+                continue  # a fused expert parameter (3-D), not an nn.Linear's weight
             if nm or info.get("pattern") == "2:4":
                 out[name.removesuffix(".weight")] = None
         return out
