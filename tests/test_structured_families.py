@@ -276,3 +276,15 @@ def test_cli_refuses_moe_in_one_line(family_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "mixtures of 4 experts" in err, err
     assert not (tmp_path / "never").exists()
+
+
+def test_cli_heads_fixed_family_prunes_channels_refuses_heads(family_dir, tmp_path, capsys):
+    src = str(family_dir("olmo2"))
+    rc = main(["structured", "--model", src, "--heads", "0.25", "--output",
+               str(tmp_path / "never")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "q_norm" in err and "--mlp" in err, err
+    assert main(["-q", "structured", "--model", src, "--mlp", "0.25", "--output",
+                 str(tmp_path / "out")]) == 0
+    loaded = reload(tmp_path / "out")
+    assert (loaded.config.num_attention_heads, loaded.config.intermediate_size) == (4, 96)
