@@ -288,3 +288,18 @@ def test_cli_heads_fixed_family_prunes_channels_refuses_heads(family_dir, tmp_pa
                  str(tmp_path / "out")]) == 0
     loaded = reload(tmp_path / "out")
     assert (loaded.config.num_attention_heads, loaded.config.intermediate_size) == (4, 96)
+
+
+def test_bonsai_and_loraprune_keep_fixed_heads():
+    """A sparsity target on a family whose heads are fixed comes from the MLP channels alone."""
+    from llmprune.structured.bonsai import BonsaiConfig, Target, bonsai_mask
+    from llmprune.structured.loraprune import LoRAPruneConfig, loraprune
+
+    ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    target = Target(sparsity=0.25)
+    mask, _ = bonsai_mask(family_model("olmo2"), ids, BonsaiConfig(
+        target=target, iterations=2, samples=6, sub_nsamples=4), progress=False)
+    _, mask2, _ = loraprune(family_model("olmo2"), ids, LoRAPruneConfig(
+        target=target, steps=4, prune_steps=2), progress=False)
+    for m in mask + mask2:
+        assert bool(m["heads"].all()) and not bool(m["mlp"].all())
