@@ -50,7 +50,8 @@ def test_group_importance_sums_each_groups_weights():
     g = LayerGroups(n_heads=4, n_kv_heads=2, head_dim=2, n_channels=3, head_params=0,
                     kv_params=0, channel_params=0)
     rows = lambda n, scale: (torch.arange(n, dtype=torch.float32) * scale)[:, None].expand(n, 5)
-    imp = {lay.q: rows(8, 1.0), lay.k: rows(4, 100.0), lay.v: rows(4, 1000.0),
+    q, k, v = (lay.names(kind)[0] for kind in "qkv")
+    imp = {q: rows(8, 1.0), k: rows(4, 100.0), v: rows(4, 1000.0),
            lay.o: rows(8, 10.0).T.contiguous(),  # [hidden=5, heads*dim=8], column c = 10 c
            "mlp.gate_proj": rows(3, 1.0), "mlp.up_proj": torch.ones(3, 5),
            lay.mlp_out: rows(3, 7.0).T.contiguous()}

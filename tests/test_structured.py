@@ -447,7 +447,7 @@ def _one_line_error(capsys, argv, expect):
 
 
 def test_cli_bad_input(checkpoint_dir, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import AutoModelForCausalLM, MixtralConfig
 
     out = str(tmp_path / "never")
     base = ["structured", "--model", str(checkpoint_dir), "--output", out]
@@ -456,13 +456,13 @@ def test_cli_bad_input(checkpoint_dir, tmp_path, capsys):
     _one_line_error(capsys, base, "give a target")
     _one_line_error(capsys, base + ["--sparsity", "0.3", "--heads", "0.2", "--mlp", "0.2"],
                     "over-determines")
-    qwen3 = tmp_path / "qwen3"
-    AutoModelForCausalLM.from_config(Qwen3Config(
+    mixtral = tmp_path / "mixtral"
+    AutoModelForCausalLM.from_config(MixtralConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=64, vocab_size=VOCAB, head_dim=16)).save_pretrained(qwen3)
+        intermediate_size=64, vocab_size=VOCAB, num_local_experts=4)).save_pretrained(mixtral)
     (tmp_path / "text.txt").write_text(random_text(200))
-    _one_line_error(capsys, ["structured", "--model", str(qwen3), "--heads", "0.25",
-                             "--output", out], "does not support model type 'qwen3'")
+    _one_line_error(capsys, ["structured", "--model", str(mixtral), "--heads", "0.25",
+                             "--output", out], "does not apply to model type 'mixtral'")
     assert not (tmp_path / "never").exists()
 
 

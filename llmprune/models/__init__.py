@@ -12,7 +12,9 @@ Any decoder-only model gets an adapter found from the model itself
 (:mod:`llmprune.models.discovery`: its layers from ``_no_split_modules``, its linears by type, its
 groups by watching one forward pass of a layer). A registered adapter (``register(Adapter(...))``)
 overrides what discovery would find for its ``model_type``s: it declares the groups (so they are
-known before any weight is loaded), and a ``StructuredLayout`` for head / channel pruning.
+known before any weight is loaded), and may declare a ``StructuredLayout`` for head / channel
+pruning; every other family's is found from its layers and config
+(:mod:`llmprune.models.structured`).
 """
 
 from __future__ import annotations
@@ -25,35 +27,9 @@ import torch.nn as nn
 from ..core.errors import UnsupportedArchitectureError
 from .discovery import (expert_count, find_layers_path, layer_signature, prunable_linears,
                         watch_groups)
+from .structured import StructuredLayout, derive_layout
 
 Groups = tuple[tuple[str, ...], ...]
-
-
-@dataclass(frozen=True)
-class StructuredLayout:
-    """Where a family's structured groups live (used by :mod:`llmprune.structured`).
-
-    Attention heads are row blocks of ``head_dim`` in q (and, per KV head, in k/v) and column
-    blocks in the output projection; MLP channels are rows of the input linears and columns of
-    the output linear. Names are relative to one decoder layer."""
-
-    attention: str  # the attention module (holds head_dim and the per-layer head counts)
-    q: str
-    k: str
-    v: str
-    o: str  # output projection: head slices are its input columns
-    mlp_in: tuple[str, ...]  # channel = one row of each (gate/up, fc1)
-    mlp_out: str  # channel = one input column (down, fc2)
-    mlp: str | None  # the MLP module whose ``intermediate_size`` attribute follows the width
-    heads_key: str  # config keys
-    kv_key: str | None  # None: multi-head attention (one KV head per query head)
-    mlp_key: str
-    # True: head_dim is a config field (set explicitly when heads change), so uniform head
-    # pruning is a plain config. False (OPT): head_dim = hidden / heads is derived, so changing
-    # the head count cannot be expressed in a plain config.
-    head_dim_in_config: bool
-    heads_attr: str | None  # attention attribute holding the query-head count at run time
-    kv_groups_attr: str | None  # attention attribute holding heads // kv_heads at run time
 
 
 @dataclass(frozen=True)
@@ -64,7 +40,8 @@ class Adapter:
     # linear names inside one layer, each tuple sharing an input; None: every nn.Linear of a
     # layer, grouped by watching a forward pass (:meth:`groups_of`)
     groups: Groups | None = None
-    structured: StructuredLayout | None = None  # None: no head / channel pruning for this family
+    # None: found from the model when asked for (:func:`structured_layout`)
+    structured: StructuredLayout | None = None
     experts: int | None = None  # routed experts per MoE layer (their routers are not pruned)
     # discovered groups by layer signature, filled as layers are watched (one model's adapter)
     watched: dict = field(default_factory=dict, repr=False, compare=False)
@@ -120,12 +97,13 @@ _LLAMA_GROUPS = (
     ("mlp.down_proj",),
 )
 
-# Llama, Mistral, Qwen2/3 and SmolLM share the pre-norm layout with a gated MLP.
-# Qwen3's q/k norms act per head and would follow unchanged, but it is untested: no structured
-# layout for it yet.
+# Llama, Mistral, Qwen2/3 and SmolLM share the pre-norm layout with a gated MLP. Qwen3 (q/k norms
+# per head) has its structured layout found like any other family's (:func:`structured_layout`).
 _LLAMA_STRUCTURED = StructuredLayout(
-    attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-    o="self_attn.o_proj", mlp_in=("mlp.gate_proj", "mlp.up_proj"), mlp_out="mlp.down_proj",
+    attention="self_attn", rows=(("self_attn.q_proj", ("q",)), ("self_attn.k_proj", ("k",)),
+                                 ("self_attn.v_proj", ("v",)), ("mlp.gate_proj", ("mlp",)),
+                                 ("mlp.up_proj", ("mlp",))),
+    o="self_attn.o_proj", mlp_out="mlp.down_proj",
     mlp="mlp", heads_key="num_attention_heads", kv_key="num_key_value_heads",
     mlp_key="intermediate_size", head_dim_in_config=True, heads_attr=None,
     kv_groups_attr="num_key_value_groups")
@@ -145,9 +123,9 @@ register(
             ("fc2",),
         ),
         StructuredLayout(
-            attention="self_attn", q="self_attn.q_proj", k="self_attn.k_proj",
-            v="self_attn.v_proj", o="self_attn.out_proj", mlp_in=("fc1",), mlp_out="fc2",
-            mlp=None, heads_key="num_attention_heads", kv_key=None, mlp_key="ffn_dim",
+            attention="self_attn", rows=(("self_attn.q_proj", ("q",)), ("self_attn.k_proj", ("k",)),
+                                         ("self_attn.v_proj", ("v",)), ("fc1", ("mlp",))),
+            o="self_attn.out_proj", mlp_out="fc2", mlp=None, heads_key="num_attention_heads", kv_key=None, mlp_key="ffn_dim",
             head_dim_in_config=False, heads_attr="num_heads", kv_groups_attr=None),
     )
 )
@@ -175,3 +153,14 @@ def adapter_for(model: nn.Module) -> Adapter:
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
     return discover(model)
+
+
+def structured_layout(model: nn.Module) -> StructuredLayout:
+    """Where ``model``'s attention heads and MLP channels live: its registered adapter's layout,
+    else one found from its layers and config (:func:`llmprune.models.structured.derive_layout`,
+    which raises a one-line :class:`UnsupportedArchitectureError` where structured pruning does
+    not apply)."""
+    adapter = adapter_for(model)
+    if adapter.structured is not None:
+        return adapter.structured
+    return derive_layout(adapter.layers(model), model.config, adapter.experts)

@@ -10,7 +10,7 @@ from ..evaluate.ppl import timed_perplexity
 from ..structured.bonsai import BonsaiConfig, bonsai_mask
 from ..structured.format import save_structured
 from ..structured.loraprune import LoRAPruneConfig, check_8bit, loraprune
-from ..structured.selection import IMPORTANCES, check_supported, check_targets, prune_structured
+from ..structured.selection import IMPORTANCES, check_family, check_targets, prune_structured
 from ..structured.shrink import layer_groups, masked
 
 
@@ -74,6 +74,13 @@ def run_checkpoint(method: str, model_name: str, output: str, prune_fn, *, targe
     return save_structured(model.cpu(), tokenizer, output, mask, meta, overwrite=overwrite)
 
 
+def _family_check(config: BonsaiConfig | LoRAPruneConfig):
+    """The check of the weightless model: the family can do what the target asks
+    (:func:`check_family`)."""
+    return lambda skeleton: check_family(skeleton, heads=config.target.heads,
+                                         sparsity=config.target.sparsity, uniform=config.uniform)
+
+
 def structured_checkpoint(model_name: str, output: str, *, importance: str = IMPORTANCES[0],
                           sparsity: float | None = None, heads: float | None = None,
                           mlp: float | None = None, uniform: bool = True, gqa: str = "even",
@@ -101,7 +108,9 @@ def structured_checkpoint(model_name: str, output: str, *, importance: str = IMP
         needs_calib=importance == "activation", overwrite=overwrite, eval_ppl=eval_ppl,
         eval_seqlen=eval_seqlen, eval_max_windows=eval_max_windows,
         trust_remote_code=trust_remote_code, device=device, progress=progress,
-        check=check_supported, extra_meta={"importance": importance},
+        check=lambda skeleton: check_family(skeleton, heads=heads, sparsity=sparsity,
+                                            uniform=uniform),
+        extra_meta={"importance": importance},
         settings={"batch_size": batch_size})
 
 
@@ -126,7 +135,8 @@ def bonsai_checkpoint(model_name: str, output: str, config: BonsaiConfig, *, nsa
                           eval_ppl=eval_ppl, eval_seqlen=eval_seqlen,
                           eval_max_windows=eval_max_windows,
                           trust_remote_code=trust_remote_code, device=device, progress=progress,
-                          settings={k: v for k, v in asdict(config).items() if k != "target"})
+                          settings={k: v for k, v in asdict(config).items() if k != "target"},
+                          check=_family_check(config))
 
 
 def loraprune_checkpoint(model_name: str, output: str, config: LoRAPruneConfig, *,
@@ -157,4 +167,4 @@ def loraprune_checkpoint(model_name: str, output: str, config: LoRAPruneConfig, 
                           eval_max_windows=eval_max_windows,
                           trust_remote_code=trust_remote_code, device=device, progress=progress,
                           settings={k: v for k, v in asdict(config).items() if k != "target"},
-                          before_load=before_load)
+                          before_load=before_load, check=_family_check(config))

@@ -174,11 +174,9 @@ def sample_keep(n_samples: int, n_units: int, drop_prob: float,
 
 def _proj_names(model) -> tuple[str, str]:
     """(attention output projection, MLP output linear) names inside a decoder layer."""
-    from ..models import adapter_for
-    from .shrink import layer_groups
+    from .shrink import layout_of
 
-    layer_groups(model)  # one-line UserError for a family without a structured layout
-    lay = adapter_for(model).structured
+    _, lay = layout_of(model)  # one-line UserError for a family without a structured layout
     return lay.o, lay.mlp_out
 
 
@@ -379,8 +377,10 @@ def bonsai_mask(model, calib_ids: torch.Tensor, config: BonsaiConfig, *,
     ``utility(mask) -> float`` (higher = better) replace the defaults (tests, other signals).
     """
     from .shrink import full_mask, layer_groups, masked, removed_fraction
-    from .selection import select
+    from .selection import check_family, select
 
+    check_family(model, heads=config.target.heads, sparsity=config.target.sparsity,
+                 uniform=config.uniform)
     groups = layer_groups(model)
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # forward passes only: nothing may build an autograd graph

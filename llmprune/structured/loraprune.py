@@ -72,11 +72,18 @@ def group_importance(imp: dict[str, torch.Tensor], g, lay) -> dict[str, torch.Te
     ``[out, in]``) over each group's weights. ``g`` is the layer's ``LayerGroups``, ``lay`` the
     family's ``StructuredLayout``. Returns ``{"heads": [n_heads], "mlp": [n_channels]}``."""
     hd = g.head_dim
-    heads = imp[lay.q].sum(1).reshape(g.n_heads, hd).sum(1)
+    blocks = lay.row_blocks(g.n_heads, g.n_kv_heads, hd, g.n_channels)
+
+    def rows(kind: str) -> list[torch.Tensor]:  # per block of kind: [rows], summed per row
+        return [imp[name][start:end].sum(1) for name, start, end in blocks[kind]]
+
+    mlp = sum(rows("mlp")) + imp[lay.mlp_out].sum(0)
+    if g.fixed_heads:  # heads stay: their importances only fill the mask's layout
+        return {"heads": torch.ones(g.n_heads, device=mlp.device), "mlp": mlp}
+    heads = torch.cat(rows("q")).reshape(g.n_heads, hd).sum(1)
     heads = heads + imp[lay.o].sum(0).reshape(g.n_heads, hd).sum(1)
-    kv = (imp[lay.k].sum(1) + imp[lay.v].sum(1)).reshape(g.n_kv_heads, hd).sum(1)
+    kv = (torch.cat(rows("k")) + torch.cat(rows("v"))).reshape(g.n_kv_heads, hd).sum(1)
     heads = heads + kv.repeat_interleave(g.group_size) / g.group_size
-    mlp = sum(imp[n].sum(1) for n in lay.mlp_in) + imp[lay.mlp_out].sum(0)
     return {"heads": heads, "mlp": mlp}
 
 
@@ -145,8 +152,7 @@ def check_8bit(device: str) -> None:
 
 def _target_names(lay) -> list[str]:
     """Module-name suffixes peft should wrap: every linear of the structured groups."""
-    return sorted({n.rsplit(".", 1)[-1] for n in (lay.q, lay.k, lay.v, lay.o, *lay.mlp_in,
-                                                  lay.mlp_out)})
+    return sorted({n.rsplit(".", 1)[-1] for n in lay.linears})
 
 
 def peak_rss_mib() -> float:
@@ -180,13 +186,13 @@ def loraprune(model, calib_ids: torch.Tensor, config: LoRAPruneConfig, *, device
     does that) and the structured keep mask."""
     from peft import LoraConfig, get_peft_model
 
-    from ..models import adapter_for
-    from .shrink import full_mask, layer_groups, masked, removed_fraction
-    from .selection import select
+    from .shrink import full_mask, layer_groups, layout_of, masked, removed_fraction
+    from .selection import check_family, select
 
-    groups = layer_groups(model)  # also: a one-line error for families without a layout
-    adapter = adapter_for(model)
-    lay = adapter.structured
+    check_family(model, heads=config.target.heads, sparsity=config.target.sparsity,
+                 uniform=config.uniform)  # also: a one-line error for families without a layout
+    groups = layer_groups(model)
+    adapter, lay = layout_of(model)
     torch.manual_seed(config.seed)
     model.requires_grad_(False)  # the base is frozen: never a gradient of a base weight
     peft_model = get_peft_model(model, LoraConfig(
@@ -202,8 +208,7 @@ def loraprune(model, calib_ids: torch.Tensor, config: LoRAPruneConfig, *, device
 
     wrapped = []  # per layer: {linear name: peft LoRA module}
     for layer in adapter.layers(inner):
-        wrapped.append({n: layer.get_submodule(n) for n in
-                        (lay.q, lay.k, lay.v, lay.o, *lay.mlp_in, lay.mlp_out)})
+        wrapped.append({n: layer.get_submodule(n) for n in lay.linears})
     events = dict(prune_schedule(config.steps, config.prune_steps, config.prune_until))
     mask = full_mask(inner)
     ema = None

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..core.errors import UserError
+from ..core.errors import UnsupportedArchitectureError, UserError
 from .shrink import (LayerGroups, StructuredMask, check_mask, forward_with_hooks, kv_alive,
-                     layer_groups, layout_of, removed_params)
+                     layer_groups, layout_of, removed_params, row_blocks)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ def _attention_units(scores: list[dict[str, torch.Tensor]], groups: list[LayerGr
     for i, (g, s) in enumerate(zip(groups, scores)):
         sc = s["heads"].detach().float().cpu().reshape(g.n_kv_heads, g.group_size)
         units = []
-        if gqa == "kv" or g.group_size == 1:
+        if g.fixed_heads:
+            pass  # no head of this layer can go
+        elif gqa == "kv" or g.group_size == 1:
             # whole KV groups, scored by the sum of their query heads' scores
             total = sc.sum(dim=1)
             order = torch.argsort(total, stable=True).tolist()
@@ -224,20 +226,28 @@ def magnitude_scores(model) -> list[dict[str, torch.Tensor]]:
     adapter, lay = layout_of(model)
     scores = []
     for layer, g in zip(adapter.layers(model), layer_groups(model)):
-        def rows_sq(lin: nn.Linear, block: int) -> torch.Tensor:  # [out / block]
-            sq = lin.weight.detach().float().pow(2).sum(dim=1)
-            if lin.bias is not None:
-                sq = sq + lin.bias.detach().float().pow(2)
-            return sq.reshape(-1, block).sum(dim=1)
+        blocks = row_blocks(lay, g)
 
-        q_sq = rows_sq(layer.get_submodule(lay.q), g.head_dim)  # [n_heads]
+        def rows_sq(kind: str, block: int) -> torch.Tensor:  # [rows of kind / block]
+            parts = []
+            for name, start, end in blocks[kind]:
+                lin = layer.get_submodule(name)
+                sq = lin.weight.detach()[start:end].float().pow(2).sum(dim=1)
+                if lin.bias is not None:
+                    sq = sq + lin.bias.detach()[start:end].float().pow(2)
+                parts.append(sq.reshape(-1, block).sum(dim=1))
+            return sum(parts)
+
+        ch = rows_sq("mlp", 1)
+        ch = ch + layer.get_submodule(lay.mlp_out).weight.detach().float().pow(2).sum(dim=0)
+        if g.fixed_heads:  # heads stay: their scores only fill the mask's layout
+            scores.append({"heads": torch.ones(g.n_heads), "mlp": ch.sqrt().cpu()})
+            continue
+        q_sq = rows_sq("q", g.head_dim)  # [n_heads]
         o_sq = (layer.get_submodule(lay.o).weight.detach().float().pow(2).sum(dim=0)
                 .reshape(g.n_heads, g.head_dim).sum(dim=1))
-        kv_sq = (rows_sq(layer.get_submodule(lay.k), g.head_dim)
-                 + rows_sq(layer.get_submodule(lay.v), g.head_dim))  # [n_kv]
+        kv_sq = rows_sq("k", g.head_dim) + rows_sq("v", g.head_dim)  # [n_kv]
         heads = q_sq + o_sq + kv_sq.repeat_interleave(g.group_size) / g.group_size
-        ch = sum(rows_sq(layer.get_submodule(n), 1) for n in lay.mlp_in)
-        ch = ch + layer.get_submodule(lay.mlp_out).weight.detach().float().pow(2).sum(dim=0)
         scores.append({"heads": heads.sqrt().cpu(), "mlp": ch.sqrt().cpu()})
     return scores
 
@@ -286,6 +296,25 @@ def check_supported(model) -> None:
     layout_of(model)
 
 
+def check_family(model, *, heads: float | None = None, sparsity: float | None = None,
+                 uniform: bool = True) -> None:
+    """Raise a one-line UserError when the target needs what the family cannot do: remove
+    heads (``heads`` > 0) where its heads are fixed (a ``sparsity`` target then comes from the
+    MLP alone), or keep different head counts per layer (``uniform=False`` with a ``heads`` or
+    ``sparsity`` target) where its attention reads one head count from the shared config."""
+    _, lay = layout_of(model)
+    name = f"model type {model.config.model_type!r}"
+    if heads and lay.fixed_heads:
+        raise UnsupportedArchitectureError(
+            f"{name}: no attention head can be removed: {lay.fixed_heads}; prune MLP channels "
+            "only (--mlp)")
+    if (heads or (sparsity and heads is None)) and not uniform and lay.uniform_heads and not (
+            lay.fixed_heads):
+        raise UnsupportedArchitectureError(
+            f"{name}: {lay.uniform_heads}, so every layer must keep the same head count: use "
+            "uniform selection, or prune MLP channels only (--mlp)")
+
+
 def prune_structured(model, *, importance: str = IMPORTANCES[0], sparsity: float | None = None,
                      heads: float | None = None, mlp: float | None = None, uniform: bool = True,
                      gqa: str = "even", calib_ids: torch.Tensor | None = None,
@@ -295,7 +324,7 @@ def prune_structured(model, *, importance: str = IMPORTANCES[0], sparsity: float
     if importance not in IMPORTANCES:
         raise UserError(f"--importance must be magnitude or activation, got {importance!r}")
     check_targets(sparsity=sparsity, heads=heads, mlp=mlp, gqa=gqa)
-    check_supported(model)
+    check_family(model, heads=heads, sparsity=sparsity, uniform=uniform)
     if importance == "activation":
         if calib_ids is None:
             raise UserError("activation importance needs calibration data")

@@ -4,7 +4,9 @@ A *structured mask* holds one dict per decoder layer, ``True`` = keep::
 
     [{"heads": BoolTensor[n_heads], "mlp": BoolTensor[n_channels]}, ...]
 
-Groups (the architecture data lives in :mod:`llmprune.models`, ``Adapter.structured``):
+Groups (the architecture data lives in :mod:`llmprune.models.structured`: a registered
+``Adapter.structured`` or a layout found from the model, :func:`llmprune.models.structured_layout`;
+a fused projection holds several blocks of rows, e.g. ``[q; k; v]``):
 
 * a **query head** ``h`` is rows ``h*head_dim:(h+1)*head_dim`` of q (and its bias) and the same
   columns of the output projection (o_proj / out_proj). With grouped-query attention (GQA) query
@@ -39,7 +41,7 @@ import torch.nn as nn
 
 from ..core.errors import UnsupportedArchitectureError
 from ..io.meta import STRUCTURED_FORMAT
-from ..models import Adapter, StructuredLayout, adapter_for
+from ..models import Adapter, StructuredLayout, adapter_for, structured_layout
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class LayerGroups:
     kv_params: int  # one KV head: k + v rows (+ biases); removed when its query heads all go
     channel_params: int  # removed with one MLP channel: MLP-in rows (+ biases) + MLP-out column
     other_params: int = 0  # linear parameters in no group (output biases of o / down / fc2)
+    fixed_heads: str | None = None  # why no head of this layer can be removed (None: they can)
 
     @property
     def group_size(self) -> int:
@@ -74,12 +77,9 @@ class LayerGroups:
 
 # ----------------------------------------------------------------------------- layout
 def layout_of(model) -> tuple[Adapter, StructuredLayout]:
-    adapter = adapter_for(model)
-    if adapter.structured is None:
-        raise UnsupportedArchitectureError(
-            f"structured pruning (heads / MLP channels) does not support model type "
-            f"{model.config.model_type!r} yet; supported: llama, mistral, qwen2, opt")
-    return adapter, adapter.structured
+    """The model's adapter and structured layout (a one-line UnsupportedArchitectureError where
+    structured pruning does not apply)."""
+    return adapter_for(model), structured_layout(model)
 
 
 def _numel(lin: nn.Linear) -> int:
@@ -90,6 +90,35 @@ def _bias_per_row(lin: nn.Linear) -> int:
     return 1 if lin.bias is not None else 0
 
 
+def _kv_heads(layer: nn.Module, lay: StructuredLayout, n_heads: int, head_dim: int) -> int:
+    """The layer's KV heads: from the rows of its k block, else (heads fixed) from the attention
+    module's KV-head or KV-group attribute, else one per query head."""
+    for name, kinds in lay.rows:
+        if "k" in kinds:
+            fixed = sum(n_heads * head_dim for k in kinds if k == "q")
+            per_kv = head_dim * sum(1 for k in kinds if k in ("k", "v"))
+            return (layer.get_submodule(name).out_features - fixed) // per_kv
+    attn = layer.get_submodule(lay.attention)
+    n = getattr(attn, lay.kv_heads_attr, None) if lay.kv_heads_attr else None
+    if lay.kv_groups_attr and not isinstance(n, int):
+        n = n_heads // max(1, getattr(attn, lay.kv_groups_attr))
+    return n if isinstance(n, int) and n > 0 and n_heads % n == 0 else n_heads
+
+
+def _group_params(layer: nn.Module, lay: StructuredLayout, blocks, kind: str) -> int:
+    """Parameters one row of ``kind`` costs in every linear holding such rows (+ biases)."""
+    total = 0
+    for name, _, _ in blocks[kind]:
+        lin = layer.get_submodule(name)
+        total += lin.in_features + _bias_per_row(lin)
+    return total
+
+
+def row_blocks(lay: StructuredLayout, g: LayerGroups) -> dict[str, list[tuple[str, int, int]]]:
+    """kind -> [(linear, first row, end row)] of one layer with the widths of ``g``."""
+    return lay.row_blocks(g.n_heads, g.n_kv_heads, g.head_dim, g.n_channels)
+
+
 def layer_groups(model) -> list[LayerGroups]:
     """The groups of every decoder layer, read from the modules' actual shapes (so a model that
     is already shrunk, uniformly or not, is described correctly)."""
@@ -97,23 +126,25 @@ def layer_groups(model) -> list[LayerGroups]:
     out = []
     for layer in adapter.layers(model):
         attn = layer.get_submodule(lay.attention)
-        head_dim = int(attn.head_dim)
-        q, k, v, o = (layer.get_submodule(n) for n in (lay.q, lay.k, lay.v, lay.o))
-        ins = [layer.get_submodule(n) for n in lay.mlp_in]
+        head_dim = int(attn.head_dim if hasattr(attn, "head_dim") else attn.head_size)
+        o = layer.get_submodule(lay.o)
         down = layer.get_submodule(lay.mlp_out)
         n_heads = o.in_features // head_dim
-        n_kv = k.out_features // head_dim
-        hidden = q.in_features
-        head_params = head_dim * (q.in_features + _bias_per_row(q)) + o.out_features * head_dim
-        kv_params = head_dim * (k.in_features + _bias_per_row(k) + v.in_features
-                                + _bias_per_row(v))
-        channel_params = sum(m.in_features + _bias_per_row(m) for m in ins) + down.out_features
-        total = sum(_numel(m) for m in (q, k, v, o, *ins, down))
+        n_kv = _kv_heads(layer, lay, n_heads, head_dim)
+        blocks = lay.row_blocks(n_heads, n_kv, head_dim, down.in_features)
+        if lay.fixed_heads:
+            head_params = kv_params = 0  # the attention's linears are in no group
+        else:
+            head_params = head_dim * _group_params(layer, lay, blocks, "q") + o.out_features * head_dim
+            kv_params = head_dim * (_group_params(layer, lay, blocks, "k")
+                                    + _group_params(layer, lay, blocks, "v"))
+        channel_params = _group_params(layer, lay, blocks, "mlp") + down.out_features
+        total = sum(_numel(layer.get_submodule(n)) for n in lay.linears)
         other = total - (n_heads * head_params + n_kv * kv_params
                          + down.in_features * channel_params)
-        assert other >= 0 and hidden == o.out_features, (other, hidden)
+        assert other >= 0 and o.out_features == down.out_features, (other, o.out_features)
         out.append(LayerGroups(n_heads, n_kv, head_dim, down.in_features, head_params,
-                               kv_params, channel_params, other))
+                               kv_params, channel_params, other, lay.fixed_heads))
     return out
 
 
@@ -131,6 +162,9 @@ def check_mask(groups: list[LayerGroups], mask: StructuredMask) -> None:
             raise ValueError(f"layer {i}: mask shapes {tuple(m['heads'].shape)} / "
                              f"{tuple(m['mlp'].shape)} do not fit {g.n_heads} heads / "
                              f"{g.n_channels} channels")
+        if g.fixed_heads and not bool(m["heads"].bool().all()):
+            raise UnsupportedArchitectureError(f"layer {i}: no attention head can be removed: "
+                                               f"{g.fixed_heads}; prune MLP channels only (--mlp)")
 
 
 def kv_alive(g: LayerGroups, heads: torch.Tensor) -> torch.Tensor:
@@ -224,21 +258,22 @@ def zero_(model, mask: StructuredMask) -> None:
     check_mask(groups, mask)
     for layer, g, m in zip(adapter.layers(model), groups, mask):
         heads = m["heads"].bool().cpu()
-        drop_q = ~_head_rows(heads, g.head_dim)
-        drop_kv = ~_head_rows(kv_alive(g, heads), g.head_dim)
-        drop_c = ~m["mlp"].bool().cpu()
-        _zero_rows(layer.get_submodule(lay.q), drop_q)
-        for name in (lay.k, lay.v):
-            _zero_rows(layer.get_submodule(name), drop_kv)
-        layer.get_submodule(lay.o).weight[:, drop_q.to(layer.get_submodule(lay.o).weight.device)] = 0
-        for name in lay.mlp_in:
-            _zero_rows(layer.get_submodule(name), drop_c)
+        drop = {"q": ~_head_rows(heads, g.head_dim),
+                "k": ~_head_rows(kv_alive(g, heads), g.head_dim),
+                "mlp": ~m["mlp"].bool().cpu()}
+        drop["v"] = drop["k"]
+        for kind, blocks in row_blocks(lay, g).items():
+            for name, start, end in blocks:
+                _zero_rows(layer.get_submodule(name), start, drop[kind])
+        o = layer.get_submodule(lay.o)
+        o.weight[:, drop["q"].to(o.weight.device)] = 0
         out = layer.get_submodule(lay.mlp_out)
-        out.weight[:, drop_c.to(out.weight.device)] = 0
+        out.weight[:, drop["mlp"].to(out.weight.device)] = 0
 
 
-def _zero_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
-    rows = rows.to(lin.weight.device)
+def _zero_rows(lin: nn.Linear, start: int, rows: torch.Tensor) -> None:
+    """Zero the rows ``start + i`` of ``lin`` (and its bias) where ``rows[i]`` is True."""
+    rows = torch.nonzero(rows).squeeze(1).to(lin.weight.device) + start
     lin.weight[rows] = 0
     if lin.bias is not None:
         lin.bias[rows] = 0
@@ -293,29 +328,45 @@ def shrink_(model, mask: StructuredMask) -> None:
     groups = layer_groups(model)
     check_mask(groups, mask)
     widths = [_layer_widths(g, m, i) for i, (g, m) in enumerate(zip(groups, mask))]
+    if lay.uniform_heads and len({w[:2] for w in widths}) > 1:
+        raise UnsupportedArchitectureError(
+            f"the mask keeps different head counts per layer, but {lay.uniform_heads}: remove "
+            "the same heads in every layer (uniform selection)")
     for layer, g, m, (nh, nkv, _) in zip(adapter.layers(model), groups, mask, widths):
         heads = m["heads"].bool().cpu()
-        q_idx = torch.nonzero(_head_rows(heads, g.head_dim)).squeeze(1)
-        kv_idx = torch.nonzero(_head_rows(kv_alive(g, heads), g.head_dim)).squeeze(1)
-        c_idx = torch.nonzero(m["mlp"].bool().cpu()).squeeze(1)
-        _slice_linear(layer.get_submodule(lay.q), rows=q_idx)
-        _slice_linear(layer.get_submodule(lay.k), rows=kv_idx)
-        _slice_linear(layer.get_submodule(lay.v), rows=kv_idx)
-        _slice_linear(layer.get_submodule(lay.o), cols=q_idx)
-        for name in lay.mlp_in:
-            _slice_linear(layer.get_submodule(name), rows=c_idx)
+        keep = {"q": _head_rows(heads, g.head_dim),
+                "k": _head_rows(kv_alive(g, heads), g.head_dim),
+                "mlp": m["mlp"].bool().cpu()}
+        keep["v"] = keep["k"]
+        for name, idx in _kept_rows(lay, g, keep).items():
+            _slice_linear(layer.get_submodule(name), rows=idx)
+        _slice_linear(layer.get_submodule(lay.o), cols=torch.nonzero(keep["q"]).squeeze(1))
+        c_idx = torch.nonzero(keep["mlp"]).squeeze(1)
         _slice_linear(layer.get_submodule(lay.mlp_out), cols=c_idx)
         _set_runtime_widths(layer, lay, nh, nkv, int(c_idx.numel()))
     _update_config(model, lay, groups, widths)
 
 
+def _kept_rows(lay: StructuredLayout, g: LayerGroups, keep: dict[str, torch.Tensor]
+               ) -> dict[str, torch.Tensor]:
+    """Per row linear, the indices of its kept rows: each block's kept rows (``keep[kind]``,
+    bool over the block) offset to where the block starts, blocks in order."""
+    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for kind, blocks in row_blocks(lay, g).items():
+        for name, start, _ in blocks:
+            parts.setdefault(name, []).append((start, torch.nonzero(keep[kind]).squeeze(1)))
+    return {name: torch.cat([idx + start for start, idx in sorted(p, key=lambda x: x[0])])
+            for name, p in parts.items()}
+
+
 def _set_runtime_widths(layer: nn.Module, lay: StructuredLayout, n_heads: int, n_kv: int,
                         n_channels: int) -> None:
     attn = layer.get_submodule(lay.attention)
-    if lay.heads_attr:
-        setattr(attn, lay.heads_attr, n_heads)
-    if lay.kv_groups_attr:
-        setattr(attn, lay.kv_groups_attr, n_heads // n_kv)
+    if not lay.fixed_heads:  # else the attention is as it was
+        for attr, value in ((lay.heads_attr, n_heads), (lay.kv_groups_attr, n_heads // n_kv),
+                            (lay.kv_heads_attr, n_kv)):
+            if attr:
+                setattr(attn, attr, value)
     if lay.mlp and hasattr(layer.get_submodule(lay.mlp), "intermediate_size"):
         layer.get_submodule(lay.mlp).intermediate_size = n_channels
 
@@ -330,16 +381,19 @@ def _update_config(model, lay: StructuredLayout, groups: list[LayerGroups],
     if uniform and (lay.head_dim_in_config or not heads_changed):
         keys = [lay.heads_key, lay.mlp_key] + ([lay.kv_key] if lay.kv_key else []) + (
             ["head_dim"] if lay.head_dim_in_config else [])
+        if lay.fixed_heads:  # the attention is as it was: its config keys stay
+            keys = [lay.mlp_key]
         old = {k: getattr(config, k, None) for k in keys}
         new = {lay.heads_key: nh, lay.mlp_key: nc, lay.kv_key: nkv, "head_dim": head_dim}
         for k in keys:
             setattr(config, k, new[k])  # head_dim explicit: no longer hidden_size // heads
-        if _config_valid(config):
+        if _config_valid(config) and _config_builds(model):
             if hasattr(config, CONFIG_KEY):
                 delattr(config, CONFIG_KEY)
             return
         # e.g. transformers' LlamaConfig insists on hidden_size % num_attention_heads == 0 even
-        # with an explicit head_dim: keep the old widths and record the new ones instead
+        # with an explicit head_dim, or a family derives head_dim from hidden_size / heads: keep
+        # the old widths and record the new ones instead
         for k in keys:
             setattr(config, k, old[k])
     # Non-uniform: the config keeps widths from which the skeleton is built (those it had, or
@@ -350,6 +404,15 @@ def _update_config(model, lay: StructuredLayout, groups: list[LayerGroups],
         "layers": [{"n_heads": a, "n_kv_heads": b, "intermediate_size": c} for a, b, c in widths],
         "note": "per-layer widths of a structured-pruned model; load it with "
                 "llmprune.load_pretrained (plain from_pretrained cannot build it)"})
+
+
+def _config_builds(model) -> bool:
+    """Whether ``model``'s class builds, from its config alone, parameters of exactly the shapes
+    it has (what a plain ``from_pretrained`` needs); checked on a weightless meta-device copy."""
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()} == have
 
 
 def _config_valid(config) -> bool:
