@@ -484,7 +484,9 @@ def test_moe_calibrate_all_keeps_the_real_routing_and_prunes_every_expert():
             hook = watched.register_forward_pre_hook(lambda *_: None)
             got = moe(x)
             hook.remove()
-    assert torch.equal(got, want)
+    # the per-expert linears sum the routed experts in another order than the fused forward, so
+    # equal up to float32 rounding (the thread count changes the order)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
     routed, report = pruned("routed")
     assert any(".gate_up_proj.3" in n for n in report.uncalibrated)
