@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmprune.core.errors import PatternError, UserError
-from llmprune.core.masks import nm_mask, nm_violations, unstructured_mask
+from llmprune.core.masks import lowest_k_mask, nm_mask, nm_violations, unstructured_mask
 from llmprune.core.sparsity import Sparsity, check_divisible
 
 
@@ -109,3 +109,34 @@ def test_old_import_paths_are_deprecated_re_exports():
 
     assert PerpConfig is perp.PerpConfig
     assert callable(llmprune.perp)  # the function, not the old module of that name
+
+def _python_lowest_k(values: list[float], k: int) -> list[bool]:
+    """The k smallest of a list, ties to the earlier position, by a plain Python sort."""
+    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    chosen = set(order[:k])
+    return [i in chosen for i in range(len(values))]
+
+
+@pytest.mark.parametrize("m", [2, 4, 5, 8, 9])
+def test_lowest_k_mask_short_slices_match_a_python_sort(m):
+    g = torch.Generator().manual_seed(m)
+    for ties in (False, True):
+        s = (torch.randint(0, 3, (6, 7, m), generator=g).float() if ties
+             else torch.randn(6, 7, m, generator=g))
+        for k in range(1, m):
+            got = lowest_k_mask(s, k, dim=2)
+            want = torch.tensor([[_python_lowest_k(s[a, b].tolist(), k) for b in range(7)]
+                                 for a in range(6)])
+            assert torch.equal(got, want), (m, k, ties)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_lowest_k_mask_long_slice_matches_a_python_sort(ties):
+    g = torch.Generator().manual_seed(3)
+    n = 70_001  # above the size where the sampled bracket is used
+    s = (torch.randint(0, 40, (n,), generator=g).float() if ties
+         else torch.randn(n, generator=g) ** 3)
+    for k in (1, 17, n // 3, n // 2, n - 5, n - 1):
+        got = lowest_k_mask(s, k, dim=0)
+        assert int(got.sum()) == k
+        assert got.tolist() == _python_lowest_k(s.tolist(), k), k
