@@ -103,7 +103,8 @@ def test_only_chosen_parameters_train(train, variant):
 
 
 def _lora_layers(net):
-    return {n.removeprefix("base_model.model."): m for n, m in net.named_modules()
+    # peft wraps a PeftHolder: the model sits under base_model.model.model
+    return {n.removeprefix("base_model.model.model."): m for n, m in net.named_modules()
             if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
 
 

@@ -226,6 +226,27 @@ def fused_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, F
     return out
 
 
+def expert_weight(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The weight ``[out, in]`` (a view of the fused parameter, ``W[e]`` or ``W[e].T``) of the
+    expert that the ExpertLinear name ``name`` (``<owner>.expert_linears.<param>.<e>``, as the
+    pruning run names its masks) denotes in ``model``, outside :func:`expert_linears`; None when
+    ``name`` is no such name or ``model`` has no such expert (no module ``owner``, no 3D
+    parameter ``param`` of it, or fewer experts than ``e + 1``)."""
+    found = expert_of(name)
+    if found is None:
+        return None
+    owner, param, e = found
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return None
+    w = getattr(module, param, None)  # [E, out, in] or [E, in, out]
+    if not isinstance(w, nn.Parameter) or w.dim() != 3 or not 0 <= e < w.shape[0]:
+        return None
+    transposed = _transposed(module, fused_params(module, w.shape[0]), model.config.hidden_size)
+    return w[e].T if transposed else w[e]
+
+
 @contextlib.contextmanager
 def eager_experts(config):
     """Within the block the model runs its experts with their eager per-expert loop
@@ -277,4 +298,5 @@ def expert_linears(layers: nn.ModuleList, experts: int | None, config, calibrate
 
 
 __all__ = ["ExpertLinear", "FusedMask", "HOLDER", "MOE_CALIBRATE", "all_experts_args",
-           "eager_experts", "expert_linears", "expert_of", "fused_masks", "fused_params"]
+           "eager_experts", "expert_linears", "expert_of", "expert_weight", "fused_masks",
+           "fused_params"]

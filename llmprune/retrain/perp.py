@@ -32,6 +32,18 @@ non-persistent buffer while training and is removed afterwards.
 After the merge every pruned linear's mask -- as its weights show it, ``keep | (W != 0)`` -- is
 compared with the one before training, bit for bit; a difference (a nonzero where the pruning
 mask says pruned) raises :class:`SparsityViolation` and nothing is written.
+
+Mixtures of experts. transformers 5 stores most families' experts as 3D parameters
+``[experts, out, in]`` (gpt-oss: ``[experts, in, out]``); the pruning run names their masks one
+expert at a time, ``<experts module>.expert_linears.<param>.<e>``
+(:mod:`llmprune.models.experts`). PERP maps each such mask to its expert's slice of the fused
+parameter (:func:`llmprune.models.experts.expert_weight`) and keeps the experts **frozen**: no
+adapter, and none of the experts module's own parameters (its weights, and gpt-oss's per-expert
+biases) is trained, so their pruned zeros stay zero trivially; the merge check covers them like
+the linears. Everything else is trained as in a dense model: adapters on every other pruned
+linear (attention, dense and shared-expert MLPs), the norms, and with ``biases`` every parameter
+named ``bias``. Routers are not pruned, so PERP leaves them as it leaves every unpruned linear:
+the weight as it is, its bias (gpt-oss's router has one) trained under ``biases``.
 """
 
 from __future__ import annotations
@@ -46,21 +58,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.bits import pack_bits, unpack_bits
 from ..core.errors import UserError
 from ..core.flags import positive_int
 from ..core.options import option
+from ..models.experts import expert_of
+from .perp_masks import (SparsityViolation, bool_masks, check_masks_kept, pruned_weight,
+                         weight_masks)
 
 log = logging.getLogger(__name__)
 
 TRAIN_CHOICES = ("norms", "biases", "lora")
 VARIANTS = ("masklora", "scalelora")
 _KEEP = "llmprune_perp_keep"  # name of the keep-mask buffer on a base linear while training
-
-
-class SparsityViolation(RuntimeError):
-    """The merged model has a nonzero where the pruned model had a zero (or the reverse). This is
-    a bug, never a user error: it is raised before anything is written."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,9 @@ class PerpConfig:
 
     train: tuple[str, ...] = option(
         ("norms", "lora"), "comma list of what is trained: norms (LayerNorm/RMSNorm weights), "
-                           "biases (every bias), lora (adapters on the pruned linears)",
+                           "biases (every bias), lora (adapters on the pruned linears); the "
+                           "experts of a mixture of experts' fused parameters stay frozen "
+                           "(their pruned zeros kept), routers get no adapter",
         parse=str)  # the comma list, split by __post_init__
     lora_variant: str = option(
         "masklora", "masklora: W + (alpha/rank B A) * M, the LoRA delta masked (starts at 0, "
@@ -163,7 +174,7 @@ class PerpReport:
     seconds: float
     compute_dtype: str
     gradient_checkpointing: bool
-    sparsity_checked: int  # number of pruned linears whose mask was compared before/after
+    sparsity_checked: int  # pruned linears (MoE experts one by one) whose mask was compared
 
     @property
     def trainable_fraction(self) -> float:
@@ -315,27 +326,6 @@ def _perp_linear_class(variant: str):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _bool_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Module name -> bool keep mask ``[out, in]``. ``masks`` may be bool or packed (uint8, as
-    :class:`llmprune.calibrate.Report` and ``llmprune_masks.safetensors`` hold them), keyed by
-    module name or by ``<module>.weight``."""
-    modules = dict(model.named_modules())
-    out = {}
-    for key, mask in masks.items():
-        name = key[: -len(".weight")] if key.endswith(".weight") else key
-        mod = modules.get(name)
-        if not isinstance(mod, nn.Linear):
-            raise UserError(f"the pruning masks name {key!r}, which is not a linear layer of this "
-                            "model; are the masks from another model?")
-        if mask.dtype == torch.uint8:
-            mask = unpack_bits(mask, mod.weight.shape[1])
-        mask = mask.to(torch.bool).reshape(mod.weight.shape)
-        out[name] = mask
-    if not out:
-        raise UserError("no pruning masks given: PERP retrains a pruned model with its masks")
-    return out
-
-
 def _unique_params(model: nn.Module) -> int:
     seen, total = set(), 0
     for p in model.parameters():
@@ -349,16 +339,19 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
 
 
-def select_norms_and_biases(model: nn.Module, train: tuple[str, ...]) -> dict[str, list]:
+def select_norms_and_biases(model: nn.Module, train: tuple[str, ...],
+                            frozen: frozenset[str] = frozenset()) -> dict[str, list]:
     """The non-LoRA parameters PERP trains: ``norms`` -- the weight of every LayerNorm/RMSNorm;
-    ``biases`` -- every parameter named ``bias`` (linears' and norms'). Returns kind -> params."""
+    ``biases`` -- every parameter named ``bias`` (linears' and norms'), except the own
+    parameters of the modules named in ``frozen`` (the experts modules). Returns kind ->
+    params."""
     chosen: dict[str, list] = {"norms": [], "biases": []}
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
+        if "lora_" in mod_name or mod_name in frozen:
+            continue
         for p_name, p in module.named_parameters(recurse=False):
             if id(p) in seen:
-                continue
-            if "lora_" in mod_name:
                 continue
             if "biases" in train and p_name == "bias":
                 chosen["biases"].append(p)
@@ -367,27 +360,6 @@ def select_norms_and_biases(model: nn.Module, train: tuple[str, ...]) -> dict[st
                 chosen["norms"].append(p)
                 seen.add(id(p))
     return chosen
-
-
-def weight_masks(model: nn.Module, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Module name -> the mask the weights themselves have: packed bits of ``keep | (W != 0)``.
-
-    It equals the pruning mask exactly when every pruned position holds zero. Not plain
-    ``W != 0``: a kept weight may be exactly 0 (smollm2's GGUF-dequantised weights have many, and
-    a 2:4 group with three zeros keeps one of them); training may move it, which is allowed."""
-    modules = dict(model.named_modules())
-    return {n: pack_bits(keep[n] | (modules[n].weight.detach().cpu() != 0)) for n in keep}
-
-
-def check_masks_kept(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> int:
-    """Raise :class:`SparsityViolation` unless every mask is the same, bit for bit."""
-    bad = [n for n in before if not torch.equal(before[n], after[n])]
-    if bad:
-        raise SparsityViolation(
-            f"PERP put nonzeros where the pruning mask says pruned in {len(bad)} linear(s), "
-            f"first {bad[0]}: the merged model is not as sparse as the pruned one; nothing was "
-            "written")
-    return len(before)
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -421,6 +393,23 @@ def _use_checkpointing(config: PerpConfig) -> bool:
     return not config.device.startswith("cpu")
 
 
+class PeftHolder(nn.Module):
+    """What peft wraps: the model as its one child ``model``, with no ``config`` of its own, so
+    that peft takes PERP's target names as they are. Given a transformers model of a MoE family
+    whose v4 checkpoints transformers converts (mixtral, qwen3_moe, olmoe, deepseek_v3, ...),
+    peft rewrites v4-era targets (peft 0.21, ``convert_peft_config_for_transformers``): a name
+    ending in ``gate_proj``/``up_proj``/``down_proj`` is replaced by the fused experts'
+    ``gate_up_proj``/``down_proj`` parameters, which would move the adapters of a dense MLP or a
+    shared expert onto the frozen experts."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- the API
 @dataclass
 class Prepared:
@@ -433,17 +422,20 @@ class Prepared:
     params: list
     trainable_by_kind: dict
     total_params: int
-    keep: dict
+    keep: dict  # module name -> bool [out, in], linears and experts (experts stay frozen)
     zeros_before: dict  # weight_masks() before training
 
 
 def prepare(model, masks: dict[str, torch.Tensor], config: PerpConfig) -> Prepared:
     """Freeze everything, wrap the pruned linears with MaskLoRA/ScaleLoRA adapters (if ``lora``
-    is trained) and unfreeze the chosen norms/biases. ``model`` is modified in place."""
-    keep = _bool_masks(model, masks)
+    is trained) and unfreeze the chosen norms/biases; pruned MoE experts stay frozen (see the
+    module docstring). ``model`` is modified in place."""
+    keep = bool_masks(model, masks)
     modules = dict(model.named_modules())
+    linears = sorted(n for n in keep if isinstance(modules.get(n), nn.Linear))
+    experts_modules = frozenset(found[0] for found in map(expert_of, keep) if found)
     for name, mask in keep.items():  # the input must be pruned as its masks say
-        w = modules[name].weight.detach()
+        w = pruned_weight(model, modules, name).detach()
         if bool((w.cpu()[~mask] != 0).any()):
             raise UserError(f"{name} has nonzero weights where its pruning mask says pruned: the "
                             "checkpoint was changed after pruning; re-prune it")
@@ -455,22 +447,22 @@ def prepare(model, masks: dict[str, torch.Tensor], config: PerpConfig) -> Prepar
 
     peft_model = None
     by_kind: dict[str, int] = {}
-    if "lora" in config.train:
+    if "lora" in config.train and linears:
         from peft import LoraConfig, get_peft_model
 
-        for name, mask in keep.items():
-            modules[name].register_buffer(_KEEP, mask.to(modules[name].weight.device),
+        for name in linears:
+            modules[name].register_buffer(_KEEP, keep[name].to(modules[name].weight.device),
                                           persistent=False)
         lcfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
-                          target_modules=sorted(keep))
+                          target_modules=[f"model.{n}" for n in linears])
         # peft's documented custom-module hook: every targeted nn.Linear becomes our subclass of
         # peft's lora.Linear (MaskLoRA / ScaleLoRA as its LoraVariant), see the module docstring
         lcfg._register_custom_module({nn.Linear: _perp_linear_class(config.lora_variant)})
-        peft_model = get_peft_model(model, lcfg)
+        peft_model = get_peft_model(PeftHolder(model), lcfg)
         by_kind["lora"] = sum(p.numel() for n, p in peft_model.named_parameters()
                               if "lora_" in n and p.requires_grad)
-        model = peft_model.get_base_model()  # the same modules, wrapped in place
-    extra = select_norms_and_biases(model, config.train)
+        model = peft_model.get_base_model().model  # the same modules, wrapped in place
+    extra = select_norms_and_biases(model, config.train, experts_modules)
     for kind, chosen in extra.items():
         if kind in config.train:
             for p in chosen:
@@ -535,10 +527,11 @@ def merge(prep: Prepared) -> tuple[nn.Module, int]:
     Returns (plain model, number of linears checked)."""
     model = prep.model
     if prep.peft_model is not None:
-        model = prep.peft_model.merge_and_unload(safe_merge=True)
+        model = prep.peft_model.merge_and_unload(safe_merge=True).model
         modules = dict(model.named_modules())
         for name in prep.keep:
-            modules[name]._buffers.pop(_KEEP, None)
+            if name in modules:  # a linear (an expert has no module of its own)
+                modules[name]._buffers.pop(_KEEP, None)
     for p in model.parameters():
         p.requires_grad_(False)
     model.to("cpu")
@@ -550,7 +543,8 @@ def perp(model, masks: dict[str, torch.Tensor], config: PerpConfig = PerpConfig(
     """Retrain ``model`` (pruned, in place) as PERP and merge; returns ``(model, PerpReport)``.
 
     ``masks``: keep masks of the pruned linears (module name or ``<module>.weight`` -> bool
-    ``[out, in]`` or packed uint8, e.g. ``llmprune.prune(..., keep_masks=True).masks``).
+    ``[out, in]`` or packed uint8, e.g. ``llmprune.prune(..., keep_masks=True).masks``); those of
+    MoE experts, ``<experts module>.expert_linears.<param>.<e>``, are kept frozen.
     ``train_ids`` ``[n, seqlen]`` are the training windows; when None they are cut from
     ``config.calib_data`` with ``tokenizer``. The returned model is the merged plain model.
     """
@@ -584,5 +578,5 @@ def training_ids(tokenizer, config: PerpConfig) -> tuple[torch.Tensor, dict]:
 
 
 __all__ = ["PerpConfig", "PerpReport", "SparsityViolation", "check_masks_kept", "masklora_weight",
-           "perp", "scalelora_weight", "select_norms_and_biases",
+           "perp", "pruned_weight", "scalelora_weight", "select_norms_and_biases",
            "training_ids", "weight_masks"]
