@@ -75,8 +75,12 @@ def pruned_set(scores: torch.Tensor, target: Sparsity, row_splits: list[int], pe
         elif per_row:
             full = lowest_k_mask(s, n_pruned(s.shape[1], target.ratio), dim=1)
         else:
-            full = lowest_k_mask(s.reshape(-1), n_pruned(s.numel(), target.ratio),
-                                 dim=0).view_as(s)
+            # the lowest `fraction` of the linear's lowest `ratio` are its lowest
+            # `ratio * fraction` (both ordered by score, then position): one selection
+            n = n_pruned(s.numel(), target.ratio)
+            k = n if fraction >= 1.0 else n_pruned(n, fraction)
+            parts.append(lowest_k_mask(s.reshape(-1), k, dim=0).view_as(s))
+            continue
         if fraction < 1.0:
             cand = s.masked_fill(~full, float("inf")).reshape(-1)
             k = n_pruned(int(full.sum()), fraction)
