@@ -73,6 +73,18 @@ T512 static inline __m512i load_reg(const uint16_t *p, const uint16_t *end) {
     return v;
 }
 
+/* vpexpandw of the 32 values in v to the lanes set in km, the other lanes taken from zero.
+ * The merge-masking form on a zero register computes what the zero-masking form ({z}) does,
+ * but on AMD Zen 4 a zero-masked vpexpandw feeding vdpbf16ps costs about 1.8 ns per 32
+ * columns against about 1.0 ns for the merge-masked one (L2-resident rows, one thread). The
+ * empty asm keeps the compiler from folding the zero register into the {z} form. */
+T512 static inline __m512i zero_reg(void) {
+    __m512i z = _mm512_setzero_si512();
+    __asm__("" : "+v"(z));
+    return z;
+}
+#define EXPAND512(zero, km, v) _mm512_mask_expand_epi16((zero), (__mmask32)(km), (v))
+
 /* the mask bits of columns [32c, 32c + 32) of a row (tail chunk: only the bytes that exist) */
 static inline uint32_t chunk_mask(const uint8_t *b, Py_ssize_t c, Py_ssize_t kb) {
     Py_ssize_t at = 4 * c, left = kb - at;
@@ -87,11 +99,11 @@ static inline uint32_t chunk_mask(const uint8_t *b, Py_ssize_t c, Py_ssize_t kb)
 }
 
 /* one 32-column chunk c of a row: a 64-byte load at the value cursor, vpexpandw to the columns
- * whose bit is set (zeros elsewhere), the cursor advanced by the popcount, one vdpbf16ps per row
+ * whose bit is set (zeros elsewhere, from the register zero), the cursor advanced by the popcount, one vdpbf16ps per row
  * of x into acc */
 #define CHUNK512(M, acc, km, c)                                                                  \
     do {                                                                                         \
-        __m512i w_ = _mm512_maskz_expand_epi16((km), load_reg(v, j->vend));                               \
+        __m512i w_ = EXPAND512(zero, (km), load_reg(v, j->vend));                                \
         v += _mm_popcnt_u32(km);                                                                 \
         for (int i = 0; i < M; i++)                                                              \
             acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w_,                                      \
@@ -104,6 +116,7 @@ static inline uint32_t chunk_mask(const uint8_t *b, Py_ssize_t c, Py_ssize_t kb)
 #define AVX512_ROWS(M)                                                                           \
     T512 static void bm512_m##M(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {                  \
         const Py_ssize_t kb = (j->k + 7) / 8, nc = j->kp / 32, full = kb / 4;                    \
+        const __m512i zero = zero_reg();                                                         \
         for (Py_ssize_t r = r0; r < r1; r++) {                                                   \
             const uint8_t *b = j->bits + r * kb;                                                 \
             const uint16_t *v = j->values + j->offsets[r];                                       \
@@ -159,13 +172,14 @@ T512 static void dense512(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
 /* rows [r0, r1) of the dense weight, 32 columns per vpexpandw (the tail chunk stored in part) */
 T512 static void decode512(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
     const Py_ssize_t kb = (j->k + 7) / 8, nc = (j->k + 31) / 32;
+    const __m512i zero = zero_reg();
     for (Py_ssize_t r = r0; r < r1; r++) {
         const uint8_t *b = j->bits + r * kb;
         const uint16_t *v = j->values + j->offsets[r];
         uint16_t *out = j->wout + r * j->k;
         for (Py_ssize_t c = 0; c < nc; c++) {
             uint32_t km = chunk_mask(b, c, kb);
-            __m512i w = _mm512_maskz_expand_epi16(km, load_reg(v, j->vend));
+            __m512i w = EXPAND512(zero, km, load_reg(v, j->vend));
             v += _mm_popcnt_u32(km);
             Py_ssize_t left = j->k - 32 * c;
             __mmask32 st = left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1);
