@@ -18,8 +18,8 @@
  *
  * The library is compiled with baseline flags; each path is a function with its own
  * __attribute__((target)) and is chosen at run time with __builtin_cpu_supports, so one build
- * runs on every x86-64 CPU. Rows are split into one contiguous block per thread (a small pool of
- * persistent pthreads, woken per call); the GIL is released while they run.
+ * runs on every x86-64 CPU. Threads (a small pool of persistent pthreads, woken per call) claim
+ * chunks of rows; the GIL is released while they run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -85,6 +85,19 @@ T512 static inline __m512i zero_reg(void) {
 }
 #define EXPAND512(zero, km, v) _mm512_mask_expand_epi16((zero), (__mmask32)(km), (v))
 
+/* the 32 elements at p, in a register (see load_reg), where all 32 exist */
+T512 static inline __m512i load_unchecked(const uint16_t *p) {
+    __m512i v = _mm512_loadu_si512(p);
+    __asm__("" : "+v"(v));
+    return v;
+}
+
+static inline uint32_t load_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 /* the mask bits of columns [32c, 32c + 32) of a row (tail chunk: only the bytes that exist) */
 static inline uint32_t chunk_mask(const uint8_t *b, Py_ssize_t c, Py_ssize_t kb) {
     Py_ssize_t at = 4 * c, left = kb - at;
@@ -98,45 +111,80 @@ static inline uint32_t chunk_mask(const uint8_t *b, Py_ssize_t c, Py_ssize_t kb)
     return v;
 }
 
-/* one 32-column chunk c of a row: a 64-byte load at the value cursor, vpexpandw to the columns
- * whose bit is set (zeros elsewhere, from the register zero), the cursor advanced by the popcount, one vdpbf16ps per row
- * of x into acc */
-#define CHUNK512(M, acc, km, c)                                                                  \
-    do {                                                                                         \
-        __m512i w_ = EXPAND512(zero, (km), load_reg(v, j->vend));                                \
-        v += _mm_popcnt_u32(km);                                                                 \
-        for (int i = 0; i < M; i++)                                                              \
-            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w_,                                      \
-                                      (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * (c))); \
-    } while (0)
+/* Software prefetch (prefetcht0) PF_VALUES bytes ahead of each value (or dense weight) cursor
+ * and PF_BITS bytes ahead of each mask-bits cursor. The hardware prefetchers stop at 4 KiB page
+ * boundaries (torch's tensors are not on huge pages). __builtin_prefetch(.., 0, 3) is
+ * prefetcht0: GCC 12 drops _mm_prefetch inside these target("avx512...") functions. */
+#define PF_VALUES 512
+#define PF_BITS 128
+#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
 
-/* Rows [r0, r1), one at a time so that each thread reads two sequential streams (mask bytes,
- * kept values); even and odd chunks go to two accumulators, which halves the vdpbf16ps
- * latency chain. */
+/* Rows r + q * stride, q < R, of the bitmask weight, interleaved, M rows of x: per 32-column
+ * chunk, each weight row's mask bits (4 bytes), a 64-byte load at its value cursor, vpexpandw
+ * to the columns whose bit is set (zeros elsewhere, from the register zero), the cursor
+ * advanced by the popcount, one vdpbf16ps per row of x. The R rows share each load of x and
+ * give R * M independent accumulator chains. They are `stride` rows apart (not adjacent) so
+ * that the 2 R streams (mask bits, values) lie in different pages, where the hardware
+ * prefetchers follow each one. `safe`: every 64-byte load of these rows ends before the end of
+ * the values (no bounds check); otherwise load_reg masks the last ones. */
+T512 static inline __attribute__((always_inline)) void bm512_group(
+    const job_t *j, Py_ssize_t r, Py_ssize_t stride, const int R, const int M, const int safe,
+    __m512i zero) {
+    const Py_ssize_t kb = (j->k + 7) / 8, nc = j->kp / 32, full = kb / 4;
+    const uint8_t *b[4];
+    const uint16_t *v[4];
+    __m512 acc[4][MAX_M];
+    _Pragma("GCC unroll 4") for (int q = 0; q < R; q++) {
+        b[q] = j->bits + (r + q * stride) * kb;
+        v[q] = j->values + j->offsets[r + q * stride];
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++) acc[q][i] = _mm512_setzero_ps();
+    }
+#define BM512_CHUNK(c, km_expr, prefetch)                                                        \
+    do {                                                                                         \
+        __m512bh xv[MAX_M];                                                                      \
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)                                      \
+            xv[i] = (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * (c));                  \
+        _Pragma("GCC unroll 4") for (int q = 0; q < R; q++) {                                    \
+            const uint32_t km = (km_expr);                                                       \
+            if (prefetch) PREFETCH((const char *)v[q] + PF_VALUES);                              \
+            __m512i w = EXPAND512(zero, km,                                                      \
+                                  safe ? load_unchecked(v[q]) : load_reg(v[q], j->vend));        \
+            v[q] += _mm_popcnt_u32(km);                                                          \
+            _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)                                  \
+                acc[q][i] = _mm512_dpbf16_ps(acc[q][i], (__m512bh)w, xv[i]);                     \
+        }                                                                                        \
+    } while (0)
+    Py_ssize_t c = 0;
+    for (; c + 2 <= full; c += 2) { /* values prefetched every other chunk, bits every 16 */
+        if ((c & 15) == 0)
+            _Pragma("GCC unroll 4") for (int q = 0; q < R; q++) PREFETCH(b[q] + 4 * c + PF_BITS);
+        BM512_CHUNK(c, load_u32(b[q] + 4 * c), 1);
+        BM512_CHUNK(c + 1, load_u32(b[q] + 4 * c + 4), 0);
+    }
+    for (; c < nc; c++) BM512_CHUNK(c, chunk_mask(b[q], c, kb), 0);
+#undef BM512_CHUNK
+    _Pragma("GCC unroll 4") for (int q = 0; q < R; q++)
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)
+            j->y[i * j->n + r + q * stride] = _mm512_reduce_add_ps(acc[q][i]);
+}
+
+/* weight rows interleaved per pass: 4 up to 4 rows of x, else 2 (registers) */
+#define GROUP_ROWS(M) ((M) <= 4 ? 4 : 2)
+
+/* Rows [r0, r1): R = GROUP_ROWS(M) runs of s = (r1 - r0) / R rows, read together (rows
+ * r0 + i, r0 + s + i, ..., i < s); the rows left over one at a time. */
 #define AVX512_ROWS(M)                                                                           \
     T512 static void bm512_m##M(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {                  \
-        const Py_ssize_t kb = (j->k + 7) / 8, nc = j->kp / 32, full = kb / 4;                    \
+        const int R = GROUP_ROWS(M);                                                             \
+        const Py_ssize_t s = (r1 - r0) / R, nnz = j->vend - j->values;                          \
         const __m512i zero = zero_reg();                                                         \
-        for (Py_ssize_t r = r0; r < r1; r++) {                                                   \
-            const uint8_t *b = j->bits + r * kb;                                                 \
-            const uint16_t *v = j->values + j->offsets[r];                                       \
-            __m512 a0[M], a1[M];                                                                 \
-            for (int i = 0; i < M; i++) a0[i] = a1[i] = _mm512_setzero_ps();                     \
-            Py_ssize_t c = 0;                                                                    \
-            for (; c + 1 < full; c += 2) {                                                       \
-                uint32_t k0, k1;                                                                 \
-                memcpy(&k0, b + 4 * c, 4);                                                       \
-                memcpy(&k1, b + 4 * c + 4, 4);                                                   \
-                CHUNK512(M, a0, k0, c);                                                          \
-                CHUNK512(M, a1, k1, c + 1);                                                      \
-            }                                                                                    \
-            for (; c < nc; c++) {                                                                \
-                uint32_t k0 = chunk_mask(b, c, kb);                                              \
-                CHUNK512(M, a0, k0, c);                                                          \
-            }                                                                                    \
-            for (int i = 0; i < M; i++)                                                          \
-                j->y[i * j->n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));          \
+        for (Py_ssize_t i = 0; i < s; i++) {                                                     \
+            if (j->offsets[r0 + i + (R - 1) * s + 1] + 32 <= nnz)                                \
+                bm512_group(j, r0 + i, s, R, M, 1, zero);                                        \
+            else                                                                                 \
+                bm512_group(j, r0 + i, s, R, M, 0, zero);                                        \
         }                                                                                        \
+        for (Py_ssize_t r = r0 + R * s; r < r1; r++) bm512_group(j, r, 0, 1, M, 0, zero);        \
     }
 
 AVX512_ROWS(1)
@@ -152,22 +200,53 @@ typedef void (*rows_fn)(const job_t *, Py_ssize_t, Py_ssize_t);
 static const rows_fn BM512[MAX_M + 1] = {NULL, bm512_m1, bm512_m2, bm512_m3, bm512_m4,
                                          bm512_m5, bm512_m6, bm512_m7, bm512_m8};
 
-/* the dense reference: the same loop without the expand, k % 32 == 0 */
-T512 static void dense512(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
+/* The dense reference (k % 32 == 0): the loop of bm512_group -- the same runs of rows, shared
+ * loads of x, prefetch and threading -- without the mask and the expand. */
+T512 static inline __attribute__((always_inline)) void dense512_group(
+    const job_t *j, Py_ssize_t r, Py_ssize_t stride, const int R, const int M) {
     const Py_ssize_t nc = j->k / 32;
-    for (Py_ssize_t r = r0; r < r1; r++) {
-        const uint16_t *wr = j->w + r * j->k;
-        __m512 a[MAX_M];
-        for (int i = 0; i < j->m; i++) a[i] = _mm512_setzero_ps();
-        for (Py_ssize_t c = 0; c < nc; c++) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + 32 * c);
-            for (int i = 0; i < j->m; i++)
-                a[i] = _mm512_dpbf16_ps(a[i], wv,
-                                        (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * c));
-        }
-        for (int i = 0; i < j->m; i++) j->y[i * j->n + r] = _mm512_reduce_add_ps(a[i]);
+    const uint16_t *w[4];
+    __m512 acc[4][MAX_M];
+    _Pragma("GCC unroll 4") for (int q = 0; q < R; q++) {
+        w[q] = j->w + (r + q * stride) * j->k;
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++) acc[q][i] = _mm512_setzero_ps();
     }
+    for (Py_ssize_t c = 0; c < nc; c++) {
+        __m512bh xv[MAX_M];
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)
+            xv[i] = (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * c);
+        _Pragma("GCC unroll 4") for (int q = 0; q < R; q++) {
+            PREFETCH((const char *)(w[q] + 32 * c) + PF_VALUES);
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w[q] + 32 * c);
+            _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)
+                acc[q][i] = _mm512_dpbf16_ps(acc[q][i], wv, xv[i]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int q = 0; q < R; q++)
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)
+            j->y[i * j->n + r + q * stride] = _mm512_reduce_add_ps(acc[q][i]);
 }
+
+#define DENSE512_ROWS(M)                                                                         \
+    T512 static void dense512_m##M(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {               \
+        const int R = GROUP_ROWS(M);                                                             \
+        const Py_ssize_t s = (r1 - r0) / R;                                                      \
+        for (Py_ssize_t i = 0; i < s; i++) dense512_group(j, r0 + i, s, R, M);                   \
+        for (Py_ssize_t r = r0 + R * s; r < r1; r++) dense512_group(j, r, 0, 1, M);              \
+    }
+
+DENSE512_ROWS(1)
+DENSE512_ROWS(2)
+DENSE512_ROWS(3)
+DENSE512_ROWS(4)
+DENSE512_ROWS(5)
+DENSE512_ROWS(6)
+DENSE512_ROWS(7)
+DENSE512_ROWS(8)
+
+static const rows_fn DENSE512[MAX_M + 1] = {NULL,        dense512_m1, dense512_m2,
+                                            dense512_m3, dense512_m4, dense512_m5,
+                                            dense512_m6, dense512_m7, dense512_m8};
 
 /* rows [r0, r1) of the dense weight, 32 columns per vpexpandw (the tail chunk stored in part) */
 T512 static void decode512(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
@@ -246,7 +325,7 @@ static void run_rows(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
     else if (j->kind == 0) bm256(j, r0, r1);
     else if (j->kind == 1 && j->path == 1) decode512(j, r0, r1);
     else if (j->kind == 1) decode_scalar(j, r0, r1);
-    else dense512(j, r0, r1);
+    else DENSE512[j->m](j, r0, r1);
 #else
     decode_scalar(j, r0, r1);
 #endif

@@ -106,6 +106,19 @@ def test_thread_count_does_not_change_results(path):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+@pytest.mark.parametrize("shape", [(1, 32), (5, 96), (37, 64), (70, 160)])
+def test_dense_reference_loop_matches_reference(shape):
+    """The dense loop of the bytes ceiling (rows in groups of 4 or 2, leftovers alone)."""
+    if "avx512" not in cpu.native_paths():
+        pytest.skip("the dense reference loop is avx512 only")
+    out, cols = shape
+    w = torch.randn(out, cols, generator=torch.Generator().manual_seed(out)).to(torch.bfloat16)
+    for m in range(1, cpu.DECODE_ROWS + 1):
+        x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        want = reference(x, w, torch.ones_like(w, dtype=torch.bool))
+        assert rel_err(cpu.dense_matmul(x, w), want) < 1e-5
+
+
 def test_module_replaces_linear(path):
     lin = nn.Linear(48, 24, bias=True).to(torch.bfloat16)
     keep = torch.rand(24, 48) < 0.5
