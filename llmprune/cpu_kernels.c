@@ -44,7 +44,8 @@
 typedef struct {
     int kind; /* 0 bitmask matmul, 1 decode, 2 dense matmul */
     int path; /* 1 avx512, 2 avx2 */
-    const uint16_t *x;      /* [m, kp] bf16, zero-padded to kp = k rounded up to 32 */
+    const uint16_t *x;      /* [m, kp] bf16, zero-padded to kp = k rounded up to 32 (avx512),
+                               or fp32 [m, kp], kp = k rounded up to 8 (avx2) */
     const uint8_t *bits;    /* [n, kb] */
     const uint16_t *values; /* [nnz] */
     const uint16_t *vend;   /* values + nnz */
@@ -193,8 +194,8 @@ T512 static inline __attribute__((always_inline)) void bm512_group(
             j->y[i * j->n + r + q * stride] = _mm512_reduce_add_ps(acc[q][i]);
 }
 
-/* weight rows interleaved per pass: 4 up to 4 rows of x, else 2 (registers) */
-#define GROUP_ROWS(M) ((M) <= 4 ? 4 : 2)
+/* weight rows interleaved per pass: 4 for 1 or 2 rows of x, 2 for 3 or 4, else 1 (registers) */
+#define GROUP_ROWS(M) ((M) <= 2 ? 4 : (M) <= 4 ? 2 : 1)
 
 /* Rows [r0, r1): R = GROUP_ROWS(M) runs of s = (r1 - r0) / R rows, read together (rows
  * r0 + i, r0 + s + i, ..., i < s); the rows left over one at a time. */
@@ -573,8 +574,10 @@ static PyObject *matmul_common(PyObject *args, int kind) {
     void *xp = NULL;
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
-    xp = pad_x((const uint16_t *)(uintptr_t)xa, (int)m, k, j.kp, path);
-    if (xp) {
+    if (path == 1 && k == j.kp) { /* bf16 rows already whole chunks: read x in place */
+        j.x = (const uint16_t *)(uintptr_t)xa;
+        run_parallel(&j, threads);
+    } else if ((xp = pad_x((const uint16_t *)(uintptr_t)xa, (int)m, k, j.kp, path))) {
         j.x = xp;
         run_parallel(&j, threads);
         free(xp);
