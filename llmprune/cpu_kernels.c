@@ -18,8 +18,8 @@
  *
  * The library is compiled with baseline flags; each path is a function with its own
  * __attribute__((target)) and is chosen at run time with __builtin_cpu_supports, so one build
- * runs on every x86-64 CPU. Rows are split into one contiguous block per thread (a small pool of
- * persistent pthreads, woken per call); the GIL is released while they run.
+ * runs on every x86-64 CPU. Threads (a small pool of persistent pthreads, woken per call) claim
+ * chunks of rows; the GIL is released while they run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -44,7 +44,8 @@
 typedef struct {
     int kind; /* 0 bitmask matmul, 1 decode, 2 dense matmul */
     int path; /* 1 avx512, 2 avx2 */
-    const uint16_t *x;      /* [m, kp] bf16, zero-padded to kp = k rounded up to 32 */
+    const uint16_t *x;      /* [m, kp] bf16, zero-padded to kp = k rounded up to 32 (avx512),
+                               or fp32 [m, kp], kp = k rounded up to 8 (avx2) */
     const uint8_t *bits;    /* [n, kb] */
     const uint16_t *values; /* [nnz] */
     const uint16_t *vend;   /* values + nnz */
@@ -73,6 +74,39 @@ T512 static inline __m512i load_reg(const uint16_t *p, const uint16_t *end) {
     return v;
 }
 
+/* vpexpandw of the 32 values in v to the lanes set in km, the other lanes taken from zero.
+ * The merge-masking form on a zero register computes what the zero-masking form ({z}) does,
+ * but on AMD Zen 4 a zero-masked vpexpandw feeding vdpbf16ps costs about 1.8 ns per 32
+ * columns against about 1.0 ns for the merge-masked one (L2-resident rows, one thread). The
+ * empty asm keeps the compiler from folding the zero register into the {z} form. */
+T512 static inline __m512i zero_reg(void) {
+    __m512i z = _mm512_setzero_si512();
+    __asm__("" : "+v"(z));
+    return z;
+}
+#define EXPAND512(zero, km, v) _mm512_mask_expand_epi16((zero), (__mmask32)(km), (v))
+
+/* The values the expand of mask km reads at p, as load_reg does, for loads that stay within
+ * the values: 64 bytes, or with `narrow` 32 bytes where km keeps at most 16 (the expand reads
+ * only the first popcount(km) elements). A 64-byte load at a 2-byte aligned cursor nearly
+ * always spans two cache lines, a 32-byte one half the time; for sparse enough rows the branch
+ * is almost never taken the other way (about 5% faster per chunk at 70% sparsity). */
+T512 static inline __m512i load_inbounds(const uint16_t *p, uint32_t km, const int narrow) {
+    __m512i v;
+    if (narrow && __builtin_expect(_mm_popcnt_u32(km) <= 16, 1))
+        v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p));
+    else
+        v = _mm512_loadu_si512(p);
+    __asm__("" : "+v"(v));
+    return v;
+}
+
+static inline uint32_t load_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 /* the mask bits of columns [32c, 32c + 32) of a row (tail chunk: only the bytes that exist) */
 static inline uint32_t chunk_mask(const uint8_t *b, Py_ssize_t c, Py_ssize_t kb) {
     Py_ssize_t at = 4 * c, left = kb - at;
@@ -86,44 +120,87 @@ static inline uint32_t chunk_mask(const uint8_t *b, Py_ssize_t c, Py_ssize_t kb)
     return v;
 }
 
-/* one 32-column chunk c of a row: a 64-byte load at the value cursor, vpexpandw to the columns
- * whose bit is set (zeros elsewhere), the cursor advanced by the popcount, one vdpbf16ps per row
- * of x into acc */
-#define CHUNK512(M, acc, km, c)                                                                  \
-    do {                                                                                         \
-        __m512i w_ = _mm512_maskz_expand_epi16((km), load_reg(v, j->vend));                               \
-        v += _mm_popcnt_u32(km);                                                                 \
-        for (int i = 0; i < M; i++)                                                              \
-            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)w_,                                      \
-                                      (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * (c))); \
-    } while (0)
+/* Software prefetch (prefetcht0) PF_VALUES bytes ahead of each value cursor and PF_BITS bytes
+ * ahead of each mask-bits cursor: the hardware prefetchers stop at 4 KiB page boundaries
+ * (torch's tensors are not on huge pages). Longer distances (1-4 KiB) and prefetcht1 measured
+ * slower here. __builtin_prefetch(.., 0, 3) is prefetcht0: GCC 12 drops _mm_prefetch inside
+ * these target("avx512...") functions. */
+#define PF_VALUES 512
+#define PF_BITS 128
+#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
 
-/* Rows [r0, r1), one at a time so that each thread reads two sequential streams (mask bytes,
- * kept values); even and odd chunks go to two accumulators, which halves the vdpbf16ps
- * latency chain. */
+/* Rows r + q * stride, q < R, of the bitmask weight, interleaved, M rows of x: per 32-column
+ * chunk, each weight row's mask bits (4 bytes), a 64-byte load at its value cursor, vpexpandw
+ * to the columns whose bit is set (zeros elsewhere, from the register zero), the cursor
+ * advanced by the popcount, one vdpbf16ps per row of x. The R rows share each load of x and
+ * give R * M independent accumulator chains. They are `stride` rows apart (not adjacent) so
+ * that the 2 R streams (mask bits, values) lie in different pages, where the hardware
+ * prefetchers follow each one. load_mode 0: load_reg (bounds-checked loads); 1: every 64-byte
+ * load of these rows ends within the values (load_inbounds); 2: the same, narrow. */
+T512 static inline __attribute__((always_inline)) void bm512_group(
+    const job_t *j, Py_ssize_t r, Py_ssize_t stride, const int R, const int M,
+    const int load_mode, __m512i zero) {
+    const Py_ssize_t kb = (j->k + 7) / 8, nc = j->kp / 32, full = kb / 4;
+    const uint8_t *b[8];
+    const uint16_t *v[8];
+    __m512 acc[8][MAX_M];
+    _Pragma("GCC unroll 8") for (int q = 0; q < R; q++) {
+        b[q] = j->bits + (r + q * stride) * kb;
+        v[q] = j->values + j->offsets[r + q * stride];
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++) acc[q][i] = _mm512_setzero_ps();
+    }
+#define BM512_CHUNK(c, km_expr, prefetch)                                                        \
+    do {                                                                                         \
+        __m512bh xv[MAX_M];                                                                      \
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)                                      \
+            xv[i] = (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * (c));                  \
+        _Pragma("GCC unroll 8") for (int q = 0; q < R; q++) {                                    \
+            const uint32_t km = (km_expr);                                                       \
+            if (prefetch) PREFETCH((const char *)v[q] + PF_VALUES);                              \
+            __m512i w = EXPAND512(zero, km,                                                      \
+                                  load_mode ? load_inbounds(v[q], km, load_mode == 2)            \
+                                            : load_reg(v[q], j->vend));                          \
+            v[q] += _mm_popcnt_u32(km);                                                          \
+            _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)                                  \
+                acc[q][i] = _mm512_dpbf16_ps(acc[q][i], (__m512bh)w, xv[i]);                     \
+        }                                                                                        \
+    } while (0)
+    Py_ssize_t c = 0;
+    for (; c + 2 <= full; c += 2) { /* values prefetched every other chunk, bits every 16 */
+        if ((c & 15) == 0)
+            _Pragma("GCC unroll 8") for (int q = 0; q < R; q++) PREFETCH(b[q] + 4 * c + PF_BITS);
+        BM512_CHUNK(c, load_u32(b[q] + 4 * c), 1);
+        BM512_CHUNK(c + 1, load_u32(b[q] + 4 * c + 4), 0);
+    }
+    for (; c < nc; c++) BM512_CHUNK(c, chunk_mask(b[q], c, kb), 0);
+#undef BM512_CHUNK
+    _Pragma("GCC unroll 8") for (int q = 0; q < R; q++)
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)
+            j->y[i * j->n + r + q * stride] = _mm512_reduce_add_ps(acc[q][i]);
+}
+
+/* weight rows interleaved per pass: 4 for 1 or 2 rows of x, 2 for 3 or 4, else 1 (registers) */
+#define GROUP_ROWS(M) ((M) <= 2 ? 4 : (M) <= 4 ? 2 : 1)
+
+/* Rows [r0, r1): R = GROUP_ROWS(M) runs of s = (r1 - r0) / R rows, read together (rows
+ * r0 + i, r0 + s + i, ..., i < s); the rows left over one at a time. */
 #define AVX512_ROWS(M)                                                                           \
     T512 static void bm512_m##M(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {                  \
-        const Py_ssize_t kb = (j->k + 7) / 8, nc = j->kp / 32, full = kb / 4;                    \
-        for (Py_ssize_t r = r0; r < r1; r++) {                                                   \
-            const uint8_t *b = j->bits + r * kb;                                                 \
-            const uint16_t *v = j->values + j->offsets[r];                                       \
-            __m512 a0[M], a1[M];                                                                 \
-            for (int i = 0; i < M; i++) a0[i] = a1[i] = _mm512_setzero_ps();                     \
-            Py_ssize_t c = 0;                                                                    \
-            for (; c + 1 < full; c += 2) {                                                       \
-                uint32_t k0, k1;                                                                 \
-                memcpy(&k0, b + 4 * c, 4);                                                       \
-                memcpy(&k1, b + 4 * c + 4, 4);                                                   \
-                CHUNK512(M, a0, k0, c);                                                          \
-                CHUNK512(M, a1, k1, c + 1);                                                      \
-            }                                                                                    \
-            for (; c < nc; c++) {                                                                \
-                uint32_t k0 = chunk_mask(b, c, kb);                                              \
-                CHUNK512(M, a0, k0, c);                                                          \
-            }                                                                                    \
-            for (int i = 0; i < M; i++)                                                          \
-                j->y[i * j->n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[i], a1[i]));          \
+        const int R = GROUP_ROWS(M);                                                             \
+        const Py_ssize_t s = (r1 - r0) / R, nnz = j->vend - j->values;                          \
+        const __m512i zero = zero_reg();                                                         \
+        for (Py_ssize_t i = 0; i < s; i++) {                                                     \
+            Py_ssize_t kept = 0;                                                                 \
+            for (int q = 0; q < R; q++)                                                          \
+                kept += j->offsets[r0 + i + q * s + 1] - j->offsets[r0 + i + q * s];             \
+            if (j->offsets[r0 + i + (R - 1) * s + 1] + 32 > nnz)                                 \
+                bm512_group(j, r0 + i, s, R, M, 0, zero);                                        \
+            else if (3 * kept <= R * j->k) /* at most a third kept: narrow loads */              \
+                bm512_group(j, r0 + i, s, R, M, 2, zero);                                        \
+            else                                                                                 \
+                bm512_group(j, r0 + i, s, R, M, 1, zero);                                        \
         }                                                                                        \
+        for (Py_ssize_t r = r0 + R * s; r < r1; r++) bm512_group(j, r, 0, 1, M, 0, zero);        \
     }
 
 AVX512_ROWS(1)
@@ -139,33 +216,66 @@ typedef void (*rows_fn)(const job_t *, Py_ssize_t, Py_ssize_t);
 static const rows_fn BM512[MAX_M + 1] = {NULL, bm512_m1, bm512_m2, bm512_m3, bm512_m4,
                                          bm512_m5, bm512_m6, bm512_m7, bm512_m8};
 
-/* the dense reference: the same loop without the expand, k % 32 == 0 */
-T512 static void dense512(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
+/* The dense reference (k % 32 == 0): the loop of bm512_group -- the same runs of rows, shared
+ * loads of x and threading -- without the mask and the expand. No software prefetch: one
+ * 64-byte line per row and chunk, which the hardware prefetchers follow (prefetching 0.5-8 KiB
+ * ahead measured within 3% of this, inside the run-to-run noise of this machine). */
+T512 static inline __attribute__((always_inline)) void dense512_group(
+    const job_t *j, Py_ssize_t r, Py_ssize_t stride, const int R, const int M) {
     const Py_ssize_t nc = j->k / 32;
-    for (Py_ssize_t r = r0; r < r1; r++) {
-        const uint16_t *wr = j->w + r * j->k;
-        __m512 a[MAX_M];
-        for (int i = 0; i < j->m; i++) a[i] = _mm512_setzero_ps();
-        for (Py_ssize_t c = 0; c < nc; c++) {
-            __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + 32 * c);
-            for (int i = 0; i < j->m; i++)
-                a[i] = _mm512_dpbf16_ps(a[i], wv,
-                                        (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * c));
-        }
-        for (int i = 0; i < j->m; i++) j->y[i * j->n + r] = _mm512_reduce_add_ps(a[i]);
+    const uint16_t *w[4];
+    __m512 acc[4][MAX_M];
+    _Pragma("GCC unroll 8") for (int q = 0; q < R; q++) {
+        w[q] = j->w + (r + q * stride) * j->k;
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++) acc[q][i] = _mm512_setzero_ps();
     }
+    for (Py_ssize_t c = 0; c < nc; c++) {
+        __m512bh xv[MAX_M];
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)
+            xv[i] = (__m512bh)_mm512_loadu_si512(j->x + i * j->kp + 32 * c);
+        _Pragma("GCC unroll 8") for (int q = 0; q < R; q++) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512(w[q] + 32 * c);
+            _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)
+                acc[q][i] = _mm512_dpbf16_ps(acc[q][i], wv, xv[i]);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int q = 0; q < R; q++)
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)
+            j->y[i * j->n + r + q * stride] = _mm512_reduce_add_ps(acc[q][i]);
 }
+
+#define DENSE512_ROWS(M)                                                                         \
+    T512 static void dense512_m##M(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {               \
+        const int R = GROUP_ROWS(M);                                                             \
+        const Py_ssize_t s = (r1 - r0) / R;                                                      \
+        for (Py_ssize_t i = 0; i < s; i++) dense512_group(j, r0 + i, s, R, M);                   \
+        for (Py_ssize_t r = r0 + R * s; r < r1; r++) dense512_group(j, r, 0, 1, M);              \
+    }
+
+DENSE512_ROWS(1)
+DENSE512_ROWS(2)
+DENSE512_ROWS(3)
+DENSE512_ROWS(4)
+DENSE512_ROWS(5)
+DENSE512_ROWS(6)
+DENSE512_ROWS(7)
+DENSE512_ROWS(8)
+
+static const rows_fn DENSE512[MAX_M + 1] = {NULL,        dense512_m1, dense512_m2,
+                                            dense512_m3, dense512_m4, dense512_m5,
+                                            dense512_m6, dense512_m7, dense512_m8};
 
 /* rows [r0, r1) of the dense weight, 32 columns per vpexpandw (the tail chunk stored in part) */
 T512 static void decode512(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
     const Py_ssize_t kb = (j->k + 7) / 8, nc = (j->k + 31) / 32;
+    const __m512i zero = zero_reg();
     for (Py_ssize_t r = r0; r < r1; r++) {
         const uint8_t *b = j->bits + r * kb;
         const uint16_t *v = j->values + j->offsets[r];
         uint16_t *out = j->wout + r * j->k;
         for (Py_ssize_t c = 0; c < nc; c++) {
             uint32_t km = chunk_mask(b, c, kb);
-            __m512i w = _mm512_maskz_expand_epi16(km, load_reg(v, j->vend));
+            __m512i w = EXPAND512(zero, km, load_reg(v, j->vend));
             v += _mm_popcnt_u32(km);
             Py_ssize_t left = j->k - 32 * c;
             __mmask32 st = left >= 32 ? 0xFFFFFFFFu : ((1u << left) - 1);
@@ -176,42 +286,73 @@ T512 static void decode512(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
 
 /* ------------------------------------------------------------------ AVX2 path */
 #define T256 __attribute__((target("avx2,fma,popcnt")))
-static uint8_t SHUF[256][16]; /* pshufb control: byte pair i <- kept value rank(i), 0x80 = 0 */
+/* vpshufb control per mask byte, for the 16 bytes at the value cursor broadcast to both halves
+ * of a ymm: the 32-bit lane of column i gets the kept value of rank(i) in its upper 16 bits
+ * (bf16 -> fp32 in the shuffle itself), zero where column i is not kept (0x80) */
+static uint8_t SHUF32[256][32];
 
-/* 8 columns per mask byte: a 16-byte load at the cursor, pshufb to the set positions, bf16 ->
- * fp32 by a 16-bit shift, one FMA per row of x (x held as fp32, xf [m, kp]) */
-T256 static void bm256(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
+/* Rows [r0, r1), M rows of x (held as fp32, xf [M, kp]): 8 columns per mask byte, a 16-byte
+ * load at the value cursor broadcast to a ymm, one vpshufb to fp32 lanes, one FMA per row of x.
+ * Up to 4 rows of x, even and odd bytes go to two accumulators (the FMA latency chain). */
+T256 static inline __attribute__((always_inline)) void bm256_rows(const job_t *j, Py_ssize_t r0,
+                                                                  Py_ssize_t r1, const int M) {
     const Py_ssize_t kb = (j->k + 7) / 8;
     const float *xf = (const float *)j->x;
+    const int two = M <= 4;
     for (Py_ssize_t r = r0; r < r1; r++) {
         const uint8_t *b = j->bits + r * kb;
         const uint16_t *v = j->values + j->offsets[r];
-        __m256 a[MAX_M];
-        for (int i = 0; i < j->m; i++) a[i] = _mm256_setzero_ps();
-        for (Py_ssize_t c = 0; c < kb; c++) {
-            unsigned km = b[c];
-            __m128i raw;
-            if (__builtin_expect(j->vend - v >= 8, 1)) {
-                raw = _mm_loadu_si128((const __m128i *)v);
-            } else { /* the last few values: no read past the end */
-                uint16_t tail[8] = {0};
-                memcpy(tail, v, (size_t)(j->vend - v) * 2);
-                raw = _mm_loadu_si128((const __m128i *)tail);
+        __m256 a0[MAX_M], a1[MAX_M];
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++) a0[i] = a1[i] = _mm256_setzero_ps();
+#define BM256_BYTE(c, acc)                                                                       \
+    do {                                                                                         \
+        const unsigned km = b[c];                                                                \
+        __m128i raw;                                                                             \
+        if (__builtin_expect(j->vend - v >= 8, 1)) {                                             \
+            raw = _mm_loadu_si128((const __m128i *)v);                                           \
+        } else { /* the last few values: no read past the end */                                 \
+            uint16_t tail[8] = {0};                                                              \
+            memcpy(tail, v, (size_t)(j->vend - v) * 2);                                          \
+            raw = _mm_loadu_si128((const __m128i *)tail);                                        \
+        }                                                                                        \
+        const __m256 wf = _mm256_castsi256_ps(_mm256_shuffle_epi8(                               \
+            _mm256_broadcastsi128_si256(raw), _mm256_loadu_si256((const __m256i *)SHUF32[km]))); \
+        v += _mm_popcnt_u32(km);                                                                 \
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++)                                      \
+            acc[i] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xf + i * j->kp + 8 * (c)), acc[i]);    \
+    } while (0)
+        Py_ssize_t c = 0;
+        if (two)
+            for (; c + 2 <= kb; c += 2) {
+                BM256_BYTE(c, a0);
+                BM256_BYTE(c + 1, a1);
             }
-            __m128i e = _mm_shuffle_epi8(raw, _mm_loadu_si128((const __m128i *)SHUF[km]));
-            __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(e), 16));
-            v += _mm_popcnt_u32(km);
-            for (int i = 0; i < j->m; i++)
-                a[i] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xf + i * j->kp + 8 * c), a[i]);
-        }
-        for (int i = 0; i < j->m; i++) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(a[i]), _mm256_extractf128_ps(a[i], 1));
+        for (; c < kb; c++) BM256_BYTE(c, a0);
+#undef BM256_BYTE
+        _Pragma("GCC unroll 8") for (int i = 0; i < M; i++) {
+            const __m256 t = two ? _mm256_add_ps(a0[i], a1[i]) : a0[i];
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
             s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
             j->y[i * j->n + r] = _mm_cvtss_f32(s);
         }
     }
 }
+
+#define AVX2_ROWS(M)                                                                             \
+    T256 static void bm256_m##M(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {                  \
+        bm256_rows(j, r0, r1, M);                                                                \
+    }
+AVX2_ROWS(1)
+AVX2_ROWS(2)
+AVX2_ROWS(3)
+AVX2_ROWS(4)
+AVX2_ROWS(5)
+AVX2_ROWS(6)
+AVX2_ROWS(7)
+AVX2_ROWS(8)
+static const rows_fn BM256[MAX_M + 1] = {NULL, bm256_m1, bm256_m2, bm256_m3, bm256_m4,
+                                         bm256_m5, bm256_m6, bm256_m7, bm256_m8};
 #endif /* HAVE_X86 */
 
 /* portable decode (no AVX-512 or not x86) */
@@ -229,10 +370,10 @@ static void run_rows(const job_t *j, Py_ssize_t r0, Py_ssize_t r1) {
     if (r0 >= r1) return;
 #if HAVE_X86
     if (j->kind == 0 && j->path == 1) BM512[j->m](j, r0, r1);
-    else if (j->kind == 0) bm256(j, r0, r1);
+    else if (j->kind == 0) BM256[j->m](j, r0, r1);
     else if (j->kind == 1 && j->path == 1) decode512(j, r0, r1);
     else if (j->kind == 1) decode_scalar(j, r0, r1);
-    else dense512(j, r0, r1);
+    else DENSE512[j->m](j, r0, r1);
 #else
     decode_scalar(j, r0, r1);
 #endif
@@ -419,8 +560,10 @@ static PyObject *matmul_common(PyObject *args, int kind) {
     void *xp = NULL;
     int ok = 1;
     Py_BEGIN_ALLOW_THREADS
-    xp = pad_x((const uint16_t *)(uintptr_t)xa, (int)m, k, j.kp, path);
-    if (xp) {
+    if (path == 1 && k == j.kp) { /* bf16 rows already whole chunks: read x in place */
+        j.x = (const uint16_t *)(uintptr_t)xa;
+        run_parallel(&j, threads);
+    } else if ((xp = pad_x((const uint16_t *)(uintptr_t)xa, (int)m, k, j.kp, path))) {
         j.x = xp;
         run_parallel(&j, threads);
         free(xp);
@@ -488,12 +631,14 @@ PyMODINIT_FUNC PyInit_cpu_kernels(void) {
     for (int byte = 0; byte < 256; byte++) {
         int rank = 0;
         for (int i = 0; i < 8; i++) {
+            uint8_t *lane = SHUF32[byte] + 4 * i; /* the lanes of columns 4..7 index the copy */
+            lane[0] = lane[1] = 0x80;             /* of the 16 bytes in the upper half */
             if (byte >> i & 1) {
-                SHUF[byte][2 * i] = (uint8_t)(2 * rank);
-                SHUF[byte][2 * i + 1] = (uint8_t)(2 * rank + 1);
+                lane[2] = (uint8_t)(2 * rank);
+                lane[3] = (uint8_t)(2 * rank + 1);
                 rank++;
             } else {
-                SHUF[byte][2 * i] = SHUF[byte][2 * i + 1] = 0x80;
+                lane[2] = lane[3] = 0x80;
             }
         }
     }

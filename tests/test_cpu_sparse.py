@@ -106,6 +106,38 @@ def test_thread_count_does_not_change_results(path):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+def test_sparse_rows_with_dense_chunks(path):
+    """Rows sparse overall (the avx512 loop's narrow loads) with some 32-column chunks dense."""
+    g = torch.Generator().manual_seed(11)
+    out, cols = 96, 1000
+    w = torch.randn(out, cols, generator=g).to(torch.bfloat16)
+    keep = torch.rand(out, cols, generator=g) < 0.15
+    keep[:, 64:96] = True  # a full chunk
+    keep[::3, 300:330] = True  # dense, not aligned to a chunk
+    keep[-1] = True  # the last row: bounds-checked loads
+    bw = cpu.from_dense(w, keep)
+    for m in (1, 3, 8):
+        x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        if path == "torch":
+            got, tol = cpu.bitmask_linear(x, bw, path=path), 1e-2  # bf16 output
+        else:
+            got, tol = cpu.bitmask_matmul(x, bw, path), 1e-5  # fp32
+        assert rel_err(got, reference(x, w, keep)) <= tol, (path, m)
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (5, 96), (37, 64), (70, 160)])
+def test_dense_reference_loop_matches_reference(shape):
+    """The dense loop of the bytes ceiling (rows in groups of 4 or 2, leftovers alone)."""
+    if "avx512" not in cpu.native_paths():
+        pytest.skip("the dense reference loop is avx512 only")
+    out, cols = shape
+    w = torch.randn(out, cols, generator=torch.Generator().manual_seed(out)).to(torch.bfloat16)
+    for m in range(1, cpu.DECODE_ROWS + 1):
+        x = torch.randn(m, cols, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        want = reference(x, w, torch.ones_like(w, dtype=torch.bool))
+        assert rel_err(cpu.dense_matmul(x, w), want) < 1e-5
+
+
 def test_module_replaces_linear(path):
     lin = nn.Linear(48, 24, bias=True).to(torch.bfloat16)
     keep = torch.rand(24, 48) < 0.5
