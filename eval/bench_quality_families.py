@@ -7,7 +7,10 @@ held-out random token ids (calibration: 8 x 64 random ids, seed 0; evaluation: 8
 ones, seed 1). Each family and target runs SparseGPT and the solver stage of
 recipes/smollm2-135m/best-2of4.yaml (N:M targets) or best-70.yaml (unstructured targets, its
 sparsity replaced), with the calibration size above. A row is "ok" when the new method's KL is
-at most SparseGPT's (1% tolerance for rounding).
+at most SparseGPT's (1% tolerance for rounding). For unstructured targets, whose recipe also
+sets OWL allocation, two more runs separate the solver from the allocation: SparseGPT under
+the recipe's allocation, and the recipe's solver with uniform allocation; "solver_ok" holds when
+the solver is no worse than SparseGPT under each allocation.
 
     .venv/bin/python eval/bench_quality_families.py                      # all types, ~5 minutes
     .venv/bin/python eval/bench_quality_families.py --types llama,opt --targets 2:4
@@ -61,6 +64,13 @@ def prune(model_type: str, solver: str, keys: dict, target: str, calib: torch.Te
     return model, time.perf_counter() - t
 
 
+def no_worse(row: dict, ours: str, theirs: str) -> bool | None:
+    """KL of ``ours`` at most ``theirs`` (1% tolerance); None when either did not run."""
+    if not all(isinstance(row.get(k), float) for k in (ours, theirs)):
+        return None
+    return row[ours] <= row[theirs] * TOLERANCE
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--types", default=",".join(KEYS))
@@ -81,27 +91,41 @@ def main() -> None:
         for target in args.targets.split(","):
             row = {"type": model_type, "target": target}
             solver, keys = best_stage(target)
-            for label, (name, opts) in {"sparsegpt": ("sparsegpt", {}),
-                                        "best": (solver, keys)}.items():
+            alloc = {k: v for k, v in keys.items() if k == "allocation" or k.startswith("owl")}
+            runs = {"sparsegpt": ("sparsegpt", {}), "best": (solver, keys)}
+            if alloc and not split_target(target)[1]:
+                # the solver alone, each allocation against SparseGPT under the same one
+                runs["sparsegpt_alloc"] = ("sparsegpt", alloc)
+                runs["solver_uniform"] = (solver, {k: v for k, v in keys.items()
+                                                   if k not in alloc})
+            for label, (name, opts) in runs.items():
                 try:
                     model, seconds = prune(model_type, name, opts, target, calib)
                     row[label] = kl_to_dense(dense_logits, model, test)
                 except Exception as exc:  # a family a solver or pattern does not apply to
                     row[label] = f"{type(exc).__name__}: {str(exc)[:80]}"
-            both = all(isinstance(row[k], float) for k in ("sparsegpt", "best"))
-            row["ok"] = (row["best"] <= row["sparsegpt"] * TOLERANCE) if both else None
+            row["ok"] = no_worse(row, "best", "sparsegpt")
+            if "sparsegpt_alloc" in row:
+                row["solver_ok"] = (no_worse(row, "best", "sparsegpt_alloc")
+                                    and no_worse(row, "solver_uniform", "sparsegpt"))
             rows.append(row)
             print(json.dumps(row), flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=2))
-    print("| type | target | KL sparsegpt | KL best | best <= sparsegpt |\n|---|---|---|---|---|")
+    cols = ("sparsegpt", "best", "sparsegpt_alloc", "solver_uniform")
+    print("| type | target | KL sparsegpt | KL best | KL sparsegpt, best's allocation "
+          "| KL best's solver, uniform | best <= sparsegpt | solver <= sparsegpt, same "
+          "allocation |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k])
-                 for k in ("sparsegpt", "best")]
-        print(f"| {r['type']} | {r['target']} | {cells[0]} | {cells[1]} | {r['ok']} |")
-    ok = [r["ok"] for r in rows if r["ok"] is not None]
-    print(f"{sum(ok)} of {len(ok)} comparable rows: best no worse than SparseGPT")
-
+        cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                 for k in cols]
+        print(f"| {r['type']} | {r['target']} | {' | '.join(cells)} | {r['ok']} "
+              f"| {r.get('solver_ok', r['ok'])} |")
+    for key, what in (("ok", "best no worse than uniform SparseGPT"),
+                      ("solver_ok", "the solver no worse than SparseGPT under the same "
+                       "allocation")):
+        ok = [r.get(key, r["ok"]) for r in rows if r.get(key, r["ok"]) is not None]
+        print(f"{sum(ok)} of {len(ok)} comparable rows: {what}")
 
 if __name__ == "__main__":
     main()
