@@ -32,11 +32,12 @@ def lowest_k_mask(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= scores.shape[dim]:
         return torch.ones_like(scores, dtype=torch.bool)
-    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
-        thr = torch.kthvalue(scores, k, dim=dim, keepdim=True).values  # NaN ranks last
-    elif scores.shape[dim] <= SHORT_SLICE:
-        return rank_below(scores, k, dim)
-    elif scores.dim() == 1 and scores.numel() >= BRACKET_MIN:
+    short = scores.shape[dim] <= SHORT_SLICE
+    fast = short or (scores.dim() == 1 and scores.numel() >= BRACKET_MIN)
+    # the fast paths assume NaN-free scores; kthvalue ranks NaN last
+    if fast and not (scores.is_floating_point() and bool(torch.isnan(scores).any())):
+        if short:
+            return rank_below(scores, k, dim)
         thr = kth_smallest(scores, k).reshape(1)
     else:
         thr = torch.kthvalue(scores, k, dim=dim, keepdim=True).values
