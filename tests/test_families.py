@@ -617,3 +617,55 @@ def test_experts_saved_one_by_one_are_fused_as_transformers_loads_them(tmp_path)
     router = "model.layers.0.block_sparse_moe.gate.weight"
     assert renames[router] == "model.layers.0.mlp.gate.weight"
     assert not any(k in renames for f in fusions.values() for ks in f.sources.values() for k in ks)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_masks_file_names_every_expert_through_exports(model_type, family_dirs, text_file,
+                                                       tmp_path):
+    """The masks file of a pruned MoE checkpoint holds one mask per expert with its [out, in]
+    shape (read here from the fused parameter, [E, out, in] or gpt_oss's [E, in, out]), each
+    equal to the pruned weight's nonzeros; a dense export of that checkpoint and a dense export
+    of its compact export keep the same masks, shapes included."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from llmprune.core.bits import unpack_bits
+
+    src = str(family_dirs(model_type))
+    calib = ["--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32"]
+    pruned, compact = tmp_path / "pruned", tmp_path / "compact"
+    assert main(["-q", "wanda", "--model", src, "--sparsity", "0.5", *calib,
+                 "--output", str(pruned)]) == 0
+    outs = [pruned, tmp_path / "dense"]
+    assert main(["-q", "export", str(pruned), "--format", "dense", "--output", str(outs[1])]) == 0
+    if model_type == "gpt_oss":  # (mixtral's checkpoint stores its experts one by one: a compact
+        # export of it is refused: test_compact_export_refuses_experts_saved_one_by_one)
+        outs.append(tmp_path / "dense_of_compact")
+        assert main(["-q", "export", str(pruned), "--format", "compact",
+                     "--output", str(compact)]) == 0
+        assert main(["-q", "export", str(compact), "--format", "dense",
+                     "--output", str(outs[2])]) == 0
+
+    def masks(out):
+        with safe_open(str(out / "llmprune_masks.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["shapes"])
+
+    model = AutoModelForCausalLM.from_pretrained(pruned)
+    bits, shapes = masks(pruned)
+    experts = 0
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() != 3 or p.shape[0] != 4 or pname.endswith("bias"):
+                continue
+            for e in range(4):
+                w = p[e].T if model_type == "gpt_oss" else p[e]  # [out, in]
+                key = f"{module_name}.expert_linears.{pname}.{e}.weight"
+                assert shapes[key] == list(w.shape)
+                keep = unpack_bits(bits[key], w.shape[1])
+                assert torch.equal(keep, w != 0)
+                experts += 1
+    assert experts == 2 * 2 * 4  # 2 layers x (gate_up, down) x 4 experts
+    for out in outs[1:]:
+        got, got_shapes = masks(out)
+        assert got_shapes == shapes and got.keys() == bits.keys()
+        assert all(torch.equal(got[k], bits[k]) for k in bits)

@@ -94,6 +94,10 @@ class Source:
     # fused expert parameters (3-D) whose mask covers their expert slices stacked, [E * out, in]
     # (compact.stack_experts): name -> whether the parameter stores each expert as [in, out]
     stacked: dict[str, bool] = field(default_factory=dict)
+    # masks of single experts of a fused parameter, ``<owner>.expert_linears.<param>.<e>.weight``
+    # (as the pruning run names them; no tensor of the checkpoint has the name) -> the (out, in)
+    # each covers; a dense export's masks file keeps them as they are
+    expert_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def side_files(src: Path) -> list[Path]:
@@ -127,13 +131,13 @@ def dir_source(src: Path) -> Source:
     if meta is not None and masks is None:
         log.warning("%s has llmprune.json but no %s (made by an older llmprune?); pass --pattern "
                     "to derive the masks from the zeros", src, MASKS_FILE)
-    stacked = {}
+    stacked, expert_shapes = {}, {}
     files = SafetensorsFiles(checkpoint_files(src))
     if masks:
-        masks, stacked = with_fused_masks(src, masks)
+        masks, stacked, expert_shapes = with_fused_masks(src, masks)
         stacked = {n: t for n, t in stacked.items() if n in files.entries}
     return Source(iter(files), config, masks, meta, copy_files, nm_of(meta), len(files.entries),
-                  stacked)
+                  stacked, expert_shapes)
 
 
 def check_model_keys(src: Path) -> None:
@@ -152,21 +156,32 @@ def check_model_keys(src: Path) -> None:
 
 
 def with_fused_masks(src: Path, masks: dict[str, torch.Tensor]
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, bool], dict[str, tuple]]:
     """A dense checkpoint's masks (weight name -> packed keep bits) plus, for each fused expert
     parameter whose experts the masks name one by one (``<owner>.expert_linears.<param>.<e>``,
     as the pruning run names them), that parameter's stacked mask; and the stacked parameters
-    (:attr:`Source.stacked`). Which way the parameter stores its experts is read from the
-    model's weightless skeleton, built only when the masks name experts."""
+    (:attr:`Source.stacked`); and the single experts' masks' shapes (:attr:`Source.expert_shapes`).
+    Which way the parameter stores its experts is read from the model's weightless skeleton,
+    built only when the masks name experts."""
     from ..models.experts import expert_of, fused_masks
     from .loading import load_config, skeleton
 
     modules = {n.removesuffix(".weight"): bits for n, bits in masks.items()}
     if not any(expert_of(n) for n in modules):
-        return masks, {}
-    fused = fused_masks(skeleton(load_config(str(src))), modules)
+        return masks, {}, {}
+    model = skeleton(load_config(str(src)))
+    fused = fused_masks(model, modules)
     return {**masks, **{n: f.bits for n, f in fused.items()}}, \
-        {n: f.transposed for n, f in fused.items()}
+        {n: f.transposed for n, f in fused.items()}, expert_mask_shapes(model, modules)
+
+
+def expert_mask_shapes(model, masks: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Weight name -> (out, in) of each single expert that ``masks`` (by module name) name and
+    ``model`` has (:attr:`Source.expert_shapes`)."""
+    from ..models.experts import expert_weight
+
+    weights = {n: expert_weight(model, n) for n in masks}
+    return {f"{n}.weight": tuple(w.shape) for n, w in weights.items() if w is not None}
 
 
 def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None,
@@ -176,12 +191,13 @@ def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None
     the experts of a fused expert parameter become that parameter's (stacked) mask."""
     from ..models.experts import fused_masks
 
-    keep, stacked = None, {}
+    keep, stacked, expert_shapes = None, {}, {}
     if masks is not None:
         fused = fused_masks(model, masks)
         keep = {f"{name}.weight": bits for name, bits in masks.items()}
         keep.update({name: f.bits for name, f in fused.items()})
         stacked = {name: f.transposed for name, f in fused.items()}
+        expert_shapes = expert_mask_shapes(model, masks)
 
     state = model.state_dict()
 
@@ -196,7 +212,7 @@ def model_source(model, masks: dict[str, torch.Tensor] | None, meta: dict | None
     if tokenizer_dir is not None:
         copy_files = [p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()]
     return Source(tensors(), model.config.to_dict(), keep, meta, copy_files, nm_of(meta),
-                  len(state), stacked)
+                  len(state), stacked, expert_shapes)
 
 
 def pattern_masks(src: Path, config: dict, pattern: str) -> tuple[dict, tuple[int, int] | None]:
@@ -402,6 +418,23 @@ def check_mask_shape(name: str, keep: torch.Tensor, flat: torch.Tensor,
                                      f"is {tuple(t.shape)}")
 
 
+def masks_file_entries(name: str, keep: torch.Tensor, flat: torch.Tensor, experts: int | None
+                       ) -> dict[str, tuple[torch.Tensor, tuple[int, int]]]:
+    """The masks file's entries (weight name -> (packed keep bits ``[out, ceil(in / 8)]``,
+    ``(out, in)``)) of tensor ``name`` whose keep mask ``keep`` covers ``flat`` (``[out, in]``,
+    or the ``experts`` matrices of a fused expert parameter stacked, ``[E * out, in]``):
+    one entry for a matrix, one per expert for a fused parameter, named as the pruning run names
+    them (``<owner>.expert_linears.<param>.<e>.weight``)."""
+    from ..models.experts import expert_name
+
+    bits = torch.from_numpy(compact.as_bits(keep, flat.shape[1]))
+    if experts is None:
+        return {name: (bits, tuple(flat.shape))}
+    rows = flat.shape[0] // experts
+    return {f"{expert_name(name, e)}.weight": (bits[e * rows:(e + 1) * rows].clone(),
+                                                (rows, flat.shape[1])) for e in range(experts)}
+
+
 def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
             writer: _ShardWriter, t0: float, progress: bool) -> dict:
     from tqdm.auto import tqdm
@@ -431,10 +464,10 @@ def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
             raise UserError(f"{name} has nonzero weights where the pruning mask says pruned: "
                             "the checkpoint was changed after pruning; re-prune it, or export "
                             "with --pattern to take the masks from its zeros")
-        if keep is not None and fmt == "dense" and transposed is None:
-            # (the masks file holds [out, in] masks: a fused expert parameter's are left out)
-            out_masks[name] = torch.from_numpy(compact.as_bits(keep, t.shape[1]))
-            mask_shapes[name] = tuple(t.shape)
+        if keep is not None and fmt == "dense":
+            for key, (bits, shape) in masks_file_entries(
+                    name, keep, flat, None if transposed is None else t.shape[0]).items():
+                out_masks[key], mask_shapes[key] = bits, shape
         is_nm = source.nm is not None and keep is not None and (enc.encoding == "nm" or (
             flat.dim() == 2 and compact.nm_fits(compact.as_bool(keep, flat.shape[1]),
                                                 *source.nm)))
@@ -457,6 +490,11 @@ def _export(source: Source, out_dir: Path, fmt: str, want: torch.dtype | None,
         total += enc.nbytes
         dense_total += info["dense_bytes"]
         del t, flat, keep, enc
+    if fmt == "dense":
+        for key, shape in source.expert_shapes.items():
+            if key not in out_masks and key in masks:
+                out_masks[key] = torch.from_numpy(compact.as_bits(masks[key], shape[1]))
+                mask_shapes[key] = shape
     shard_names = writer.finish("model.safetensors" if fmt == "dense" else None)
     for name, info in tensors.items():
         info["shard"] = shard_names[writer.tensor_shard[name]]
@@ -639,6 +677,15 @@ def iter_compact(src: Path, verify: bool = True
 write_export = export
 
 
+def mask_shape(model, name: str) -> tuple[int, int]:
+    """``(out, in)`` of the matrix that the mask of module ``name`` covers: an ``nn.Linear``'s
+    weight, or one expert of a fused expert parameter (``<owner>.expert_linears.<param>.<e>``)."""
+    from ..models.experts import expert_weight
+
+    w = expert_weight(model, name)
+    return tuple((w if w is not None else model.get_submodule(name).weight).shape)
+
+
 def write_checkpoint(model, tokenizer, out_dir: Path, meta: dict, masks: dict | None = None,
                      export: str = "dense", dtype: str = "auto", progress: bool = True) -> None:
     """Save the pruned model into ``out_dir``: a dense checkpoint (zeros in place) with the pruning
@@ -652,9 +699,8 @@ def write_checkpoint(model, tokenizer, out_dir: Path, meta: dict, masks: dict | 
         return
     model.save_pretrained(out_dir)
     if masks:
-        shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if n in masks}
         write_masks(out_dir, {f"{n}.weight": b for n, b in masks.items()},
-                    {f"{n}.weight": s for n, s in shapes.items()})
+                    {f"{n}.weight": mask_shape(model, n) for n in masks})
     write_meta(out_dir, meta)
 
 

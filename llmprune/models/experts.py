@@ -194,6 +194,13 @@ def expert_of(name: str) -> tuple[str, str, int] | None:
     return head, param, int(index)
 
 
+def expert_name(param_name: str, e: int) -> str:
+    """The ExpertLinear module name of expert ``e`` of the fused parameter ``param_name``
+    (``<owner>.<param>`` -> ``<owner>.expert_linears.<param>.<e>``); inverse of :func:`expert_of`."""
+    owner, _, param = param_name.rpartition(".")
+    return f"{owner}.{HOLDER}.{param}.{e}"
+
+
 @dataclass(frozen=True)
 class FusedMask:
     """The keep mask of one fused expert parameter: ``bits`` uint8 ``[E * out, ceil(in / 8)]``,
@@ -298,5 +305,5 @@ def expert_linears(layers: nn.ModuleList, experts: int | None, config, calibrate
 
 
 __all__ = ["ExpertLinear", "FusedMask", "HOLDER", "MOE_CALIBRATE", "all_experts_args",
-           "eager_experts", "expert_linears", "expert_of", "expert_weight", "fused_masks",
+           "eager_experts", "expert_linears", "expert_name", "expert_of", "expert_weight", "fused_masks",
            "fused_params"]
