@@ -245,6 +245,46 @@ def test_memory_plan_hand_count(ckpts):
     assert ts.work == wanda.work
 
 
+def test_memory_plan_bounds_groups_not_yet_watched(tmp_path):
+    """A discovered family (smollm3, laid out as the tiny Llama above): before any weight runs
+    its input groups are unknown, and the plan bounds them: statistics of every linear alive
+    (non-true-sequential), and the work of all linears reading 64-wide inputs as one group
+    (q, k, v, o, gate, up: 448 rows). Once layer 0's groups are watched, the plan is the Llama
+    hand count (gate+up the peak)."""
+    from transformers import AutoConfig
+
+    from llmprune.engine.streaming import meta_skeleton, memory_plan
+    from llmprune.io.safetensors import SafetensorsFiles, checkpoint_files
+    from llmprune.models import adapter_for
+    from llmprune.solvers import get_solver
+
+    from .tiny_families import tiny_family_model
+
+    model = tiny_family_model("smollm3")
+    model.save_pretrained(tmp_path)
+    skel = meta_skeleton(AutoConfig.from_pretrained(tmp_path), torch.float32, False)
+    files = SafetensorsFiles(checkpoint_files(tmp_path))
+    recipe = PruneRecipe("sparsegpt", sparsity=0.5, nsamples=8, seqlen=32, batch_size=4,
+                         true_sequential=False)
+    adapter = adapter_for(skel)
+    bound = memory_plan(files, skel, adapter, recipe, get_solver("sparsegpt"), None, "ram")
+    # SparseGPT's work, as in test_memory_plan_hand_count: float32 weights, two bool masks,
+    # the factorisation's two [in, in] panels, 8 float32 [rows, min(128, in)] blocks
+    width64 = 448 * 64 * 4 + 2 * 448 * 64 + 2 * 64 * 64 * 4 + 8 * 448 * 64 * 4
+    assert bound.stats == (6 * 64 * 64 + 128 * 128) * 4
+    assert bound.work == width64
+    assert bound.peak_group == ("self_attn.q_proj,self_attn.k_proj,self_attn.v_proj,"
+                                "self_attn.o_proj,mlp.gate_proj,mlp.up_proj")
+    layer0 = adapter.layers(model)[0]
+    ids = torch.randint(0, 300, (1, 8))
+    adapter.groups_of(layer0, lambda: model(input_ids=ids))  # watched as a calibration run does
+    exact = memory_plan(files, skel, adapter, recipe, get_solver("sparsegpt"), None, "ram")
+    gate_up = 256 * 64 * 4 + 2 * 256 * 64 + 2 * 64 * 64 * 4 + 8 * 256 * 64 * 4
+    assert exact.peak_group == "mlp.gate_proj,mlp.up_proj"
+    assert (exact.stats, exact.work) == ((64 * 64 + 128 * 128) * 4, gate_up)
+    assert bound.stats + bound.work >= exact.stats + exact.work
+
+
 def test_stream_needs_a_local_safetensors_checkpoint(text_file, tmp_path):
     with pytest.raises(UserError, match="not found"):
         prune_streaming(str(tmp_path / "nope"), _recipe("wanda", text_file),

@@ -119,6 +119,40 @@ def current_rss() -> int:
     return 0
 
 
+def group_cost(solver, lins: list[nn.Linear]) -> tuple[int, int]:
+    """(statistics bytes, working bytes) of solving one input group of linears ``lins``."""
+    in_f = lins[0].in_features
+    return solver.stats_bytes(in_f), solver.work_bytes(
+        in_f, sum(lin.weight.numel() for lin in lins) * 4, max(lin.weight.numel() for lin in lins))
+
+
+def peak_solve(solver, layer: nn.Module, groups, true_sequential: bool) -> tuple[int, int, str]:
+    """(statistics alive, working bytes, group names) at the costliest solve of ``layer``'s input
+    ``groups``: all groups are collected in one pass and each is freed once solved
+    (true-sequential: only the solved group's statistics are alive)."""
+    costs = [group_cost(solver, [layer.get_submodule(n) for n in g]) for g in groups]
+    best = (0, 0, "")
+    for g, (_, work) in enumerate(costs):
+        alive = costs[g][0] if true_sequential else sum(c[0] for c in costs[g:])
+        if alive + work > best[0] + best[1]:
+            best = (alive, work, ",".join(groups[g]))
+    return best
+
+
+def peak_solve_bound(solver, lins: dict[str, nn.Linear], true_sequential: bool
+                     ) -> tuple[int, int, str]:
+    """An upper bound of :func:`peak_solve` when a layer's input groups are not known yet (they
+    are watched once weights run): statistics as if every linear were a group of its own, work
+    as if all linears reading inputs of one width were one group (every real group, sharing one
+    input, lies inside one such set)."""
+    stats = [solver.stats_bytes(lin.in_features) for lin in lins.values()]
+    by_width: dict[int, list[str]] = {}
+    for name, lin in lins.items():
+        by_width.setdefault(lin.in_features, []).append(name)
+    work, names = max((group_cost(solver, [lins[n] for n in g])[1], g) for g in by_width.values())
+    return (max(stats) if true_sequential else sum(stats)), work, ",".join(names)
+
+
 def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solver,
                 calib_dtype: torch.dtype | None, offload: str,
                 fusions: dict | None = None) -> MemoryPlan:
@@ -150,23 +184,12 @@ def memory_plan(files: SafetensorsFiles, skel: nn.Module, adapter, recipe, solve
     stored = next(first.parameters()).dtype
     if calib_dtype is not None and calib_dtype != stored:
         layer += layer // stored.itemsize * calib_dtype.itemsize
-    # (in_features, float32 bytes of the group's weights, elements of its largest member)
-    groups = []
-    first_groups = adapter.groups_of(first)
-    for group in first_groups:
-        lins = [first.get_submodule(n) for n in group]
-        groups.append((lins[0].in_features, sum(lin.weight.numel() for lin in lins) * 4,
-                       max(lin.weight.numel() for lin in lins)))
-    stat_bytes = [solver.stats_bytes(in_f) for in_f, _, _ in groups]
-    best = (-1, 0, 0, "")
-    for g, (in_f, w32, big) in enumerate(groups):
-        # statistics still alive when group g is solved: all groups are collected in one pass
-        # and each is freed once solved (true-sequential: only group g's)
-        alive = stat_bytes[g] if recipe.true_sequential else sum(stat_bytes[g:])
-        work = solver.work_bytes(in_f, w32, big)
-        if alive + work > best[1] + best[2]:
-            best = (g, alive, work, ",".join(first_groups[g]))
-    _, stats, work, peak_group = best
+    if adapter.knows_groups(first):
+        stats, work, peak_group = peak_solve(solver, first, adapter.groups_of(first),
+                                             recipe.true_sequential)
+    else:
+        stats, work, peak_group = peak_solve_bound(solver, adapter.linears(first),
+                                                   recipe.true_sequential)
     hidden = skel.config.hidden_size
     act_bytes = (calib_dtype or stored).itemsize
     batch = min(recipe.batch_size, recipe.nsamples) * recipe.seqlen * hidden * act_bytes

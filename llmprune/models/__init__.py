@@ -65,6 +65,12 @@ class Adapter:
             return prunable_linears(layer, self.experts)
         return {name: layer.get_submodule(name) for name in self.linear_names}
 
+    def knows_groups(self, layer: nn.Module) -> bool:
+        """Whether :meth:`groups_of` ``layer`` without a probe gives its real input groups
+        (declared, or watched on a layer of the same kind), not one group per linear."""
+        return self.groups is not None or \
+            layer_signature(layer, self.linears(layer)) in self.watched
+
     def groups_of(self, layer: nn.Module, probe: Callable[[], object] | None = None) -> Groups:
         """The input groups of ``layer`` in forward order. Declared ones as they are; else
         watched while ``probe()`` runs one forward pass of the layer (once per kind of layer).
