@@ -66,7 +66,7 @@ def fused_params(module: nn.Module, experts: int) -> list[str]:
             if p.dim() == 3 and p.shape[0] == experts]
 
 
-def _transposed(module: nn.Module, params: list[str], hidden: int) -> bool:
+def stores_transposed(module: nn.Module, params: list[str], hidden: int) -> bool:
     """Whether ``module`` stores ``[experts, in, out]``: its own flag (transformers' experts
     implementations set ``is_transposed``), else whether its first fused parameter (the one that
     reads the hidden state) has the hidden size as its second dimension."""
@@ -226,7 +226,7 @@ def fused_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, F
         w = getattr(module, param)  # [E, out, in] or [E, in, out]
         if sorted(experts) != list(range(w.shape[0])):
             continue  # not every expert was pruned: the parameter stays plain
-        transposed = _transposed(module, fused_params(module, w.shape[0]),
+        transposed = stores_transposed(module, fused_params(module, w.shape[0]),
                                  model.config.hidden_size)
         out[f"{owner}.{param}"] = FusedMask(torch.cat([experts[e] for e in range(w.shape[0])]),
                                             transposed)
@@ -250,7 +250,8 @@ def expert_weight(model: nn.Module, name: str) -> torch.Tensor | None:
     w = getattr(module, param, None)  # [E, out, in] or [E, in, out]
     if not isinstance(w, nn.Parameter) or w.dim() != 3 or not 0 <= e < w.shape[0]:
         return None
-    transposed = _transposed(module, fused_params(module, w.shape[0]), model.config.hidden_size)
+    transposed = stores_transposed(module, fused_params(module, w.shape[0]),
+                                   model.config.hidden_size)
     return w[e].T if transposed else w[e]
 
 
@@ -290,7 +291,7 @@ def expert_linears(layers: nn.ModuleList, experts: int | None, config, calibrate
                 params = fused_params(module, experts)
                 if not params or isinstance(module, ExpertLinear):
                     continue
-                transposed = _transposed(module, params, config.hidden_size)
+                transposed = stores_transposed(module, params, config.hidden_size)
                 module.add_module(HOLDER, nn.ModuleDict({
                     name: nn.ModuleList(ExpertLinear(module, name, e, transposed)
                                         for e in range(experts)) for name in params}))
@@ -305,5 +306,5 @@ def expert_linears(layers: nn.ModuleList, experts: int | None, config, calibrate
 
 
 __all__ = ["ExpertLinear", "FusedMask", "HOLDER", "MOE_CALIBRATE", "all_experts_args",
-           "eager_experts", "expert_linears", "expert_name", "expert_of", "expert_weight", "fused_masks",
-           "fused_params"]
+           "eager_experts", "expert_linears", "expert_name", "expert_of", "expert_weight",
+           "fused_masks", "fused_params", "stores_transposed"]

@@ -37,10 +37,11 @@ Mixtures of experts. transformers 5 stores most families' experts as 3D paramete
 ``[experts, out, in]`` (gpt-oss: ``[experts, in, out]``); the pruning run names their masks one
 expert at a time, ``<experts module>.expert_linears.<param>.<e>``
 (:mod:`llmprune.models.experts`). PERP maps each such mask to its expert's slice of the fused
-parameter (:func:`llmprune.models.experts.expert_weight`) and keeps the experts **frozen**: no
-adapter, and none of the experts module's own parameters (its weights, and gpt-oss's per-expert
-biases) is trained, so their pruned zeros stay zero trivially; the merge check covers them like
-the linears. Everything else is trained as in a dense model: adapters on every other pruned
+parameter (:func:`llmprune.models.experts.expert_weight`). By default the experts stay **frozen**:
+no adapter, and none of the experts module's own parameters (its weights, and gpt-oss's
+per-expert biases) is trained, so their pruned zeros stay zero trivially. With ``experts`` in
+``train`` each pruned fused parameter gets one MaskLoRA / ScaleLoRA adapter per expert
+(:mod:`llmprune.retrain.perp_experts`). The merge check covers the experts like the linears. Everything else is trained as in a dense model: adapters on every other pruned
 linear (attention, dense and shared-expert MLPs), the norms, and with ``biases`` every parameter
 named ``bias``. Routers are not pruned, so PERP leaves them as it leaves every unpruned linear:
 the weight as it is, its bias (gpt-oss's router has one) trained under ``biases``.
@@ -62,12 +63,13 @@ from ..core.errors import UserError
 from ..core.flags import positive_int
 from ..core.options import option
 from ..models.experts import expert_of
+from .perp_experts import adapters_active, add_expert_adapters, merge_expert_adapters
 from .perp_masks import (SparsityViolation, bool_masks, check_masks_kept, pruned_weight,
                          weight_masks)
 
 log = logging.getLogger(__name__)
 
-TRAIN_CHOICES = ("norms", "biases", "lora")
+TRAIN_CHOICES = ("norms", "biases", "lora", "experts")
 VARIANTS = ("masklora", "scalelora")
 _KEEP = "llmprune_perp_keep"  # name of the keep-mask buffer on a base linear while training
 
@@ -82,9 +84,11 @@ class PerpConfig:
 
     train: tuple[str, ...] = option(
         ("norms", "lora"), "comma list of what is trained: norms (LayerNorm/RMSNorm weights), "
-                           "biases (every bias), lora (adapters on the pruned linears); the "
-                           "experts of a mixture of experts' fused parameters stay frozen "
-                           "(their pruned zeros kept), routers get no adapter",
+                           "biases (every bias), lora (adapters on the pruned linears), experts "
+                           "(adapters on each pruned expert of a mixture of experts' fused "
+                           "parameters, one per expert; holds a second copy of the experts' "
+                           "weights while training; without it the experts stay frozen); "
+                           "routers get no adapter",
         parse=str)  # the comma list, split by __post_init__
     lora_variant: str = option(
         "masklora", "masklora: W + (alpha/rank B A) * M, the LoRA delta masked (starts at 0, "
@@ -422,14 +426,14 @@ class Prepared:
     params: list
     trainable_by_kind: dict
     total_params: int
-    keep: dict  # module name -> bool [out, in], linears and experts (experts stay frozen)
+    keep: dict  # module name -> bool [out, in], linears and experts
     zeros_before: dict  # weight_masks() before training
 
 
 def prepare(model, masks: dict[str, torch.Tensor], config: PerpConfig) -> Prepared:
     """Freeze everything, wrap the pruned linears with MaskLoRA/ScaleLoRA adapters (if ``lora``
-    is trained) and unfreeze the chosen norms/biases; pruned MoE experts stay frozen (see the
-    module docstring). ``model`` is modified in place."""
+    is trained), add the expert adapters (if ``experts`` is trained; else the experts stay frozen,
+    see the module docstring) and unfreeze the chosen norms/biases. ``model`` is modified in place."""
     keep = bool_masks(model, masks)
     modules = dict(model.named_modules())
     linears = sorted(n for n in keep if isinstance(modules.get(n), nn.Linear))
@@ -462,6 +466,10 @@ def prepare(model, masks: dict[str, torch.Tensor], config: PerpConfig) -> Prepar
         by_kind["lora"] = sum(p.numel() for n, p in peft_model.named_parameters()
                               if "lora_" in n and p.requires_grad)
         model = peft_model.get_base_model().model  # the same modules, wrapped in place
+    if "experts" in config.train:
+        adapters = add_expert_adapters(model, keep, config.rank, config.alpha,
+                                       config.lora_variant)
+        by_kind["experts"] = sum(p.numel() for p in adapters)
     extra = select_norms_and_biases(model, config.train, experts_modules)
     for kind, chosen in extra.items():
         if kind in config.train:
@@ -503,13 +511,14 @@ def train(prep: Prepared, config: PerpConfig, train_ids: torch.Tensor, progress:
             order = torch.cat([order, torch.randperm(train_ids.shape[0], generator=gen)])
         idx, order = order[: config.batch_size], order[config.batch_size:]
         batch = train_ids[idx].to(config.device)
-        with torch.autocast(device_type=device_type, dtype=dtype or torch.float32,
-                            enabled=dtype is not None):
-            loss = net(input_ids=batch, labels=batch, use_cache=False).loss
-        if not torch.isfinite(loss):
-            raise UserError(f"the training loss became {loss.item()}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with adapters_active(prep.model):  # expert adapters: one weight per forward
+            with torch.autocast(device_type=device_type, dtype=dtype or torch.float32,
+                                enabled=dtype is not None):
+                loss = net(input_ids=batch, labels=batch, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise UserError(f"the training loss became {loss.item()}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         sched.step()
         losses.append(loss.item())
@@ -522,7 +531,8 @@ def train(prep: Prepared, config: PerpConfig, train_ids: torch.Tensor, progress:
 
 
 def merge(prep: Prepared) -> tuple[nn.Module, int]:
-    """Merge the adapters (through peft, with our variants' formula), drop the keep buffers,
+    """Merge the adapters (through peft, with our variants' formula; the expert adapters by
+    writing their weight in place), drop the keep buffers,
     freeze, and check every pruned linear's mask (:func:`weight_masks`) against the one before.
     Returns (plain model, number of linears checked)."""
     model = prep.model
@@ -532,6 +542,7 @@ def merge(prep: Prepared) -> tuple[nn.Module, int]:
         for name in prep.keep:
             if name in modules:  # a linear (an expert has no module of its own)
                 modules[name]._buffers.pop(_KEEP, None)
+    merge_expert_adapters(model)
     for p in model.parameters():
         p.requires_grad_(False)
     model.to("cpu")
@@ -544,7 +555,8 @@ def perp(model, masks: dict[str, torch.Tensor], config: PerpConfig = PerpConfig(
 
     ``masks``: keep masks of the pruned linears (module name or ``<module>.weight`` -> bool
     ``[out, in]`` or packed uint8, e.g. ``llmprune.prune(..., keep_masks=True).masks``); those of
-    MoE experts, ``<experts module>.expert_linears.<param>.<e>``, are kept frozen.
+    MoE experts, ``<experts module>.expert_linears.<param>.<e>``, are trained only with
+    ``experts`` in ``config.train``.
     ``train_ids`` ``[n, seqlen]`` are the training windows; when None they are cut from
     ``config.calib_data`` with ``tokenizer``. The returned model is the merged plain model.
     """
