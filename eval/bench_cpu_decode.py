@@ -103,7 +103,8 @@ def build_checkpoints(work: Path) -> dict[str, Path]:
     run into the same --workdir when all are there)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llmprune.io.export import export, model_source
+    from llmprune.io.export import export
+    from llmprune.io.sources import model_source
 
     names = ["dense", *(f"sparse-{s}" for s in SPARSITIES)]
     if all((work / n / "config.json").exists() for n in names):

@@ -54,7 +54,9 @@ def worker(args) -> dict:
 
     import torch
 
-    from llmprune.io.export import export, export_checkpoint, model_source
+    from llmprune.io.checkpoints import export_checkpoint
+    from llmprune.io.export import export
+    from llmprune.io.sources import model_source
     from llmprune.io.meta import read_masks, read_meta
 
     model = None
@@ -138,7 +140,7 @@ def main() -> None:
     import llmprune
     from llmprune.io.data import load_text, tokenize
     from llmprune.evaluate.ppl import perplexity
-    from llmprune.io.export import export_checkpoint
+    from llmprune.io.checkpoints import export_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="llmprune-bench-export-"))
     results = {"model": "smollm2-135m", "method": args.method, "runs": []}

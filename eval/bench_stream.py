@@ -143,7 +143,7 @@ def main() -> None:
                         "is torch's and triton's mapped libraries), --max-memory LIMIT",
                "threads": "torch.set_num_threads(1), OMP_NUM_THREADS=1 (shared 2-core machine)",
                "calibration": "2 x 128 tokens, WikiText-2 valid.txt", "runs": {}}
-    from llmprune.io.export import parse_size
+    from llmprune.io.shards import parse_size
 
     limit = parse_size(args.limit)
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:

@@ -28,7 +28,7 @@ def main() -> None:
 
     from llmprune.io.data import load_text, tokenize
     from llmprune.evaluate.ppl import perplexity
-    from llmprune.io.export import export_checkpoint
+    from llmprune.io.checkpoints import export_checkpoint
     from llmprune.sparse.linear import SparseLinear
 
     work = Path(tempfile.mkdtemp(prefix="llmprune-kernels-e2e-"))

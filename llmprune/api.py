@@ -11,7 +11,7 @@ where ``method`` is a name in ``llmprune.solvers.SOLVERS``.
 
 from .engine.prune import needs_calibration, prune, resolve_calib_dtype
 from .io.data import calibration_ids
-from .io.export import export_checkpoint
+from .io.checkpoints import export_checkpoint
 from .loaders import load_model, load_pretrained
 from .retrain.perp import PerpConfig, perp
 from .runs.perp import perp_checkpoint

@@ -24,7 +24,7 @@ import torch
 from .core.finite import check_finite_model
 from .core.errors import CorruptCheckpointError, ModelNotFoundError, UserError
 from .delta.dare import load_delta
-from .io.export import decode_parts, iter_compact_parts
+from .io.compact_reader import decode_parts, iter_compact_parts
 from .io.loading import finish_load, load_config, model_key, no_init, resolve, skeleton
 from .io.safetensors import check_checkpoint
 from .io.meta import COMPACT_FORMAT, is_compact, read_meta

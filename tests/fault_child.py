@@ -37,15 +37,15 @@ def main(argv: list[str]) -> int:
     fault, value, sep, *args = argv
     assert sep == "--", "usage: fault_child.py FAULT VALUE -- ARGS..."
     from llmprune import cli
-    from llmprune.io import export
+    from llmprune.io import checkpoints
     from llmprune.runs import streaming
 
     if fault == "kill-after-layer":
         streaming.prune_streaming = functools.partial(streaming.prune_streaming,
                                                       on_layer=_kill_after_layer(value))
     elif fault == "pause-after-shard":
-        export.export_checkpoint = functools.partial(export.export_checkpoint,
-                                                     on_shard_written=_pause_after_shard(value))
+        checkpoints.export_checkpoint = functools.partial(
+            checkpoints.export_checkpoint, on_shard_written=_pause_after_shard(value))
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     return cli.main(args)

@@ -340,14 +340,14 @@ def test_shard_writer_files_are_plain_safetensors(tmp_path, monkeypatch, expecte
     import shutil
 
     from llmprune.io import compact
-    from llmprune.io.export import _ShardWriter
+    from llmprune.io.shards import ShardWriter
 
     copies = []
     real_copy = shutil.copyfileobj
     monkeypatch.setattr(shutil, "copyfileobj", lambda *a: (copies.append(1), real_copy(*a)))
     gen = torch.Generator().manual_seed(0)
     made = {}
-    writer = _ShardWriter(tmp_path, "t", 10_000, {"format": "pt", "llmprune_format": "x"},
+    writer = ShardWriter(tmp_path, "t", 10_000, {"format": "pt", "llmprune_format": "x"},
                           expected)
     for i in range(120):
         dtype = [torch.float32, torch.bfloat16, torch.uint8, torch.int32][i % 4]

@@ -414,7 +414,8 @@ def test_compact_checkpoint_feeds_the_kernels_as_stored(pruned_llama, tmp_path):
     import llmprune
     from safetensors import safe_open
 
-    from llmprune.io.export import export, model_source
+    from llmprune.io.export import export
+    from llmprune.io.sources import model_source
 
     model, report, ids, logits = pruned_llama
     out = tmp_path / "compact"
@@ -446,8 +447,9 @@ def test_dense_checkpoints_name_their_two_four_linears(pruned_llama, tmp_path, l
     table): every 2:4 linear is found, and auto on CPU stays bit-identical."""
     from transformers import AutoModelForCausalLM
 
-    from llmprune.io.export import write_checkpoint
-    from llmprune.io.export import export, model_source
+    from llmprune.io.checkpoints import write_checkpoint
+    from llmprune.io.export import export
+    from llmprune.io.sources import model_source
 
     model, report, ids, logits = pruned_llama
     out = tmp_path / layout

@@ -89,13 +89,13 @@ def test_old_import_paths_are_deprecated_re_exports():
 
     from llmprune.core import errors, masks, sparsity
     from llmprune.deprecated import MOVED
-    from llmprune.io import export
+    from llmprune.io import checkpoints
     from llmprune.retrain import perp
 
     for old, new, names in [("llmprune.masks", sparsity, ["Sparsity", "check_divisible"]),
                             ("llmprune.masks", masks, ["nm_mask", "lowest_k_mask"]),
                             ("llmprune.errors", errors, ["UserError", "PatternError"]),
-                            ("llmprune.export", export, ["export_checkpoint"])]:
+                            ("llmprune.export", checkpoints, ["export_checkpoint"])]:
         sys.modules.pop(old, None)  # imported anew through the finder
         mod = importlib.import_module(old)
         with pytest.warns(DeprecationWarning, match=f"{old} is deprecated; import from"):

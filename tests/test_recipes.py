@@ -87,7 +87,7 @@ def test_recipe_with_export_and_eval(checkpoint_dir, text_file, tmp_path):
 
 @pytest.mark.real_model
 def test_smollm2_2of4_recipe_end_to_end_and_reproducible(tmp_path):
-    from llmprune.io.export import iter_compact
+    from llmprune.io.compact_reader import iter_compact
 
     recipe = Path(__file__).parents[1] / "recipes" / "smollm2-135m" / "sparsegpt-2of4.yaml"
     first, again = tmp_path / "first", tmp_path / "again"

@@ -85,7 +85,7 @@ def _run_export(args) -> int:
     (llmprune_masks.safetensors); for a checkpoint without it pass --pattern. Load compact
     output with llmprune.load_pretrained(DIR) or any llmprune command's --model.
     """
-    from ..io.export import export_checkpoint
+    from ..io.checkpoints import export_checkpoint
 
     meta = export_checkpoint(args.src, args.output, args.format, args.dtype, args.pattern,
                              args.max_shard_size, args.overwrite, progress=not args.quiet)

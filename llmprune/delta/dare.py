@@ -34,7 +34,7 @@ import torch
 
 from ..core.errors import UserError
 from ..core.masks import lowest_k_mask
-from ..io.export import side_files
+from ..io.sources import side_files
 from ..io.meta import read_meta, write_meta
 
 RESCALES = ("dare", "darex-q", "none")
@@ -154,7 +154,8 @@ def dare(base: str, finetuned: str, drop: float, method: str = "random", rescale
     ``rescale="darex-q"`` uses ``q`` when given, else searches it on ``nsamples`` x ``seqlen``
     windows of ``calib_data`` (which should be text of the fine-tuning domain) in ``q_mode``
     ``global`` or ``per-layer``; see ``llmprune.darex``."""
-    from ..io.export import Source, export
+    from ..io.export import export
+    from ..io.sources import Source
     from ..io.meta import nm_of
     from ..io.loading import resolve
     from ..io.output import atomic_dir, check_output
@@ -233,7 +234,7 @@ def load_delta(src: Path, base: str | None, verify: bool, trust_remote_code: boo
     from transformers import AutoModelForCausalLM
 
     from ..core.errors import CorruptCheckpointError
-    from ..io.export import iter_compact
+    from ..io.compact_reader import iter_compact
     from ..io.meta import read_meta
     from ..io.loading import resolve
 

@@ -32,7 +32,7 @@ import torch
 
 from ..core.errors import UserError
 from ..core.masks import lowest_k_mask
-from ..io.export import side_files
+from ..io.sources import side_files
 
 METHODS = ("task-arithmetic", "ties")
 
@@ -70,7 +70,8 @@ def merge_models(base: str, finetuned: list[str], weights: list[float] | None = 
                  overwrite: bool = False, progress: bool = True) -> dict:
     """Merge the task vectors of ``finetuned`` onto ``base`` and write a plain checkpoint."""
     from .dare import check_pair, prune_delta, tensor_generator
-    from ..io.export import Source, export
+    from ..io.export import export
+    from ..io.sources import Source
     from ..io.meta import nm_of
     from ..io.loading import resolve
     from ..io.output import atomic_dir, check_output

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..core.errors import UserError
 from ..core.finite import check_finite
-from ..io.export import parse_size
+from ..io.shards import parse_size
 from ..io.loading import fuse
 from ..io.output import write_text_atomic
 from ..io.safetensors import SafetensorsFiles, write_safetensors

@@ -58,6 +58,16 @@ except ImportError:  # pragma: no cover - depends on the install
     _native = None
 
 ENCODINGS = ("plain", "bitmask", "nm")
+# the parts each encoding stores, by suffix (:attr:`Encoded.parts`; "" for plain)
+PART_SUFFIXES = {"plain": [""], "bitmask": ["values", "bitmask", "row_offsets"],
+                 "nm": ["values", "indices"]}
+
+
+def stored_keys(name: str, encoding: str) -> list[str]:
+    """The names a shard stores tensor ``name``'s parts under: ``name`` itself for plain,
+    ``<name>.<suffix>`` for each part of the other encodings."""
+    return [f"{name}.{s}" if s else name for s in PART_SUFFIXES[encoding]]
+
 
 # A compact encoding is used only when it saves at least this fraction of the plain bytes: a
 # nearly dense tensor is cheaper to keep plain than to decode.

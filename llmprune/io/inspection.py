@@ -17,7 +17,7 @@ import torch
 
 from ..core.errors import UserError
 from .compact import stack_experts
-from .export import iter_compact
+from .compact_reader import iter_compact
 from .meta import is_compact, nm_of, read_masks, read_meta
 from .safetensors import checkpoint_files, iter_safetensors
 

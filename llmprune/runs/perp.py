@@ -61,7 +61,7 @@ def perp_checkpoint(model_dir: str, config: PerpConfig, output: str, overwrite: 
     """Load a pruned checkpoint directory, run :func:`perp`, verify, and write a plain checkpoint
     (with the same masks file) atomically to ``output``. Returns the metadata written."""
     from ..core.device import check_device, library_versions
-    from ..io.export import write_checkpoint
+    from ..io.checkpoints import write_checkpoint
     from ..io.data import load_text, tokenize
     from ..io.export import check_export_args
     from ..io.meta import read_masks, read_meta

@@ -15,7 +15,7 @@ from ..engine.calibrate import Report, check_target
 from ..engine.prune import needs_calibration, prune
 from ..evaluate.ppl import timed_perplexity
 from ..io.data import calibration_ids, load_text, tokenize
-from ..io.export import write_checkpoint
+from ..io.checkpoints import write_checkpoint
 from ..io.meta import DENSE_FORMAT
 from ..io.lock import output_lock
 from ..io.output import atomic_dir, check_output

@@ -436,7 +436,7 @@ def _assemble(work: Path, src: Path, out: Path, files: SafetensorsFiles, outside
     write_meta(model_dir, meta, durable=True)  # last: the dense checkpoint is complete
     final = model_dir
     if export != "dense" or export_dtype != "auto":
-        from ..io.export import dir_source
+        from ..io.sources import dir_source
         from ..io.export import export as export_dir
 
         final = work / "export"
