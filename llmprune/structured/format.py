@@ -115,12 +115,13 @@ def is_structured_dir(src: Path) -> bool:
 def load_structured(src: Path, dtype: torch.dtype | None, trust_remote_code: bool):
     """A structured export with per-layer widths (``llmprune_structured`` in config.json): build
     the model from its config, shrink every layer to its recorded widths, then load the weights
-    (every tensor must be there with exactly the shape the shrunk model wants)."""
+    (every tensor must be there with exactly the shape the shrunk model wants; a key that
+    transformers renames on load, as GPT-NeoX's ``embed_out``, is read under the model's name)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..core.errors import CorruptCheckpointError
     from ..io.safetensors import SafetensorsFiles
-    from ..io.loading import finish_load, no_init
+    from ..io.loading import finish_load, model_key, no_init
 
     config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     widths = getattr(config, CONFIG_KEY)["layers"]
@@ -133,12 +134,14 @@ def load_structured(src: Path, dtype: torch.dtype | None, trust_remote_code: boo
     except ValueError as exc:
         raise CorruptCheckpointError(f"{src}: {exc}") from None
     params = model.state_dict()
+    key = model_key(model, "a structured export holds none; it was not written by llmprune")
     loaded: set[str] = set()
     with torch.no_grad():
-        for name, tensor in files:
+        for stored, tensor in files:
+            name = key(stored)
             if name not in params or tuple(params[name].shape) != tuple(tensor.shape):
                 want = tuple(params[name].shape) if name in params else "no such tensor"
-                raise CorruptCheckpointError(f"{src}: tensor {name} {tuple(tensor.shape)} does "
+                raise CorruptCheckpointError(f"{src}: tensor {stored} {tuple(tensor.shape)} does "
                                              f"not fit the recorded widths ({want})")
             params[name].copy_(tensor)
             loaded.add(name)

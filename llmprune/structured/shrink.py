@@ -105,18 +105,19 @@ def _kv_heads(layer: nn.Module, lay: StructuredLayout, n_heads: int, head_dim: i
     return n if isinstance(n, int) and n > 0 and n_heads % n == 0 else n_heads
 
 
-def _group_params(layer: nn.Module, lay: StructuredLayout, blocks, kind: str) -> int:
+def _group_params(layer: nn.Module, lay: StructuredLayout, index, kind: str) -> int:
     """Parameters one row of ``kind`` costs in every linear holding such rows (+ biases)."""
     total = 0
-    for name, _, _ in blocks[kind]:
+    for name, _ in index[kind]:
         lin = layer.get_submodule(name)
         total += lin.in_features + _bias_per_row(lin)
     return total
 
 
-def row_blocks(lay: StructuredLayout, g: LayerGroups) -> dict[str, list[tuple[str, int, int]]]:
-    """kind -> [(linear, first row, end row)] of one layer with the widths of ``g``."""
-    return lay.row_blocks(g.n_heads, g.n_kv_heads, g.head_dim, g.n_channels)
+def row_index(lay: StructuredLayout, g: LayerGroups) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """kind -> [(linear, its rows holding the kind, in the kind's order)] of one layer with the
+    widths of ``g`` (:meth:`StructuredLayout.row_index`)."""
+    return lay.row_index(g.n_heads, g.n_kv_heads, g.head_dim, g.n_channels)
 
 
 def layer_groups(model) -> list[LayerGroups]:
@@ -131,14 +132,14 @@ def layer_groups(model) -> list[LayerGroups]:
         down = layer.get_submodule(lay.mlp_out)
         n_heads = o.in_features // head_dim
         n_kv = _kv_heads(layer, lay, n_heads, head_dim)
-        blocks = lay.row_blocks(n_heads, n_kv, head_dim, down.in_features)
+        index = lay.row_index(n_heads, n_kv, head_dim, down.in_features)
         if lay.fixed_heads:
             head_params = kv_params = 0  # the attention's linears are in no group
         else:
-            head_params = head_dim * _group_params(layer, lay, blocks, "q") + o.out_features * head_dim
-            kv_params = head_dim * (_group_params(layer, lay, blocks, "k")
-                                    + _group_params(layer, lay, blocks, "v"))
-        channel_params = _group_params(layer, lay, blocks, "mlp") + down.out_features
+            head_params = head_dim * _group_params(layer, lay, index, "q") + o.out_features * head_dim
+            kv_params = head_dim * (_group_params(layer, lay, index, "k")
+                                    + _group_params(layer, lay, index, "v"))
+        channel_params = _group_params(layer, lay, index, "mlp") + down.out_features
         total = sum(_numel(layer.get_submodule(n)) for n in lay.linears)
         other = total - (n_heads * head_params + n_kv * kv_params
                          + down.in_features * channel_params)
@@ -262,18 +263,18 @@ def zero_(model, mask: StructuredMask) -> None:
                 "k": ~_head_rows(kv_alive(g, heads), g.head_dim),
                 "mlp": ~m["mlp"].bool().cpu()}
         drop["v"] = drop["k"]
-        for kind, blocks in row_blocks(lay, g).items():
-            for name, start, end in blocks:
-                _zero_rows(layer.get_submodule(name), start, drop[kind])
+        for kind, entries in row_index(lay, g).items():
+            for name, rows in entries:
+                _zero_rows(layer.get_submodule(name), rows[drop[kind]])
         o = layer.get_submodule(lay.o)
         o.weight[:, drop["q"].to(o.weight.device)] = 0
         out = layer.get_submodule(lay.mlp_out)
         out.weight[:, drop["mlp"].to(out.weight.device)] = 0
 
 
-def _zero_rows(lin: nn.Linear, start: int, rows: torch.Tensor) -> None:
-    """Zero the rows ``start + i`` of ``lin`` (and its bias) where ``rows[i]`` is True."""
-    rows = torch.nonzero(rows).squeeze(1).to(lin.weight.device) + start
+def _zero_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
+    """Zero the rows ``rows`` (LongTensor) of ``lin`` and of its bias."""
+    rows = rows.to(lin.weight.device)
     lin.weight[rows] = 0
     if lin.bias is not None:
         lin.bias[rows] = 0
@@ -349,14 +350,15 @@ def shrink_(model, mask: StructuredMask) -> None:
 
 def _kept_rows(lay: StructuredLayout, g: LayerGroups, keep: dict[str, torch.Tensor]
                ) -> dict[str, torch.Tensor]:
-    """Per row linear, the indices of its kept rows: each block's kept rows (``keep[kind]``,
-    bool over the block) offset to where the block starts, blocks in order."""
-    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for kind, blocks in row_blocks(lay, g).items():
-        for name, start, _ in blocks:
-            parts.setdefault(name, []).append((start, torch.nonzero(keep[kind]).squeeze(1)))
-    return {name: torch.cat([idx + start for start, idx in sorted(p, key=lambda x: x[0])])
-            for name, p in parts.items()}
+    """Per row linear, the indices of its kept rows (``keep[kind]``: bool over the kind's
+    rows), ascending: the kept rows stay in their order, so a shrunk fused linear has the same
+    row layout with fewer heads, KV heads or channels (the mask keeps as many query heads in
+    every surviving KV group)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for kind, entries in row_index(lay, g).items():
+        for name, rows in entries:
+            parts.setdefault(name, []).append(rows[keep[kind]])
+    return {name: torch.cat(p).sort().values for name, p in parts.items()}
 
 
 def _set_runtime_widths(layer: nn.Module, lay: StructuredLayout, n_heads: int, n_kv: int,
@@ -409,8 +411,11 @@ def _update_config(model, lay: StructuredLayout, groups: list[LayerGroups],
 def _config_builds(model) -> bool:
     """Whether ``model``'s class builds, from its config alone, parameters of exactly the shapes
     it has (what a plain ``from_pretrained`` needs); checked on a weightless meta-device copy."""
-    with torch.device("meta"):
-        skeleton = type(model)(model.config)
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(model.config)
+    except Exception:  # noqa: BLE001 - a config the class refuses to build (e.g. Falcon's
+        return False  # hidden_size % num_attention_heads check) is not a plain config
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()} == have
 
