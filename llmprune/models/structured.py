@@ -31,8 +31,9 @@ which no head can go (Falcon's ALiBi).
 
 A family whose attention cannot lose heads exactly (a fused projection of unknown row order, a
 norm over all heads together, as OLMo 2's ``q_norm``, or a declared config flag) gets a layout
-with ``fixed_heads`` set to the reason: its MLP channels can still be pruned. Mixture-of-experts layers and layers without
-attention heads (linear attention, state-space, convolution) get one clear error.
+with ``fixed_heads`` set to the reason: its MLP channels can still be pruned. Mixture-of-experts
+layers and layers without attention heads (linear attention, state-space, convolution) get one
+clear error.
 """
 
 from __future__ import annotations
