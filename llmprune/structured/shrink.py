@@ -6,13 +6,15 @@ A *structured mask* holds one dict per decoder layer, ``True`` = keep::
 
 Groups (the architecture data lives in :mod:`llmprune.models.structured`: a registered
 ``Adapter.structured`` or a layout found from the model, :func:`llmprune.models.structured_layout`;
-a fused projection holds several blocks of rows, e.g. ``[q; k; v]``):
+a fused projection holds several blocks of rows, e.g. ``[q; k; v]``, or repeats them per KV head,
+``[kv_heads, q_per_kv + 2, head_dim]`` as Falcon's ``query_key_value``):
 
 * a **query head** ``h`` is rows ``h*head_dim:(h+1)*head_dim`` of q (and its bias) and the same
   columns of the output projection (o_proj / out_proj). With grouped-query attention (GQA) query
   head ``h`` reads KV head ``h // (n_heads / n_kv_heads)`` (``repeat_kv`` order); a KV head whose
-  query heads are all removed is dead and its k/v rows go too. OPT (multi-head attention) has one
-  KV head per query head, so removing a head removes its q, k, v rows and out_proj columns.
+  query heads are all removed is dead and its k/v rows go too. OPT and GPT-NeoX (multi-head
+  attention) have one KV head per query head, so removing a head removes its q, k, v rows and
+  output-projection columns.
 * an **MLP channel** ``c`` is row ``c`` of every MLP input linear (gate and up, or fc1 + its bias)
   and column ``c`` of the output linear (down, fc2).
 
@@ -320,8 +322,8 @@ def shrink_(model, mask: StructuredMask) -> None:
     """Cut the removed heads and channels out of the weights and update the config.
 
     Every layer's linears are sliced in place (biases with them), the attention modules'
-    per-layer head counts updated. When all layers end up with the same widths (and, for OPT,
-    the head count is unchanged) the config's head counts / MLP width are set to them, so the
+    per-layer head counts updated. When all layers end up with the same widths (and, where the
+    config derives head_dim from the head count, the head count is unchanged) the config's head counts / MLP width are set to them, so the
     model saves as a plain Hugging Face checkpoint; otherwise the config keeps its widths and
     records the per-layer ones under ``config.llmprune_structured`` (load with
     :func:`llmprune.load_pretrained`)."""
