@@ -1,9 +1,9 @@
 """The file format of a structured export (:func:`save_structured`, :func:`load_structured`).
 
 The same widths in every layer (and no head removed where the config derives head_dim from the
-head count: OPT, GPT-NeoX, Falcon) give a plain Hugging Face checkpoint; otherwise the per-layer widths go into ``config.json`` as ``llmprune_structured``,
-the weights into ``llmprune-structured*.safetensors``, and the model loads with
-:func:`llmprune.load_pretrained`.
+head count: OPT, GPT-NeoX, Falcon) give a plain Hugging Face checkpoint; otherwise the per-layer
+widths go into ``config.json`` as ``llmprune_structured``, the weights into
+``llmprune-structured*.safetensors``, and the model loads with :func:`llmprune.load_pretrained`.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ def save_structured(model, tokenizer, out_dir, mask: StructuredMask, meta: dict,
     """Shrink ``model`` in place with ``mask`` and write it to ``out_dir`` (atomically).
 
     Uniform widths that the config can hold (no OPT, GPT-NeoX or Falcon head removed): a plain
-    Hugging Face checkpoint (``AutoModelForCausalLM.from_pretrained`` loads it). Otherwise ``config.json`` records the
-    per-layer widths under ``llmprune_structured``, the weights are in ``llmprune-structured*.safetensors``
-    and ``model.safetensors.index.json`` points at a file named after ``llmprune.load_pretrained``
-    that does not exist, so a plain ``from_pretrained`` fails with that name in its message.
+    Hugging Face checkpoint (``AutoModelForCausalLM.from_pretrained`` loads it). Otherwise
+    ``config.json`` records the per-layer widths under ``llmprune_structured``, the weights are
+    in ``llmprune-structured*.safetensors`` and ``model.safetensors.index.json`` points at a file
+    named after ``llmprune.load_pretrained`` that does not exist, so a plain ``from_pretrained``
+    fails with that name in its message.
     ``llmprune.json`` gets ``meta`` plus the format, the mask summary and the removed fraction.
     Returns the written llmprune.json content."""
     from ..io.output import atomic_dir, check_output

@@ -323,10 +323,10 @@ def shrink_(model, mask: StructuredMask) -> None:
 
     Every layer's linears are sliced in place (biases with them), the attention modules'
     per-layer head counts updated. When all layers end up with the same widths (and, where the
-    config derives head_dim from the head count, the head count is unchanged) the config's head counts / MLP width are set to them, so the
-    model saves as a plain Hugging Face checkpoint; otherwise the config keeps its widths and
-    records the per-layer ones under ``config.llmprune_structured`` (load with
-    :func:`llmprune.load_pretrained`)."""
+    config derives head_dim from the head count, the head count is unchanged) the config's head
+    counts / MLP width are set to them, so the model saves as a plain Hugging Face checkpoint;
+    otherwise the config keeps its widths and records the per-layer ones under
+    ``config.llmprune_structured`` (load with :func:`llmprune.load_pretrained`)."""
     adapter, lay = layout_of(model)
     groups = layer_groups(model)
     check_mask(groups, mask)
@@ -413,11 +413,8 @@ def _update_config(model, lay: StructuredLayout, groups: list[LayerGroups],
 def _config_builds(model) -> bool:
     """Whether ``model``'s class builds, from its config alone, parameters of exactly the shapes
     it has (what a plain ``from_pretrained`` needs); checked on a weightless meta-device copy."""
-    try:
-        with torch.device("meta"):
-            skeleton = type(model)(model.config)
-    except Exception:  # noqa: BLE001 - a config the class refuses to build (e.g. Falcon's
-        return False  # hidden_size % num_attention_heads check) is not a plain config
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()} == have
 
