@@ -32,12 +32,18 @@ HAND = {
     "glm4": ("model.layers", "self_attn.o_proj", "mlp.down_proj", "intermediate_size"),
     "starcoder2": ("model.layers", "self_attn.o_proj", "mlp.c_proj", "intermediate_size"),
     "qwen3": ("model.layers", "self_attn.o_proj", "mlp.down_proj", "intermediate_size"),
-    # heads fixed (a norm over all heads; a fused qkv of unknown row order): MLP channels only
-    "olmo2": ("model.layers", "self_attn.o_proj", "mlp.down_proj", "intermediate_size"),
-    "falcon": ("transformer.h", "self_attention.dense", "mlp.dense_4h_to_h", "ffn_hidden_size"),
+    # a fused query_key_value repeated per KV head; falcon is multi-query, falcon-classic
+    # [heads, 3, head_dim] (with biases), falcon-grouped [kv_heads, q_per_kv + 2, head_dim]
     "gpt_neox": ("gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h", "intermediate_size"),
+    **{name: ("transformer.h", "self_attention.dense", "mlp.dense_4h_to_h", "ffn_hidden_size")
+       for name in ("falcon", "falcon-classic", "falcon-grouped", "falcon-alibi")},
+    # heads fixed (a norm over all heads; ALiBi slopes per head): MLP channels only
+    "olmo2": ("model.layers", "self_attn.o_proj", "mlp.down_proj", "intermediate_size"),
 }
-HEADS_FIXED = {"olmo2", "falcon", "gpt_neox"}
+HEADS_FIXED = {"olmo2", "falcon-alibi"}
+# heads can go, but the config derives head_dim = hidden_size / heads and sizes query_key_value
+# and dense from hidden_size: removing heads gives an export for llmprune.load_pretrained
+HEADS_NOT_PLAIN = {"gpt_neox", "falcon", "falcon-classic", "falcon-grouped"}
 HEAD_DIM = 16
 IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
 
@@ -107,10 +113,11 @@ def test_zero_removal_reloads_bit_identical(model_type, tmp_path):
 def test_shrunk_family_equals_hand_zeroed_original(model_type, gqa, tmp_path):
     """Half the heads (``gqa="even"``: one of the two per KV head; ``"kv"``: a whole KV group)
     and a quarter of the MLP channels removed, chosen at random; the reloaded checkpoint's
-    config and shapes are the smaller ones and its logits those of the hand-zeroed original."""
+    config and shapes are the smaller ones and its logits those of the hand-zeroed original.
+    Families whose heads cannot go in a plain checkpoint lose MLP channels only here."""
     model = family_model(model_type)
     groups = S.layer_groups(model)
-    heads = None if model_type in HEADS_FIXED else 0.5
+    heads = None if model_type in HEADS_FIXED | HEADS_NOT_PLAIN else 0.5
     mask = SEL.select(random_scores(groups, 3), groups, heads=heads, mlp=0.25, gqa=gqa)
     want = logits(hand_zeroed(model, model_type, mask))
     info = FMT.save_structured(model, None, tmp_path / "out", mask, {"method": "test"})
@@ -127,7 +134,7 @@ def test_shrunk_family_equals_hand_zeroed_original(model_type, gqa, tmp_path):
     width = getattr(base, mlp_key) - getattr(base, mlp_key) // 4
     assert getattr(config, mlp_key) == width
     n_heads, n_kv = base.num_attention_heads, getattr(base, "num_key_value_heads", None)
-    if model_type not in HEADS_FIXED:
+    if heads:
         n_heads, n_kv = (2, 2) if gqa == "even" else (2, 1)
         assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (
             n_heads, n_kv, HEAD_DIM)
@@ -142,21 +149,75 @@ def test_shrunk_family_equals_hand_zeroed_original(model_type, gqa, tmp_path):
                        ref.generate(IDS[:1, :10], max_new_tokens=4, do_sample=False))
 
 
-def test_nonuniform_family_export_loads_with_load_pretrained(tmp_path):
+@pytest.mark.parametrize("model_type,gqa,n_heads,n_kv", [
+    ("gpt_neox", "even", 2, 2), ("falcon", "even", 2, 1), ("falcon-classic", "even", 2, 2),
+    ("falcon-grouped", "even", 2, 2), ("falcon-grouped", "kv", 2, 1)])
+def test_fused_query_key_value_heads_equal_hand_zeroed_original(model_type, gqa, n_heads, n_kv,
+                                                                 tmp_path):
+    """Half the query heads (gpt_neox, falcon-classic: one KV head per query head, so its k and v
+    go with it; falcon: multi-query, the one KV head stays; falcon-grouped: one per KV group, or
+    a whole KV group with its k and v) and a quarter of the channels removed at random from a
+    fused ``query_key_value``. The config cannot hold the smaller head count (head_dim is
+    hidden_size / heads, dense is hidden_size wide), so the export records the per-layer widths:
+    a plain from_pretrained refuses it naming llmprune.load_pretrained, which loads it with the
+    shrunk shapes, the hand-zeroed original's logits, and its greedy decoding with the KV
+    cache."""
+    import llmprune
+    from transformers import AutoModelForCausalLM
+
+    model = family_model(model_type)
+    groups = S.layer_groups(model)
+    mask = SEL.select(random_scores(groups, 3), groups, heads=0.5, mlp=0.25, gqa=gqa)
+    want = logits(hand_zeroed(model, model_type, mask))
+    info = FMT.save_structured(model, None, tmp_path / "out", mask, {"method": "test"})
+    assert info["loads_with"] == "llmprune.load_pretrained"
+    with pytest.raises(Exception, match="llmprune.load_pretrained"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    loaded = llmprune.load_pretrained(str(tmp_path / "out")).eval()
+    got = logits(loaded)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, logits(family_model(model_type)), atol=1e-3)
+
+    layers_path, o_name, down_name, mlp_key = HAND[model_type]
+    base = tiny_config(model_type)
+    width = getattr(base, mlp_key) - getattr(base, mlp_key) // 4
+    assert loaded.config.llmprune_structured["layers"] == [
+        {"n_heads": n_heads, "n_kv_heads": n_kv, "intermediate_size": width}] * 2
+    qkv_name = o_name.replace("dense", "query_key_value")
+    for layer in loaded.get_submodule(layers_path):
+        assert layer.get_submodule(qkv_name).out_features == (n_heads + 2 * n_kv) * HEAD_DIM
+        assert layer.get_submodule(o_name).in_features == n_heads * HEAD_DIM
+        assert layer.get_submodule(down_name).in_features == width
+    # why no plain config holds it: the class builds dense hidden_size wide whatever the heads
+    base.num_attention_heads = n_heads
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(base)
+    assert skeleton.get_submodule(layers_path)[0].get_submodule(o_name).in_features == 64
+    ref = hand_zeroed(family_model(model_type), model_type, mask)
+    assert torch.equal(loaded.generate(IDS[:1, :10], max_new_tokens=4, do_sample=False),
+                       ref.generate(IDS[:1, :10], max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt_neox", "falcon-grouped"])
+def test_nonuniform_family_export_loads_with_load_pretrained(model_type, tmp_path):
     import llmprune
 
-    model = family_model("gemma3_text")
+    model = family_model(model_type)
     groups = S.layer_groups(model)
     scores = random_scores(groups, 4)
     for s in scores[0].values():
         s.mul_(0.01)  # layer 0 clearly less important: widths differ
     mask = SEL.select(scores, groups, sparsity=0.4, uniform=False)
-    want = logits(hand_zeroed(model, "gemma3_text", mask))
+    want = logits(hand_zeroed(model, model_type, mask))
     FMT.save_structured(model, None, tmp_path / "out", mask, {"method": "test"})
     loaded = llmprune.load_pretrained(str(tmp_path / "out"))
     torch.testing.assert_close(logits(loaded), want, atol=1e-5, rtol=1e-5)
     widths = loaded.config.llmprune_structured["layers"]
     assert widths[0] != widths[1]
+    if model_type != "gemma3_text":  # a KV cache of a different head count in every layer
+        ref = hand_zeroed(family_model(model_type), model_type, mask)
+        assert torch.equal(loaded.generate(IDS[:1, :10], max_new_tokens=4, do_sample=False),
+                           ref.generate(IDS[:1, :10], max_new_tokens=4, do_sample=False))
 
 
 # ----------------------------------------------------------------------------- the layout
@@ -168,21 +229,71 @@ def test_derived_layout_of_llama_is_the_registered_one():
     assert derive_layout(adapter.layers(model), model.config) == adapter.structured
 
 
+def _ranges(*spans: tuple[int, int]) -> list[int]:
+    return [i for a, b in spans for i in range(a, b)]
+
+
+def _index(lay, *widths) -> dict[str, list[tuple[str, list[int]]]]:
+    return {kind: [(name, rows.tolist()) for name, rows in entries]
+            for kind, entries in lay.row_index(*widths).items()}
+
+
 def test_fused_projections_are_split_by_their_declared_blocks():
     lay = structured_layout(family_model("phi3"))
     assert lay.rows == (("self_attn.qkv_proj", ("q", "k", "v")),
                         ("mlp.gate_up_proj", ("mlp", "mlp")))
     # q: 4 heads x 16 rows, then k and v: 2 KV heads x 16 each; gate then up: 128 each
-    assert lay.row_blocks(4, 2, 16, 128) == {
-        "q": [("self_attn.qkv_proj", 0, 64)], "k": [("self_attn.qkv_proj", 64, 96)],
-        "v": [("self_attn.qkv_proj", 96, 128)],
-        "mlp": [("mlp.gate_up_proj", 0, 128), ("mlp.gate_up_proj", 128, 256)]}
+    assert _index(lay, 4, 2, 16, 128) == {
+        "q": [("self_attn.qkv_proj", _ranges((0, 64)))],
+        "k": [("self_attn.qkv_proj", _ranges((64, 96)))],
+        "v": [("self_attn.qkv_proj", _ranges((96, 128)))],
+        "mlp": [("mlp.gate_up_proj", _ranges((0, 128))),
+                ("mlp.gate_up_proj", _ranges((128, 256)))]}
+
+
+@pytest.mark.parametrize("model_type,n_kv,q,k,v", [
+    # [kv_heads 2, (q q k v), 16]
+    ("falcon-grouped", 2, ((0, 32), (64, 96)), ((32, 48), (96, 112)), ((48, 64), (112, 128))),
+    # multi-query: the 4 q heads, then one k and one v head
+    ("falcon", 1, ((0, 64),), ((64, 80),), ((80, 96),)),
+    # [heads 4, (q k v), 16]
+    ("falcon-classic", 4, ((0, 16), (48, 64), (96, 112), (144, 160)),
+     ((16, 32), (64, 80), (112, 128), (160, 176)), ((32, 48), (80, 96), (128, 144), (176, 192))),
+    ("gpt_neox", 4, ((0, 16), (48, 64), (96, 112), (144, 160)),
+     ((16, 32), (64, 80), (112, 128), (160, 176)), ((32, 48), (80, 96), (128, 144), (176, 192)))])
+def test_fused_query_key_value_rows_repeat_per_kv_head(model_type, n_kv, q, k, v):
+    lay = structured_layout(family_model(model_type))
+    qkv = HAND[model_type][1].replace("dense", "query_key_value")
+    assert lay.per_kv_head == (qkv,) and lay.rows[0] == (qkv, ("q", "k", "v"))
+    assert S.layer_groups(family_model(model_type))[0].n_kv_heads == n_kv
+    index = _index(lay, 4, n_kv, 16, 96)
+    assert (index["q"], index["k"], index["v"]) == (
+        [(qkv, _ranges(*q))], [(qkv, _ranges(*k))], [(qkv, _ranges(*v))])
+
+
+def test_group_importance_follows_the_per_kv_head_rows():
+    """LoRAPrune's per-group sums on falcon-grouped's [kv 2, (q q k v), 16] rows: row r of
+    query_key_value weighs r, so each head's sum shows which rows it was given."""
+    from llmprune.structured.loraprune import group_importance
+
+    model = family_model("falcon-grouped")
+    lay, g = structured_layout(model), S.layer_groups(model)[0]
+    qkv, o, down = "self_attention.query_key_value", lay.o, lay.mlp_out
+    imp = {qkv: torch.arange(128.0)[:, None].expand(128, 64), o: torch.zeros(64, 64),
+           "mlp.dense_h_to_4h": torch.zeros(256, 64), down: torch.zeros(64, 256)}
+    heads = []
+    for h in range(4):
+        kv, j = divmod(h, 2)
+        unit = 64 * kv  # the KV group's rows: its 2 query heads, its k head, its v head
+        q_rows = range(unit + 16 * j, unit + 16 * (j + 1))
+        kv_rows = range(unit + 32, unit + 64)
+        heads.append(64 * sum(q_rows) + 64 * sum(kv_rows) / 2)
+    torch.testing.assert_close(group_importance(imp, g, lay)["heads"], torch.tensor(heads))
 
 
 @pytest.mark.parametrize("model_type,reason", [
     ("olmo2", "q_norm.weight spans all heads"),
-    ("falcon", "query_key_value holds q, k and v in a row order llmprune does not know"),
-    ("gpt_neox", "query_key_value holds q, k and v in a row order llmprune does not know")])
+    ("falcon-alibi", "ALiBi position biases are built per head from config.num_attention_heads")])
 def test_heads_fixed_families_refuse_heads_in_one_line(model_type, reason):
     model = family_model(model_type)
     assert reason in structured_layout(model).fixed_heads
@@ -254,16 +365,40 @@ def test_cli_structured_on_discovered_family(model_type, family_dir, text_file, 
     assert torch.isfinite(logits(loaded)).all()
 
 
+def test_cli_structured_heads_of_fused_query_key_value(family_dir, text_file, tmp_path):
+    """Whole KV groups of falcon's grouped query_key_value removed from the command line; the
+    export loads with llmprune.load_pretrained."""
+    import json
+
+    import llmprune
+
+    out = tmp_path / "out"
+    assert main(["-q", "structured", "--model", str(family_dir("falcon-grouped")),
+                 "--importance", "activation", "--heads", "0.5", "--mlp", "0.25", "--gqa", "kv",
+                 "--calib-data", str(text_file), "--nsamples", "4", "--seqlen", "32",
+                 "--output", str(out)]) == 0
+    assert json.loads((out / "llmprune.json").read_text())["loads_with"] == \
+        "llmprune.load_pretrained"
+    loaded = llmprune.load_pretrained(str(out))
+    assert loaded.config.llmprune_structured["layers"] == [
+        {"n_heads": 2, "n_kv_heads": 1, "intermediate_size": 192}] * 2
+    assert torch.isfinite(logits(loaded)).all()
+
+
+@pytest.mark.parametrize("model_type", ["phi3", "falcon-grouped"])
 @pytest.mark.parametrize("command", ["bonsai", "loraprune"])
-def test_bonsai_and_loraprune_on_fused_phi3(command, family_dir, text_file, tmp_path):
-    src = family_dir("phi3")
+def test_bonsai_and_loraprune_on_fused_qkv(command, model_type, family_dir, text_file, tmp_path):
+    import llmprune
+
+    src = family_dir(model_type)
     extra = (["--iterations", "2", "--samples", "6"] if command == "bonsai"
              else ["--steps", "4", "--prune-steps", "2"])
     out = tmp_path / "out"
     assert main(["-q", command, "--model", str(src), "--sparsity", "0.25", *extra,
                  "--calib-data", str(text_file), "--nsamples", "8", "--seqlen", "32",
                  "--batch-size", "4", "--output", str(out)]) == 0
-    assert torch.isfinite(logits(reload(out))).all()
+    loaded = reload(out) if model_type == "phi3" else llmprune.load_pretrained(str(out))
+    assert torch.isfinite(logits(loaded)).all()
 
 
 def test_cli_refuses_moe_in_one_line(family_dir, tmp_path, capsys):

@@ -56,17 +56,28 @@ MOE = {
               "use_mamba_kernels": False},
 }
 KEYS = {**DENSE, **HYBRID, **MOE}
+# other layouts of a model type: name -> (model type, config keys besides its own in KEYS)
+VARIANTS = {
+    # Falcon's query_key_value: "falcon" is multi-query (all q heads, then one k and one v head)
+    # [heads, 3 (q, k, v), head_dim], with biases
+    "falcon-classic": ("falcon", {"multi_query": False, "bias": True}),
+    "falcon-grouped": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "falcon-alibi": ("falcon", {"alibi": True}),  # ALiBi position biases instead of rotary
+}
 
 
 def tiny_config(model_type: str):
-    """A tiny config of ``model_type``: two layers, hidden 64, vocabulary 300."""
+    """A tiny config of ``model_type`` (or of a name in VARIANTS): two layers, hidden 64,
+    vocabulary 300."""
     from transformers import AutoConfig
 
+    model_type, variant = VARIANTS.get(model_type, (model_type, {}))
     keys = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, intermediate_size=128, vocab_size=VOCAB,
                 max_position_embeddings=256, head_dim=16, pad_token_id=0, bos_token_id=1,
                 eos_token_id=2)
     keys.update(KEYS[model_type])
+    keys.update(variant)
     return AutoConfig.for_model(model_type, **{k: v for k, v in keys.items() if v is not None})
 
 

@@ -24,19 +24,23 @@ its meaning:
   ``num_key_value_groups`` (and head-count attributes, where it has them) follow a shrink.
 
 What shapes cannot say is declared per family with :func:`register_hints`: the row order of a
-fused projection (``[q; k; v]`` blocks, or ``[gate; up]``), and whether the attention reads its
-head count from the shared config at run time (then every layer keeps the same head count).
+fused projection (``[q; k; v]`` blocks, ``[gate; up]``, or q, k and v repeated per KV head as in
+Falcon's and GPT-NeoX's ``query_key_value``), whether the attention reads its head count from the
+shared config at run time (then every layer keeps the same head count), and config flags under
+which no head can go (Falcon's ALiBi).
 
-A family whose attention cannot lose heads exactly (a fused projection of unknown row order, or a
-norm over all heads together, as OLMo 2's ``q_norm``) gets a layout with ``fixed_heads`` set to
-the reason: its MLP channels can still be pruned. Mixture-of-experts layers and layers without
-attention heads (linear attention, state-space, convolution) get one clear error.
+A family whose attention cannot lose heads exactly (a fused projection of unknown row order, a
+norm over all heads together, as OLMo 2's ``q_norm``, or a declared config flag) gets a layout
+with ``fixed_heads`` set to the reason: its MLP channels can still be pruned. Mixture-of-experts
+layers and layers without attention heads (linear attention, state-space, convolution) get one
+clear error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 import torch.nn as nn
 
 from ..core.errors import UnsupportedArchitectureError
@@ -69,8 +73,8 @@ class StructuredLayout:
     kv_key: str | None  # None: multi-head attention (one KV head per query head)
     mlp_key: str
     # True: head_dim is a config field (set explicitly when heads change), so uniform head
-    # pruning is a plain config. False (OPT): head_dim = hidden / heads is derived, so changing
-    # the head count cannot be expressed in a plain config.
+    # pruning is a plain config. False (OPT, Falcon, GPT-NeoX): head_dim = hidden / heads is
+    # derived, so changing the head count cannot be expressed in a plain config.
     head_dim_in_config: bool
     heads_attr: str | None  # attention attribute holding the query-head count at run time
     kv_groups_attr: str | None  # attention attribute holding heads // kv_heads at run time
@@ -78,6 +82,9 @@ class StructuredLayout:
     other: tuple[str, ...] = ()  # linears in no group (attention inputs when heads are fixed)
     fixed_heads: str | None = None  # why no head can be removed (None: heads can go)
     uniform_heads: str | None = None  # why every layer must keep the same head count
+    # fused row linears whose blocks repeat once per KV head: rows [kv_heads, kinds, head_dim],
+    # a q block holding that KV head's query heads (Falcon, GPT-NeoX ``query_key_value``)
+    per_kv_head: tuple[str, ...] = ()
 
     def names(self, kind: str) -> tuple[str, ...]:
         """The linears holding row blocks of ``kind``, in layout order."""
@@ -89,18 +96,25 @@ class StructuredLayout:
         return tuple(dict.fromkeys([n for n, _ in self.rows] + [self.o, self.mlp_out,
                                                                  *self.other]))
 
-    def row_blocks(self, n_heads: int, n_kv: int, head_dim: int, n_channels: int
-                   ) -> dict[str, list[tuple[str, int, int]]]:
-        """kind -> ``[(linear, first row, end row)]``: where each kind's rows sit in the row
-        linears of a layer with these widths (a fused linear holds several blocks)."""
+    def row_index(self, n_heads: int, n_kv: int, head_dim: int, n_channels: int
+                  ) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """kind -> ``[(linear, rows)]``: every row linear holding the rows of ``kind`` in a layer
+        with these widths, and which of its rows they are (LongTensor, in the kind's order: q
+        head-major, ``[n_heads * head_dim]``; k, v ``[n_kv * head_dim]``; mlp
+        ``[n_channels]``). A linear holding two blocks of one kind (``[gate; up]``) appears
+        twice."""
         size = {"q": n_heads * head_dim, "k": n_kv * head_dim, "v": n_kv * head_dim,
                 "mlp": n_channels}
-        out: dict[str, list[tuple[str, int, int]]] = {k: [] for k in KINDS}
+        out: dict[str, list[tuple[str, torch.Tensor]]] = {k: [] for k in KINDS}
         for name, kinds in self.rows:
+            units = n_kv if name in self.per_kv_head else 1
+            # [units, the kinds' rows of one unit]: the blocks in order within each unit
+            rows = torch.arange(sum(size[k] for k in kinds)).reshape(units, -1)
             start = 0
             for kind in kinds:
-                out[kind].append((name, start, start + size[kind]))
-                start += size[kind]
+                width = size[kind] // units
+                out[kind].append((name, rows[:, start:start + width].reshape(-1)))
+                start += width
         return out
 
 
@@ -109,11 +123,16 @@ class StructuredHints:
     """What a family's shapes cannot say (:func:`register_hints`). ``fused`` maps a linear's
     name inside the layer to the kinds of its row blocks in order, e.g.
     ``{"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("mlp", "mlp")}``;
+    ``per_kv_head`` names the fused linears whose blocks repeat once per KV head (rows
+    ``[kv_heads, kinds, head_dim]``, a q block holding the KV head's query heads);
     ``uniform_heads`` says why the head count must be the same in every layer (the attention
-    reads it from the shared config at run time)."""
+    reads it from the shared config at run time); ``fixed_heads_when`` holds
+    ``(config key, reason)``: where the key is true in the config, no head can be removed."""
 
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    per_kv_head: tuple[str, ...] = ()
     uniform_heads: str | None = None
+    fixed_heads_when: tuple[tuple[str, str], ...] = ()
 
 
 _HINTS: dict[str, StructuredHints] = {}
@@ -136,6 +155,20 @@ register_hints(("phi3",), StructuredHints(
     uniform_heads="phi3 reads the head count from the shared config at run time"))
 # GLM / GLM-4: gate and up fused (``chunk(2)``)
 register_hints(("glm", "glm4"), StructuredHints(fused=(("mlp.gate_up_proj", ("mlp", "mlp")),)))
+# GPT-NeoX: ``query_key_value`` rows are [heads, 3 (q, k, v), head_size] (``view(..., -1,
+# 3 * head_size)`` then ``chunk(3)``): one KV head per query head.
+register_hints(("gpt_neox",), StructuredHints(
+    fused=(("attention.query_key_value", ("q", "k", "v")),),
+    per_kv_head=("attention.query_key_value",)))
+# Falcon: ``query_key_value`` rows are [kv_heads, q_per_kv + 2, head_dim] in all three layouts
+# (new_decoder_architecture: grouped; multi_query: one KV head, so all q heads, then k, then v;
+# otherwise [heads, 3, head_dim], one KV head per query head). With ALiBi the model builds one
+# bias slope per head from config.num_attention_heads, so no head can go.
+register_hints(("falcon",), StructuredHints(
+    fused=(("self_attention.query_key_value", ("q", "k", "v")),),
+    per_kv_head=("self_attention.query_key_value",),
+    fixed_heads_when=(("alibi", "its ALiBi position biases are built per head from "
+                                "config.num_attention_heads at run time"),)))
 
 
 # ----------------------------------------------------------------------------- derivation
@@ -195,9 +228,10 @@ def _int_attr(module: nn.Module, names: tuple[str, ...]) -> str | None:
 
 
 def _attention_rows(attn_name: str, attn: nn.Module, head_dim: int, hidden: int,
-                    hints: StructuredHints):
+                    hints: StructuredHints, fixed: str | None):
     """(rows, o, other, fixed_heads) of the attention module, from its linears' shapes (the
-    head counts are the layer's own, so an already shrunk layer is read correctly)."""
+    head counts are the layer's own, so an already shrunk layer is read correctly). ``fixed``:
+    why no head can go (from the config), or None."""
     lins = _linears(attn, attn_name)
     outs = [n for n, m in lins if m.out_features == hidden and m.in_features % head_dim == 0]
     if not outs:
@@ -205,12 +239,15 @@ def _attention_rows(attn_name: str, attn: nn.Module, head_dim: int, hidden: int,
     o = outs[-1]
     q_rows = dict(lins)[o].in_features
     rest = [(n, m) for n, m in lins if n != o]
+    if fixed:
+        return (), o, tuple(n for n, _ in rest), fixed
     fused = dict(hints.fused)
     if len(rest) == 1 and rest[0][0] in fused:
         name, lin = rest[0]
         kinds = fused[name]
         kv_rows, r = divmod(lin.out_features - q_rows, 2)
-        if sorted(kinds) != ["k", "q", "v"] or r or kv_rows <= 0 or kv_rows % head_dim:
+        if (sorted(kinds) != ["k", "q", "v"] or r or kv_rows <= 0 or kv_rows % head_dim
+                or (q_rows // head_dim) % (kv_rows // head_dim)):
             raise _Refusal(f"{name} does not hold the declared blocks {kinds}")
         return ((name, kinds),), o, (), None
     if len(rest) == 1:
@@ -274,18 +311,32 @@ def _mlp_rows(layer: nn.Module, attn_name: str, hidden: int, hints: StructuredHi
     return tuple(rows), mlp_out, parent, width
 
 
-def _layer_layout(layer: nn.Module, hidden: int, hints: StructuredHints
+def _layer_layout(layer: nn.Module, hidden: int, hints: StructuredHints, fixed: str | None
                   ) -> tuple[StructuredLayout, int]:
-    """The layout of one layer (config keys left blank) and its MLP width."""
+    """The layout of one layer (config keys left blank) and its head_dim."""
     attn_name, attn, head_dim = _attention(layer)
-    rows, o, other, fixed = _attention_rows(attn_name, attn, head_dim, hidden, hints)
+    rows, o, other, fixed = _attention_rows(attn_name, attn, head_dim, hidden, hints, fixed)
     mlp_rows, mlp_out, mlp, width = _mlp_rows(layer, attn_name, hidden, hints)
     return StructuredLayout(
         attention=attn_name, rows=rows + mlp_rows, o=o, mlp_out=mlp_out, mlp=mlp,
         heads_key="", kv_key=None, mlp_key="", head_dim_in_config=False,
         heads_attr=_int_attr(attn, HEADS_ATTRS), kv_groups_attr=_int_attr(attn, (KV_GROUPS_ATTR,)),
         kv_heads_attr=_int_attr(attn, KV_HEADS_ATTRS), other=other, fixed_heads=fixed,
-        uniform_heads=hints.uniform_heads), head_dim
+        uniform_heads=hints.uniform_heads,
+        per_kv_head=tuple(n for n, _ in rows if n in hints.per_kv_head)), head_dim
+
+
+def _config_fixes_heads(config, hints: StructuredHints) -> str | None:
+    """Why no head can go under this config (the first declared flag that is true), or None."""
+    return next((reason for key, reason in hints.fixed_heads_when
+                 if getattr(config, key, False)), None)
+
+
+def _head_dim_field(config, head_dim: int) -> bool:
+    """Whether ``head_dim`` is a config field holding the layers' head_dim (one that can be set
+    when heads change), not derived from the head count (Falcon's ``head_dim`` property)."""
+    derived = isinstance(getattr(type(config), "head_dim", None), property)
+    return not derived and getattr(config, "head_dim", None) == head_dim
 
 
 def _mlp_key(config, widths: set[int]) -> str | None:
@@ -309,11 +360,12 @@ def derive_layout(layers: nn.ModuleList, config, experts: int | None = None) -> 
             f"{head}: its MLPs are mixtures of {experts} experts; prune whole experts with "
             "`llmprune experts`, or their weights with sparsegpt / wanda")
     hints = hints_for(model_type)
+    fixed = _config_fixes_heads(config, hints)
     hidden = config.hidden_size
     layouts, widths, head_dims = set(), set(), set()
     for i, layer in enumerate(layers):
         try:
-            lay, head_dim = _layer_layout(layer, hidden, hints)
+            lay, head_dim = _layer_layout(layer, hidden, hints, fixed)
         except _Refusal as exc:
             raise UnsupportedArchitectureError(f"{head}: layer {i}: {exc}") from None
         layouts.add(lay)
@@ -332,7 +384,7 @@ def derive_layout(layers: nn.ModuleList, config, experts: int | None = None) -> 
                                                   int) else None)
     lay = layouts.pop()
     return replace(lay, heads_key="num_attention_heads", kv_key=kv_key, mlp_key=mlp_key,
-                   head_dim_in_config=getattr(config, "head_dim", None) == head_dims.pop())
+                   head_dim_in_config=_head_dim_field(config, head_dims.pop()))
 
 
 __all__ = ["KINDS", "MLP_WIDTH_KEYS", "StructuredHints", "StructuredLayout", "derive_layout",

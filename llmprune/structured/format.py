@@ -1,9 +1,9 @@
 """The file format of a structured export (:func:`save_structured`, :func:`load_structured`).
 
-The same widths in every layer (and, for OPT, no head removed) give a plain Hugging Face
-checkpoint; otherwise the per-layer widths go into ``config.json`` as ``llmprune_structured``,
-the weights into ``llmprune-structured*.safetensors``, and the model loads with
-:func:`llmprune.load_pretrained`.
+The same widths in every layer (and no head removed where the config derives head_dim from the
+head count: OPT, GPT-NeoX, Falcon) give a plain Hugging Face checkpoint; otherwise the per-layer
+widths go into ``config.json`` as ``llmprune_structured``, the weights into
+``llmprune-structured*.safetensors``, and the model loads with :func:`llmprune.load_pretrained`.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ def save_structured(model, tokenizer, out_dir, mask: StructuredMask, meta: dict,
                     overwrite: bool = False) -> dict:
     """Shrink ``model`` in place with ``mask`` and write it to ``out_dir`` (atomically).
 
-    Uniform widths (and no OPT head removed): a plain Hugging Face checkpoint
-    (``AutoModelForCausalLM.from_pretrained`` loads it). Otherwise ``config.json`` records the
-    per-layer widths under ``llmprune_structured``, the weights are in ``llmprune-structured*.safetensors``
-    and ``model.safetensors.index.json`` points at a file named after ``llmprune.load_pretrained``
-    that does not exist, so a plain ``from_pretrained`` fails with that name in its message.
+    Uniform widths that the config can hold (no OPT, GPT-NeoX or Falcon head removed): a plain
+    Hugging Face checkpoint (``AutoModelForCausalLM.from_pretrained`` loads it). Otherwise
+    ``config.json`` records the per-layer widths under ``llmprune_structured``, the weights are
+    in ``llmprune-structured*.safetensors`` and ``model.safetensors.index.json`` points at a file
+    named after ``llmprune.load_pretrained`` that does not exist, so a plain ``from_pretrained``
+    fails with that name in its message.
     ``llmprune.json`` gets ``meta`` plus the format, the mask summary and the removed fraction.
     Returns the written llmprune.json content."""
     from ..io.output import atomic_dir, check_output
@@ -115,12 +116,13 @@ def is_structured_dir(src: Path) -> bool:
 def load_structured(src: Path, dtype: torch.dtype | None, trust_remote_code: bool):
     """A structured export with per-layer widths (``llmprune_structured`` in config.json): build
     the model from its config, shrink every layer to its recorded widths, then load the weights
-    (every tensor must be there with exactly the shape the shrunk model wants)."""
+    (every tensor must be there with exactly the shape the shrunk model wants; a key that
+    transformers renames on load, as GPT-NeoX's ``embed_out``, is read under the model's name)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..core.errors import CorruptCheckpointError
     from ..io.safetensors import SafetensorsFiles
-    from ..io.loading import finish_load, no_init
+    from ..io.loading import finish_load, model_key, no_init
 
     config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     widths = getattr(config, CONFIG_KEY)["layers"]
@@ -133,12 +135,14 @@ def load_structured(src: Path, dtype: torch.dtype | None, trust_remote_code: boo
     except ValueError as exc:
         raise CorruptCheckpointError(f"{src}: {exc}") from None
     params = model.state_dict()
+    key = model_key(model, "a structured export holds none; it was not written by llmprune")
     loaded: set[str] = set()
     with torch.no_grad():
-        for name, tensor in files:
+        for stored, tensor in files:
+            name = key(stored)
             if name not in params or tuple(params[name].shape) != tuple(tensor.shape):
                 want = tuple(params[name].shape) if name in params else "no such tensor"
-                raise CorruptCheckpointError(f"{src}: tensor {name} {tuple(tensor.shape)} does "
+                raise CorruptCheckpointError(f"{src}: tensor {stored} {tuple(tensor.shape)} does "
                                              f"not fit the recorded widths ({want})")
             params[name].copy_(tensor)
             loaded.add(name)

@@ -72,17 +72,17 @@ def group_importance(imp: dict[str, torch.Tensor], g, lay) -> dict[str, torch.Te
     ``[out, in]``) over each group's weights. ``g`` is the layer's ``LayerGroups``, ``lay`` the
     family's ``StructuredLayout``. Returns ``{"heads": [n_heads], "mlp": [n_channels]}``."""
     hd = g.head_dim
-    blocks = lay.row_blocks(g.n_heads, g.n_kv_heads, hd, g.n_channels)
+    index = lay.row_index(g.n_heads, g.n_kv_heads, hd, g.n_channels)
 
-    def rows(kind: str) -> list[torch.Tensor]:  # per block of kind: [rows], summed per row
-        return [imp[name][start:end].sum(1) for name, start, end in blocks[kind]]
+    def rows(kind: str) -> torch.Tensor:  # [rows of kind], summed per row over its linears
+        return sum(imp[name][idx.to(imp[name].device)].sum(1) for name, idx in index[kind])
 
-    mlp = sum(rows("mlp")) + imp[lay.mlp_out].sum(0)
+    mlp = rows("mlp") + imp[lay.mlp_out].sum(0)
     if g.fixed_heads:  # heads stay: their importances only fill the mask's layout
         return {"heads": torch.ones(g.n_heads, device=mlp.device), "mlp": mlp}
-    heads = torch.cat(rows("q")).reshape(g.n_heads, hd).sum(1)
+    heads = rows("q").reshape(g.n_heads, hd).sum(1)
     heads = heads + imp[lay.o].sum(0).reshape(g.n_heads, hd).sum(1)
-    kv = (torch.cat(rows("k")) + torch.cat(rows("v"))).reshape(g.n_kv_heads, hd).sum(1)
+    kv = (rows("k") + rows("v")).reshape(g.n_kv_heads, hd).sum(1)
     heads = heads + kv.repeat_interleave(g.group_size) / g.group_size
     return {"heads": heads, "mlp": mlp}
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..core.errors import UnsupportedArchitectureError, UserError
 from .shrink import (LayerGroups, StructuredMask, check_mask, forward_with_hooks, kv_alive,
-                     layer_groups, layout_of, removed_params, row_blocks)
+                     layer_groups, layout_of, removed_params, row_index)
 
 log = logging.getLogger(__name__)
 
@@ -226,15 +226,16 @@ def magnitude_scores(model) -> list[dict[str, torch.Tensor]]:
     adapter, lay = layout_of(model)
     scores = []
     for layer, g in zip(adapter.layers(model), layer_groups(model)):
-        blocks = row_blocks(lay, g)
+        index = row_index(lay, g)
 
         def rows_sq(kind: str, block: int) -> torch.Tensor:  # [rows of kind / block]
             parts = []
-            for name, start, end in blocks[kind]:
+            for name, rows in index[kind]:
                 lin = layer.get_submodule(name)
-                sq = lin.weight.detach()[start:end].float().pow(2).sum(dim=1)
+                rows = rows.to(lin.weight.device)
+                sq = lin.weight.detach()[rows].float().pow(2).sum(dim=1)
                 if lin.bias is not None:
-                    sq = sq + lin.bias.detach()[start:end].float().pow(2)
+                    sq = sq + lin.bias.detach()[rows].float().pow(2)
                 parts.append(sq.reshape(-1, block).sum(dim=1))
             return sum(parts)
 

@@ -6,13 +6,15 @@ A *structured mask* holds one dict per decoder layer, ``True`` = keep::
 
 Groups (the architecture data lives in :mod:`llmprune.models.structured`: a registered
 ``Adapter.structured`` or a layout found from the model, :func:`llmprune.models.structured_layout`;
-a fused projection holds several blocks of rows, e.g. ``[q; k; v]``):
+a fused projection holds several blocks of rows, e.g. ``[q; k; v]``, or repeats them per KV head,
+``[kv_heads, q_per_kv + 2, head_dim]`` as Falcon's ``query_key_value``):
 
 * a **query head** ``h`` is rows ``h*head_dim:(h+1)*head_dim`` of q (and its bias) and the same
   columns of the output projection (o_proj / out_proj). With grouped-query attention (GQA) query
   head ``h`` reads KV head ``h // (n_heads / n_kv_heads)`` (``repeat_kv`` order); a KV head whose
-  query heads are all removed is dead and its k/v rows go too. OPT (multi-head attention) has one
-  KV head per query head, so removing a head removes its q, k, v rows and out_proj columns.
+  query heads are all removed is dead and its k/v rows go too. OPT and GPT-NeoX (multi-head
+  attention) have one KV head per query head, so removing a head removes its q, k, v rows and
+  output-projection columns.
 * an **MLP channel** ``c`` is row ``c`` of every MLP input linear (gate and up, or fc1 + its bias)
   and column ``c`` of the output linear (down, fc2).
 
@@ -105,18 +107,19 @@ def _kv_heads(layer: nn.Module, lay: StructuredLayout, n_heads: int, head_dim: i
     return n if isinstance(n, int) and n > 0 and n_heads % n == 0 else n_heads
 
 
-def _group_params(layer: nn.Module, lay: StructuredLayout, blocks, kind: str) -> int:
+def _group_params(layer: nn.Module, lay: StructuredLayout, index, kind: str) -> int:
     """Parameters one row of ``kind`` costs in every linear holding such rows (+ biases)."""
     total = 0
-    for name, _, _ in blocks[kind]:
+    for name, _ in index[kind]:
         lin = layer.get_submodule(name)
         total += lin.in_features + _bias_per_row(lin)
     return total
 
 
-def row_blocks(lay: StructuredLayout, g: LayerGroups) -> dict[str, list[tuple[str, int, int]]]:
-    """kind -> [(linear, first row, end row)] of one layer with the widths of ``g``."""
-    return lay.row_blocks(g.n_heads, g.n_kv_heads, g.head_dim, g.n_channels)
+def row_index(lay: StructuredLayout, g: LayerGroups) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """kind -> [(linear, its rows holding the kind, in the kind's order)] of one layer with the
+    widths of ``g`` (:meth:`StructuredLayout.row_index`)."""
+    return lay.row_index(g.n_heads, g.n_kv_heads, g.head_dim, g.n_channels)
 
 
 def layer_groups(model) -> list[LayerGroups]:
@@ -131,14 +134,14 @@ def layer_groups(model) -> list[LayerGroups]:
         down = layer.get_submodule(lay.mlp_out)
         n_heads = o.in_features // head_dim
         n_kv = _kv_heads(layer, lay, n_heads, head_dim)
-        blocks = lay.row_blocks(n_heads, n_kv, head_dim, down.in_features)
+        index = lay.row_index(n_heads, n_kv, head_dim, down.in_features)
         if lay.fixed_heads:
             head_params = kv_params = 0  # the attention's linears are in no group
         else:
-            head_params = head_dim * _group_params(layer, lay, blocks, "q") + o.out_features * head_dim
-            kv_params = head_dim * (_group_params(layer, lay, blocks, "k")
-                                    + _group_params(layer, lay, blocks, "v"))
-        channel_params = _group_params(layer, lay, blocks, "mlp") + down.out_features
+            head_params = head_dim * _group_params(layer, lay, index, "q") + o.out_features * head_dim
+            kv_params = head_dim * (_group_params(layer, lay, index, "k")
+                                    + _group_params(layer, lay, index, "v"))
+        channel_params = _group_params(layer, lay, index, "mlp") + down.out_features
         total = sum(_numel(layer.get_submodule(n)) for n in lay.linears)
         other = total - (n_heads * head_params + n_kv * kv_params
                          + down.in_features * channel_params)
@@ -262,18 +265,18 @@ def zero_(model, mask: StructuredMask) -> None:
                 "k": ~_head_rows(kv_alive(g, heads), g.head_dim),
                 "mlp": ~m["mlp"].bool().cpu()}
         drop["v"] = drop["k"]
-        for kind, blocks in row_blocks(lay, g).items():
-            for name, start, end in blocks:
-                _zero_rows(layer.get_submodule(name), start, drop[kind])
+        for kind, entries in row_index(lay, g).items():
+            for name, rows in entries:
+                _zero_rows(layer.get_submodule(name), rows[drop[kind]])
         o = layer.get_submodule(lay.o)
         o.weight[:, drop["q"].to(o.weight.device)] = 0
         out = layer.get_submodule(lay.mlp_out)
         out.weight[:, drop["mlp"].to(out.weight.device)] = 0
 
 
-def _zero_rows(lin: nn.Linear, start: int, rows: torch.Tensor) -> None:
-    """Zero the rows ``start + i`` of ``lin`` (and its bias) where ``rows[i]`` is True."""
-    rows = torch.nonzero(rows).squeeze(1).to(lin.weight.device) + start
+def _zero_rows(lin: nn.Linear, rows: torch.Tensor) -> None:
+    """Zero the rows ``rows`` (LongTensor) of ``lin`` and of its bias."""
+    rows = rows.to(lin.weight.device)
     lin.weight[rows] = 0
     if lin.bias is not None:
         lin.bias[rows] = 0
@@ -319,11 +322,11 @@ def shrink_(model, mask: StructuredMask) -> None:
     """Cut the removed heads and channels out of the weights and update the config.
 
     Every layer's linears are sliced in place (biases with them), the attention modules'
-    per-layer head counts updated. When all layers end up with the same widths (and, for OPT,
-    the head count is unchanged) the config's head counts / MLP width are set to them, so the
-    model saves as a plain Hugging Face checkpoint; otherwise the config keeps its widths and
-    records the per-layer ones under ``config.llmprune_structured`` (load with
-    :func:`llmprune.load_pretrained`)."""
+    per-layer head counts updated. When all layers end up with the same widths (and, where the
+    config derives head_dim from the head count, the head count is unchanged) the config's head
+    counts / MLP width are set to them, so the model saves as a plain Hugging Face checkpoint;
+    otherwise the config keeps its widths and records the per-layer ones under
+    ``config.llmprune_structured`` (load with :func:`llmprune.load_pretrained`)."""
     adapter, lay = layout_of(model)
     groups = layer_groups(model)
     check_mask(groups, mask)
@@ -349,14 +352,15 @@ def shrink_(model, mask: StructuredMask) -> None:
 
 def _kept_rows(lay: StructuredLayout, g: LayerGroups, keep: dict[str, torch.Tensor]
                ) -> dict[str, torch.Tensor]:
-    """Per row linear, the indices of its kept rows: each block's kept rows (``keep[kind]``,
-    bool over the block) offset to where the block starts, blocks in order."""
-    parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
-    for kind, blocks in row_blocks(lay, g).items():
-        for name, start, _ in blocks:
-            parts.setdefault(name, []).append((start, torch.nonzero(keep[kind]).squeeze(1)))
-    return {name: torch.cat([idx + start for start, idx in sorted(p, key=lambda x: x[0])])
-            for name, p in parts.items()}
+    """Per row linear, the indices of its kept rows (``keep[kind]``: bool over the kind's
+    rows), ascending: the kept rows stay in their order, so a shrunk fused linear has the same
+    row layout with fewer heads, KV heads or channels (the mask keeps as many query heads in
+    every surviving KV group)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for kind, entries in row_index(lay, g).items():
+        for name, rows in entries:
+            parts.setdefault(name, []).append(rows[keep[kind]])
+    return {name: torch.cat(p).sort().values for name, p in parts.items()}
 
 
 def _set_runtime_widths(layer: nn.Module, lay: StructuredLayout, n_heads: int, n_kv: int,
