@@ -21,10 +21,11 @@ Protocol:
 - pruning: for every keep ratio, ``llmprune.runs.experts.experts_checkpoint`` (what
   ``llmprune experts`` runs) with ``--saliency reap`` and ``--saliency frequency`` on the same
   calibration ids (the first 32 consecutive 256-token windows of the held-out text); the
-  ``random`` row keeps ``round(keep_ratio * 8)`` experts drawn per layer from a seeded generator
-  (seed 0 + the keep count), chosen here in the benchmark, and removes the others with the
-  library's slicing (``llmprune.structured.experts.remove_experts``), so it differs from the
-  other rows in the selection alone;
+  ``random`` row keeps ``round(keep_ratio * 8)`` experts drawn uniformly per layer, chosen here
+  in the benchmark (``--random-draws`` draws, seeds ``100 * kept + d``), and removes the others
+  with the library's slicing (``llmprune.structured.experts.remove_experts``), so it differs
+  from the other rows in the selection alone; its perplexities are the median of the draws, with
+  their range;
 - evaluation: every output is reloaded with plain ``AutoModelForCausalLM.from_pretrained``
   (no missing or unexpected keys, the config's expert count and the router's rows checked);
   perplexity on two disjoint slices of the non-overlapping 256-token windows of test.txt:
@@ -45,6 +46,8 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -174,7 +177,8 @@ def trained_model(workdir: Path, steps: int) -> tuple[Path, Path, dict]:
                                           workdir / f"model-{key}" / "train.json")
     if record_file.is_file() and calib_file.is_file():
         print(f"trained model cached in {model_dir}", flush=True)
-        return model_dir, calib_file, json.loads(record_file.read_text())
+        return model_dir, calib_file, dict(json.loads(record_file.read_text()),
+                                           trained_this_run=False)
     train_text, held_out = split_valid(wikitext2()[0].read_text(encoding="utf-8"))
     t = time.perf_counter()
     tokenizer = train_tokenizer(train_text)
@@ -199,7 +203,7 @@ def trained_model(workdir: Path, steps: int) -> tuple[Path, Path, dict]:
     tokenizer.save_pretrained(model_dir)
     calib_file.write_text(held_out, encoding="utf-8")
     record_file.write_text(json.dumps(record, indent=2))
-    return model_dir, calib_file, record
+    return model_dir, calib_file, dict(record, trained_this_run=True)
 
 
 def slices(test_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -255,22 +259,35 @@ def run_library(model_dir: Path, calib_file: Path, out: Path, ratio: float,
                               batch_size=4, overwrite=True, progress=False)
 
 
-def run_random(model_dir: Path, out: Path, ratio: float) -> dict:
-    """The random-expert baseline, written like the library's outputs."""
+def run_random(model_dir: Path, out: Path, ratio: float, draw: int) -> dict:
+    """Random draw ``draw`` of the random-expert baseline, written like the library's outputs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmprune.structured.experts import kept_count, remove_experts
 
+    shutil.rmtree(out, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     n = model.config.num_local_experts
     keep = kept_count(n, ratio)
     t = time.perf_counter()
     summary = remove_experts(model, random_keep(model.config.num_hidden_layers, n, keep,
-                                                seed=keep))
+                                                seed=100 * keep + draw))
     seconds = time.perf_counter() - t
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     return {"experts": summary, "timings": {"prune": seconds}}
+
+
+def median_row(draws: list[dict]) -> dict:
+    """The random baseline's row: per slice the median perplexity of ``draws`` and its range."""
+    row = {"experts_after": draws[0]["experts_after"],
+           "seconds": statistics.median(d["seconds"] for d in draws), "draws": draws,
+           "ppl": {}, "ppl_range": {}}
+    for k in draws[0]["ppl"]:
+        values = [d["ppl"][k] for d in draws]
+        row["ppl"][k] = statistics.median(values)
+        row["ppl_range"][k] = [min(values), max(values)]
+    return row
 
 
 def overlap(a: dict, b: dict) -> float:
@@ -297,9 +314,13 @@ def table(results: dict) -> str:
                  "| |")
     for ratio, rows in results["ratios"].items():
         for saliency, row in rows.items():
-            lines.append(f"| {ratio} | {row['experts_after']} | {saliency} "
-                         f"| {row['ppl']['A']:.2f} | {row['ppl']['B']:.2f} "
-                         f"| {row['seconds']:.2f} |")
+            ppl = [f"{row['ppl'][k]:.2f}" for k in "AB"]
+            if "ppl_range" in row:
+                ppl = [f"{p} ({lo:.0f}-{hi:.0f})" for p, (lo, hi) in
+                       zip(ppl, (row["ppl_range"][k] for k in "AB"))]
+                saliency = f"random, median of {len(row['draws'])}"
+            lines.append(f"| {ratio} | {row['experts_after']} | {saliency} | {ppl[0]} "
+                         f"| {ppl[1]} | {row['seconds']:.2f} |")
     return "\n".join(lines)
 
 
@@ -313,6 +334,8 @@ def main() -> None:
                     help="comma-separated keep ratios")
     ap.add_argument("--saliencies", default=",".join(SALIENCIES),
                     help="comma-separated, of reap, frequency, random")
+    ap.add_argument("--random-draws", type=int, default=5,
+                    help="seeded draws of the random baseline per keep ratio")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_experts.json"))
     args = ap.parse_args()
@@ -353,20 +376,25 @@ def main() -> None:
         rows = results["ratios"].setdefault(str(ratio), {})
         keep = kept_count(n, ratio)
         for saliency in saliencies:
-            out = workdir / f"pruned-{ratio}-{saliency}"
-            if saliency == "random":
-                meta = run_random(model_dir, out, ratio)
-            else:
-                meta = run_library(model_dir, calib_file, out, ratio, saliency)
-            model = reload_checked(out, keep)
-            rows[saliency] = {"experts_after": keep, "seconds": meta["timings"]["prune"],
-                              "kept": meta["experts"]["kept"],
-                              "ppl": perplexities(model, test_slices)}
-            if saliency != "random" and "routing" not in results:
-                results["routing"] = routing_summary(meta)
-            r = rows[saliency]
-            print(f"{ratio} {saliency}: ppl A {r['ppl']['A']:.2f} B {r['ppl']['B']:.2f} "
-                  f"{r['seconds']:.2f} s kept {r['kept']}", flush=True)
+            draws = []
+            for draw in range(args.random_draws if saliency == "random" else 1):
+                out = workdir / f"pruned-{ratio}-{saliency}"
+                if saliency == "random":
+                    meta = run_random(model_dir, out, ratio, draw)
+                else:
+                    meta = run_library(model_dir, calib_file, out, ratio, saliency)
+                    if meta["calibration"]["ids_sha256"] != results["protocol"][
+                            "calib_ids_sha256"]:
+                        raise SystemExit(f"{saliency} at {ratio} calibrated on other ids: "
+                                         f"{meta['calibration']}")
+                    results.setdefault("routing", routing_summary(meta))
+                model = reload_checked(out, keep)
+                r = {"experts_after": keep, "seconds": meta["timings"]["prune"],
+                     "kept": meta["experts"]["kept"], "ppl": perplexities(model, test_slices)}
+                draws.append(r)
+                print(f"{ratio} {saliency}: ppl A {r['ppl']['A']:.2f} B {r['ppl']['B']:.2f} "
+                      f"{r['seconds']:.2f} s kept {r['kept']}", flush=True)
+            rows[saliency] = median_row(draws) if saliency == "random" else draws[0]
         if "reap" in rows and "frequency" in rows:
             rows["reap"]["kept_overlap_with_frequency"] = overlap(rows["reap"]["kept"],
                                                                   rows["frequency"]["kept"])
