@@ -38,8 +38,12 @@ def write_checkpoint(model, tokenizer, out_dir: Path, meta: dict, masks: dict | 
         return
     model.save_pretrained(out_dir)
     if masks:
+        # shapes in module order, then the experts' (the file's metadata is part of the output)
+        order = [n for n, _ in model.named_modules() if n in masks]
+        linears = set(order)
+        order += [n for n in masks if n not in linears]
         write_masks(out_dir, {f"{n}.weight": b for n, b in masks.items()},
-                    {f"{n}.weight": mask_shape(model, n) for n in masks})
+                    {f"{n}.weight": mask_shape(model, n) for n in order})
     write_meta(out_dir, meta)
 
 
