@@ -177,7 +177,7 @@ def plot(results: dict, path: str) -> None:
                      for target, rows in results["targets"].items() if method in rows)
         unstructured = [(s, p) for s, p, t in pts if ":" not in t]
         line, = ax.plot([s for s, _ in unstructured], [p for _, p in unstructured], marker="o",
-                        label=method)
+                        label=method, ls="--" if method == "peer" else "-")  # peer ~ sparsegpt
         for s, p, t in pts:
             if ":" in t:  # N:M targets: one marker of the same colour, not on the line
                 ax.scatter([s], [p], marker="s", color=line.get_color())
@@ -192,13 +192,44 @@ def plot(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(paths: list[Path]) -> dict:
+    """The results of several runs as one (rows of a later file replace an earlier one's; each
+    row's file is kept in ``sources``), targets in :data:`DEFAULT_TARGETS` order."""
+    merged: dict = {"protocol": None, "targets": {}, "sources": {}}
+    for path in paths:
+        d = json.loads(path.read_text())
+        merged["protocol"] = merged["protocol"] or d["protocol"]
+        if d["protocol"]["calib_ids_sha256"] != merged["protocol"]["calib_ids_sha256"]:
+            raise SystemExit(f"{path} was calibrated on other token ids")
+        if d.get("dense"):
+            merged["dense"] = d["dense"]
+        for target, rows in d["targets"].items():
+            merged["targets"].setdefault(target, {}).update(rows)
+            merged["sources"].setdefault(target, {}).update({m: path.name for m in rows})
+    order = DEFAULT_TARGETS.split(",")
+    merged["targets"] = dict(sorted(merged["targets"].items(),
+                                    key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+    return merged
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default=DEFAULT_TARGETS)
     ap.add_argument("--methods", default=DEFAULT_METHODS)
     ap.add_argument("--plot", help="write the sparsity / perplexity plot (PNG) here")
     ap.add_argument("--json", default=str(ROOT / "eval" / "results" / "bench_quality.json"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="run nothing: merge these result files of earlier runs (same "
+                         "calibration ids; a later file's rows replace an earlier one's), write "
+                         "--json, print the table and draw --plot")
     args = ap.parse_args()
+    if args.merge:
+        results = merge([Path(p) for p in args.merge])
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(table(results))
+        if args.plot:
+            plot(results, args.plot)
+        return
 
     from safetensors.torch import save_file
 
